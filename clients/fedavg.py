@@ -1,0 +1,30 @@
+"""FedAvg's client (McMahan et al., 2017): plain minibatch SGD from the server's model; sends its model change."""
+
+from __future__ import annotations
+
+from fedsim.clients import ALGORITHMS, Batch, GradFn, LocalTrainingParams, StepState
+from fedsim.params import Pytree, tree_sub
+
+
+@ALGORITHMS.register("fedavg", params=LocalTrainingParams, stragglers="drop", server="fedavg")
+class LocalSGD:
+    """FedAvg: local minibatch SGD; stragglers that cannot finish E epochs are dropped (FedProx paper's baseline)."""
+
+    def __init__(self, hp: LocalTrainingParams) -> None:
+        self.hp = hp
+
+    def init(self, global_params: Pytree, client_state: Pytree | None) -> StepState:
+        return {"params": global_params, "anchor": global_params}
+
+    def direction(self, state: StepState, grads: Pytree) -> Pytree:
+        """The descent direction of one step; subclasses add their terms to the gradient."""
+        return grads
+
+    def step(self, state: StepState, batch: Batch, grad: GradFn) -> StepState:
+        params = state["params"]
+        d = self.direction(state, grad(params, *batch))
+        lr = self.hp.lr
+        return {**state, "params": {k: w - lr * d[k] for k, w in params.items()}}
+
+    def final(self, state: StepState) -> tuple[Pytree, Pytree | None]:
+        return {"delta": tree_sub(state["params"], state["anchor"])}, None

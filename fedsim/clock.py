@@ -1,0 +1,58 @@
+"""The virtual clock: a discrete-event loop over simulated seconds.
+
+Events are plain data (time, kind, payload) kept in a heap, ordered by time and then by the order they were
+scheduled, so runs are deterministic. A protocol (synchronous rounds now; buffered, fixed-period and Poisson-clock
+protocols later) is an event handler: it reacts to each event and schedules the next ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(order=True, frozen=True)
+class Event:
+    time: float
+    seq: int
+    kind: str = field(compare=False)
+    payload: dict[str, Any] = field(compare=False, default_factory=dict)
+
+
+class EventHandler(Protocol):
+    def handle(self, event: Event, clock: Clock) -> None: ...
+
+
+class Clock:
+    """A heap of pending events and the current simulated time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list[Event] = []
+        self._seq = 0
+        self._stopped = False
+
+    def schedule(self, delay: float, kind: str, **payload: Any) -> Event:
+        """Schedule an event `delay` simulated seconds from now."""
+        if delay < 0:
+            raise ValueError(f"cannot schedule an event in the past (delay {delay})")
+        event = Event(self.now + delay, self._seq, kind, payload)
+        self._seq += 1
+        heapq.heappush(self._queue, event)
+        return event
+
+    def stop(self) -> None:
+        """End the run after the event being handled."""
+        self._stopped = True
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def run(self, handler: EventHandler) -> None:
+        """Deliver events in time order until the queue is empty or the handler stops the clock."""
+        while self._queue and not self._stopped:
+            event = heapq.heappop(self._queue)
+            self.now = event.time
+            handler.handle(event, self)

@@ -1,0 +1,10 @@
+"""Data sets, partitioners and the builder that turns a scenario's choices into per-client tensors.
+
+Importing this package registers every built-in data set and partitioner.
+"""
+
+from fedsim.data import digits, mnist1d, partition, synthetic, vision  # noqa: F401  (fill the registries)
+from fedsim.data.base import DATASETS, PARTITIONERS, CentralDataset, FederatedData
+from fedsim.data.build import build_federated_data
+
+__all__ = ["DATASETS", "PARTITIONERS", "CentralDataset", "FederatedData", "build_federated_data"]

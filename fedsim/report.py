@@ -1,0 +1,65 @@
+"""The result table a run prints, and the plot it writes: accuracy and loss against rounds and simulated time."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsim.outputs import write_atomic
+
+Row = dict[str, Any]
+
+
+def final_rows(rows: Sequence[Row]) -> list[Row]:
+    """The last row of each variant, with its best accuracy added, in first-seen variant order."""
+    last: dict[str, Row] = {}
+    best: dict[str, float] = {}
+    for r in rows:
+        last[r["variant"]] = r
+        best[r["variant"]] = max(best.get(r["variant"], float("-inf")), r["accuracy"])
+    return [{**row, "best_accuracy": best[v]} for v, row in last.items()]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A plain-text table: one line per variant with its final metrics, simulated and real time, and traffic."""
+    headers = ["variant", "round", "accuracy", "best acc", "train loss", "sim time (s)", "wall (s)",
+               "MB up", "MB down"]
+    lines = [[r["variant"], str(r["round"]), f"{r['accuracy']:.4f}", f"{r['best_accuracy']:.4f}",
+              f"{r['loss']:.4f}", f"{r['sim_time']:.1f}", f"{r['wall_time']:.1f}",
+              f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}"] for r in final_rows(rows)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Accuracy and training loss against rounds (top) and simulated seconds (bottom), one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for v in variants:
+        vr = [r for r in rows if r["variant"] == v]
+        for row_i, x_key in enumerate(["round", "sim_time"]):
+            for col_i, y_key in enumerate(["accuracy", "loss"]):
+                axes[row_i][col_i].plot([r[x_key] for r in vr], [r[y_key] for r in vr], label=v)
+    for row_i, x_label in enumerate(["round", "simulated time (s)"]):
+        for col_i, y_label in enumerate(["test accuracy", "training loss"]):
+            ax = axes[row_i][col_i]
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -1,0 +1,49 @@
+"""Per-round client selection and the FedProx straggler protocol.
+
+FedProx (`flearn/trainers/fedprox.py`): sample K clients uniformly without replacement; choose round(K (1 - d))
+of them to be active; every other sampled client is a straggler that runs a random number of epochs in
+{1..E-1} (numpy `randint(1, E)`). With E = 1 (where the paper's draw is undefined) a straggler runs a random
+number of local steps in {1..S-1}, S being its steps per epoch; a client with a single step per epoch runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsim.seeding import Stream, numpy_rng
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The sampled clients in draw order, their local step counts, and which of them are stragglers."""
+
+    clients: np.ndarray
+    steps: np.ndarray
+    straggler: np.ndarray
+
+
+def steps_per_epoch(train_sizes: np.ndarray, batch_size: int) -> np.ndarray:
+    """ceil(n_k / B): the last minibatch of an epoch may be short, as in FedProx's `batch_data`."""
+    return -(-train_sizes // batch_size)
+
+
+def plan_round(seed: int, round_index: int, train_sizes: np.ndarray, clients_per_round: int,
+               straggler_fraction: float, local_epochs: int, batch_size: int) -> RoundPlan:
+    """Draw one round's clients and work; depends only on the seed, the round and the data sizes."""
+    rng = numpy_rng(seed, Stream.SELECTION, round_index)
+    clients = rng.choice(len(train_sizes), clients_per_round, replace=False)
+    # round(), not int(): K (1 - d) = 0.9999999999999998 for K = 10, d = 0.9 must give 1 (FedProx pitfall).
+    num_active = int(round(clients_per_round * (1.0 - straggler_fraction)))
+    active = set(rng.choice(clients, num_active, replace=False).tolist())
+    straggler = np.array([c not in active for c in clients], dtype=bool)
+    per_epoch = steps_per_epoch(train_sizes[clients], batch_size)
+    steps = per_epoch * local_epochs
+    for i in np.flatnonzero(straggler):
+        if local_epochs > 1:
+            steps[i] = per_epoch[i] * rng.integers(1, local_epochs)
+        elif per_epoch[i] > 1:
+            steps[i] = rng.integers(1, per_epoch[i])
+    return RoundPlan(clients, steps, straggler)
+
