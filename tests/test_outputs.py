@@ -1,0 +1,90 @@
+"""The run directory: atomic files, metrics.jsonl, plot, summary, divergence, progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fedsim
+from fedsim.errors import DivergenceError, FedsimError
+from fedsim.outputs import choose_run_dir, write_atomic
+from fedsim.progress import RoundBar, make_progress
+from fedsim.recording import Progress
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_directory_holds_scenario_metrics_plot_and_summary(tiny, tmp_path: Path):
+    result = fedsim.run(tiny, out=tmp_path / "run")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert files == {"scenario.yaml", "run.json", "metrics.jsonl", "summary.json", "plot.png"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows == result.metrics.rows
+    assert {"round", "sim_time", "wall_time", "accuracy", "loss", "test_loss", "bytes_up", "bytes_down"} <= set(rows[0])
+    assert (tmp_path / "run" / "plot.png").read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["seed"] == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())[0]["round"] == 3
+
+
+def test_evaluation_cadence_is_configurable(tiny):
+    result = fedsim.run({**tiny, "rounds": 7, "evaluation": {"every": 3}}, write=False)
+    assert result.metrics["round"] == [0, 3, 6, 7]
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path: Path, monkeypatch):
+    target = tmp_path / "f.txt"
+    write_atomic(target, "old")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fedsim.outputs.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_diverging_run_names_the_round_and_leaves_complete_metrics(tiny, tmp_path: Path):
+    tiny["algorithm"]["lr"] = 1e6
+    tiny["rounds"] = 20
+    with pytest.raises(DivergenceError, match=r"^round \d+: .*diverged"):
+        fedsim.run(tiny, out=tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["variant"] == "tiny" for line in lines)
+
+
+def test_existing_run_is_not_overwritten_unless_asked(tiny, tmp_path: Path):
+    fedsim.run({**tiny, "rounds": 1}, out=tmp_path / "run")
+    with pytest.raises(FedsimError, match="already holds a run; pass --overwrite"):
+        fedsim.run({**tiny, "rounds": 1}, out=tmp_path / "run")
+    fedsim.run({**tiny, "rounds": 2}, out=tmp_path / "run", overwrite=True)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_default_run_directories_never_collide(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = choose_run_dir(None, "exp", overwrite=False)
+    first.mkdir(parents=True)
+    assert first == Path("runs/exp") and choose_run_dir(None, "exp", overwrite=False) == Path("runs/exp-2")
+
+
+def test_bad_input_leaves_no_run_directory(tiny, tmp_path: Path):
+    with pytest.raises(FedsimError):
+        fedsim.run({**tiny, "clients_per_round": 99}, out=tmp_path / "run")
+    with pytest.raises(FedsimError):
+        fedsim.run({**tiny, "data": {"name": "mnist", "root": str(tmp_path / "nowhere")}}, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert type(make_progress(True, "x", 3)) is Progress
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    bar = make_progress(True, "x", 3)
+    assert isinstance(bar, RoundBar)
+    bar.close()
+    assert type(make_progress(False, "x", 3)) is Progress
