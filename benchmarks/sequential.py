@@ -17,8 +17,8 @@ the module), the same clients per round (`fedsim.sampling.plan_round`) and the s
 round, a `torch.Generator` from `fedsim.seeding.torch_generator(seed, Stream.LOCAL, round, client)` and one
 `torch.randperm` per epoch cut into consecutive batches, as `fedsim.runtime.context.local_batches` does). Once per
 configuration the script runs a few rounds of both and checks that the global models agree to float tolerance
-(the SGD update `w.add_(g, alpha=-lr)` and averaging models rather than deltas round differently from fedsim's
-`w - lr * g` and `w + mean(delta)`, so bitwise equality is not expected); it exits with status 1 if they do not.
+(both take the SGD step `w + (-lr) g` in one op, but averaging models rather than deltas rounds differently from
+fedsim's `w + mean(delta)`, so bitwise equality is not expected); it exits with status 1 if they do not.
 
 How time is measured: per run, fedsim's own clock of the run, the `wall_time` of its last metrics row (seconds from
 the start of training to the end of the final evaluation; evaluation runs only before round 0 and after the last
@@ -29,7 +29,7 @@ subtracted. Seconds per round = window / R. fedsim and hand-written runs alterna
 repetition) and each side's median over the repetitions is reported. Both run with `torch.set_num_threads(1)`
 (fedsim's sequential runtime default; tiny models get slower with more threads on a small machine).
 
-Usage: `python benchmarks/sequential.py` (full, about two minutes on 2 CPU cores) or `--quick` (a smoke test).
+Usage: `python benchmarks/sequential.py` (full, about a minute on 2 CPU cores) or `--quick` (a smoke test).
 The last line printed is one JSON object of ratios `"A_over_B"` = time of A / time of B.
 """
 
@@ -252,7 +252,9 @@ def check(config: Config, rounds: int, test_fraction: float) -> float:
     return max(float((a - b.detach()).abs().max()) for a, b in zip(ours, theirs.parameters(), strict=True))
 
 
-def time_pair(fedsim_run: Callable[[], float], hand_run: Callable[[], float], repetitions: int) -> tuple[list, list]:
+def time_pair(
+    fedsim_run: Callable[[], float], hand_run: Callable[[], float], repetitions: int
+) -> tuple[list[float], list[float]]:
     """Alternate the two, flipping which goes first every repetition; returns each side's seconds."""
     ours: list[float] = []
     theirs: list[float] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from fedsim.clients import ALGORITHMS, Batch, GradFn, LocalTrainingParams, StepState
 from fedsim.params import Pytree, tree_sub
 
@@ -23,8 +25,8 @@ class LocalSGD:
     def step(self, state: StepState, batch: Batch, grad: GradFn) -> StepState:
         params = state["params"]
         d = self.direction(state, grad(params, *batch))
-        lr = self.hp.lr
-        return {**state, "params": {k: w - lr * d[k] for k, w in params.items()}}
+        # w + (-lr) d in one op: the same arithmetic as torch.optim.SGD's `param.add_(grad, alpha=-lr)`.
+        return {**state, "params": {k: torch.add(w, d[k], alpha=-self.hp.lr) for k, w in params.items()}}
 
     def final(self, state: StepState) -> tuple[Pytree, Pytree | None]:
         return {"delta": tree_sub(state["params"], state["anchor"])}, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from fedsim.clients import ALGORITHMS, LocalTrainingParams, StepState
@@ -24,4 +25,4 @@ class FedProx(LocalSGD):
         mu, params, anchor = self.hp.mu, state["params"], state["anchor"]
         if mu == 0.0:
             return grads
-        return {k: g + mu * (params[k] - anchor[k]) for k, g in grads.items()}
+        return {k: torch.add(g, params[k] - anchor[k], alpha=mu) for k, g in grads.items()}

@@ -1,0 +1,19 @@
+"""The benchmarks keep running: a quick pass prints the ratio line (times themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_sequential_benchmark_quick_prints_its_ratios():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sequential.py"), "--quick"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    ratios = json.loads(out.strip().splitlines()[-1])
+    assert set(ratios) == {f"sequential_over_handwritten{s}" for s in
+                           ("", "_logreg_10", "_logreg_100", "_mlp_10", "_mlp_100")}
+    assert all(r > 0 for r in ratios.values())
