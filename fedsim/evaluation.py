@@ -13,6 +13,7 @@ from torch import nn
 from fedsim.data.base import FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree
+from fedsim.runtime.sequential import autograd_grad
 
 CHUNK_ROWS = 8192
 
@@ -22,6 +23,7 @@ class Evaluator:
 
     def __init__(self, model: Model, data: FederatedData, dissimilarity: bool) -> None:
         self.model, self.data, self.dissimilarity = model, data, dissimilarity
+        self.grad = autograd_grad(model)
 
     def __call__(self, params: Pytree) -> dict[str, float]:
         d = self.data
@@ -56,9 +58,5 @@ class Evaluator:
 
     def _client_gradient(self, params: Pytree, client: int) -> torch.Tensor:
         """Full-batch gradient of client `client`'s mean training loss, flattened, in float64."""
-        x, y = self.data.client_train(client)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad():
-            loss = self.model.loss(leaves, x, y)
-            grads = torch.autograd.grad(loss, tuple(leaves.values()))
-        return torch.cat([g.reshape(-1) for g in grads]).double()
+        grads = self.grad(params, *self.data.client_train(client))
+        return torch.cat([g.reshape(-1) for g in grads.values()]).double()
