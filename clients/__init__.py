@@ -36,6 +36,11 @@ class ClientRule(Protocol):
 
     hp: LocalTrainingParams
 
+    def initial_state(self, global_params: Pytree) -> Pytree | None:
+        """A client's persistent state before its first round (control variates, personal model ...); None for
+        stateless rules. Runtimes pass it to `init` for clients they have no state for."""
+        ...
+
     def init(self, global_params: Pytree, client_state: Pytree | None) -> StepState: ...
 
     def step(self, state: StepState, batch: Batch, grad: GradFn) -> StepState: ...
@@ -47,7 +52,8 @@ ALGORITHMS: Registry = Registry("algorithm")
 """Entries: a ClientRule class constructed with its validated hyperparameters.
 
 Metadata: `stragglers` ("drop": stragglers' work is discarded, as FedAvg in the FedProx paper; "keep": partial
-work is aggregated) and `server` (the default server rule's name).
+work is aggregated), `server` (the default server rule's name) and `vectorizable` (default True; a rule whose
+step cannot run under `torch.func.vmap` sets it False and runs sequentially, with a notice).
 """
 
 import_submodules(__name__, __path__)

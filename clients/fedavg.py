@@ -15,6 +15,9 @@ class LocalSGD:
     def __init__(self, hp: LocalTrainingParams) -> None:
         self.hp = hp
 
+    def initial_state(self, global_params: Pytree) -> Pytree | None:
+        return None
+
     def init(self, global_params: Pytree, client_state: Pytree | None) -> StepState:
         return {"params": global_params, "anchor": global_params}
 

@@ -43,10 +43,11 @@ def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | N
     """Run every variant of a scenario. Everything is validated and built before training starts, and the run
     directory is created only then, so bad input leaves nothing behind."""
     scenarios, notices = load_scenarios(source, overrides, variants)
+    sims = build_all(scenarios)
+    notices += [n for sim in sims for n in sim.notices]
     if echo:
         for notice in notices:
             echo(f"note: {notice}")
-    sims = build_all(scenarios)
     first = scenarios[0].spec
     run_dir = RunDirectory(choose_run_dir(out or first.output.dir, first.name, overwrite)) if write else None
     if run_dir:

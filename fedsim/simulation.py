@@ -10,7 +10,7 @@ from fedsim.data.base import FederatedData
 from fedsim.errors import DataError
 from fedsim.evaluation import Evaluator
 from fedsim.models import Model, build_model
-from fedsim.runtime import Runtime
+from fedsim.runtime import RUNTIMES, Runtime
 from fedsim.runtime.context import RuntimeContext
 from fedsim.scenario import ResolvedScenario
 from fedsim.seeding import Stream, derive_seed, numpy_rng
@@ -28,6 +28,7 @@ class Simulation:
     runtime: Runtime
     systems: ClientSystems
     evaluator: Evaluator
+    notices: list[str]
 
 
 def build_simulation(scenario: ResolvedScenario, data: FederatedData | None = None) -> Simulation:
@@ -43,7 +44,12 @@ def build_simulation(scenario: ResolvedScenario, data: FederatedData | None = No
                         derive_seed(spec.seed, Stream.MODEL))
     rule = c["algorithm"].entry.obj(c["algorithm"].params)
     server = c["server"].entry.obj(c["server"].params)
-    runtime = c["runtime"].entry.obj(c["runtime"].params, RuntimeContext(rule, model, data, spec.seed))
+    runtime_entry, runtime_params, notices = c["runtime"].entry, c["runtime"].params, []
+    if runtime_entry.meta.get("vectorized") and not c["algorithm"].entry.meta.get("vectorizable", True):
+        notices.append(f"algorithm {c['algorithm'].name} cannot run vectorized; running it sequentially")
+        runtime_entry = RUNTIMES.get("sequential")
+        runtime_params = runtime_entry.params(threads=runtime_params.threads)
+    runtime = runtime_entry.obj(runtime_params, RuntimeContext(rule, model, data, spec.seed))
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
     evaluator = Evaluator(model, data, spec.evaluation.dissimilarity)
-    return Simulation(scenario, data, model, rule, server, runtime, systems, evaluator)
+    return Simulation(scenario, data, model, rule, server, runtime, systems, evaluator, notices)

@@ -40,4 +40,4 @@ class Runtime(Protocol):
 RUNTIMES: Registry = Registry("runtime")
 """Entries: a Runtime class constructed with `(params, context)`; see `fedsim.runtime.context.RuntimeContext`."""
 
-from fedsim.runtime import sequential  # noqa: E402,F401  (fill the registry)
+from fedsim.runtime import sequential, vectorized  # noqa: E402,F401  (fill the registry)

@@ -40,6 +40,11 @@ class RuntimeContext:
     seed: int
     states: ClientStateStore = field(default_factory=ClientStateStore)
 
+    def client_state(self, client: int, global_params: Pytree) -> Pytree | None:
+        """The client's stored state, or the rule's initial state for a client seen for the first time."""
+        state = self.states.get(client)
+        return self.rule.initial_state(global_params) if state is None else state
+
 
 def local_batches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Index tensors of `steps` minibatches: consecutive slices of a fresh permutation each epoch (last may be
@@ -52,3 +57,17 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
                 return
             yield perm[start : start + batch_size]
             taken += 1
+
+
+def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """The same minibatches as `local_batches`, as one (steps, batch_size) index tensor padded with -1, for
+    runtimes that run many clients' steps at once; draws the same permutations from the generator."""
+    per_epoch = -(-num_samples // batch_size)
+    epochs = -(-steps // per_epoch)
+    rows = []
+    for _ in range(epochs):
+        perm = torch.randperm(num_samples, generator=generator)
+        padded = torch.full((per_epoch * batch_size,), -1, dtype=torch.long)
+        padded[:num_samples] = perm
+        rows.append(padded.view(per_epoch, batch_size))
+    return torch.cat(rows)[:steps]

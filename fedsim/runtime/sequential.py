@@ -50,7 +50,7 @@ class SequentialRuntime:
         x, y = ctx.data.client_train(job.client)
         n = len(y)
         generator = torch_generator(ctx.seed, Stream.LOCAL, job.round, job.client)
-        state = rule.init(global_params, ctx.states.get(job.client))
+        state = rule.init(global_params, ctx.client_state(job.client, global_params))
         processed = 0
         for idx in local_batches(n, rule.hp.batch_size, job.steps, generator):
             state = rule.step(state, (x[idx], y[idx]), self.grad)

@@ -1,0 +1,144 @@
+"""The vectorized runtime gives the sequential runtime's numbers, for every algorithm, with masking and chunks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fedsim
+from fedsim.clients import ALGORITHMS, LocalTrainingParams
+from fedsim.clients.fedavg import LocalSGD
+from fedsim.errors import ScenarioError
+from fedsim.registry import Entry
+from fedsim.runtime.context import local_batches, padded_schedule
+from fedsim.runtime.vectorized import parse_bytes
+
+HETEROGENEOUS = {
+    "partition": {"name": "quantity", "sigma": 1.0},
+    "stragglers": {"fraction": 0.5},
+    "model": {"name": "mlp", "hidden": [16]},
+}
+
+
+def scenario(tiny, algorithm: str, runtime: dict) -> dict:
+    hp = {"lr": 0.05, "batch_size": 7, "local_epochs": 2}
+    return {**tiny, **HETEROGENEOUS, "algorithm": {"name": algorithm, **hp}, "runtime": runtime}
+
+
+def assert_same_metrics(a, b, rel: float = 1e-6) -> None:
+    assert len(a.metrics) == len(b.metrics)
+    for ra, rb in zip(a.metrics.rows, b.metrics.rows, strict=True):
+        for key in ("loss", "test_loss", "accuracy", "sim_time", "bytes_up", "bytes_down"):
+            assert math.isclose(ra[key], rb[key], rel_tol=rel, abs_tol=1e-9), (key, ra, rb)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm):
+    sequential = fedsim.run(scenario(tiny, algorithm, {"name": "sequential"}), write=False)
+    vectorized = fedsim.run(scenario(tiny, algorithm, {"name": "vectorized", "chunk_size": 3}), write=False)
+    assert_same_metrics(sequential, vectorized)
+
+
+def test_one_chunk_and_many_chunks_agree(tiny):
+    whole = fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized"}), write=False)
+    pieces = fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized", "chunk_size": 1}), write=False)
+    assert_same_metrics(whole, pieces)
+
+
+def test_padded_schedule_holds_the_same_minibatches_as_the_loop():
+    for n, batch, steps in [(23, 5, 11), (4, 10, 3), (30, 10, 3), (17, 4, 1)]:
+        loop = list(local_batches(n, batch, steps, torch.Generator().manual_seed(7)))
+        padded = padded_schedule(n, batch, steps, torch.Generator().manual_seed(7))
+        assert padded.shape == (steps, batch)
+        for row, idx in zip(padded, loop, strict=True):
+            assert torch.equal(row[row >= 0], idx)
+
+
+class CarrySGD(LocalSGD):
+    """Test rule with persistent client state: the sum of the client's past model changes."""
+
+    def initial_state(self, global_params):
+        return {k: torch.zeros_like(v) for k, v in global_params.items()}
+
+    def init(self, global_params, client_state):
+        return {**super().init(global_params, client_state), "carried": client_state}
+
+    def final(self, state):
+        message, _ = super().final(state)
+        return message, {k: state["carried"][k] + message["delta"][k] for k in state["carried"]}
+
+
+@pytest.fixture
+def carry_rule(monkeypatch):
+    monkeypatch.setitem(ALGORITHMS._entries, "carry",
+                        Entry("carry", CarrySGD, LocalTrainingParams, {"stragglers": "keep", "server": "fedavg"}))
+
+
+def test_persistent_client_state_is_the_same_under_both_runtimes(tiny, carry_rule, monkeypatch):
+    stores = {}
+    original = fedsim.simulation.build_simulation
+
+    def keep(scenario, data=None):
+        sim = original(scenario, data)
+        stores[scenario.components["runtime"].name] = sim.runtime.ctx.states
+        return sim
+
+    monkeypatch.setattr(fedsim.api, "build_simulation", keep)
+    results = [fedsim.run({**scenario(tiny, "carry", {"name": r}), "rounds": 6}, write=False)
+               for r in ("sequential", "vectorized")]
+    assert_same_metrics(*results)
+    seq, vec = stores["sequential"], stores["vectorized"]
+    assert len(seq) == len(vec) > 4
+    for client in range(10):
+        if seq.get(client) is not None:
+            for k, v in seq.get(client).items():
+                torch.testing.assert_close(vec.get(client)[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_rule_that_cannot_vectorize_runs_sequentially_with_a_notice(tiny, monkeypatch):
+    monkeypatch.setitem(ALGORITHMS._entries, "loopy",
+                        Entry("loopy", LocalSGD, LocalTrainingParams,
+                              {"stragglers": "drop", "server": "fedavg", "vectorizable": False}))
+    result = fedsim.run(scenario(tiny, "loopy", {"name": "vectorized"}), write=False)
+    assert result.notices == ["algorithm loopy cannot run vectorized; running it sequentially"]
+
+
+def test_memory_budget_too_small_for_one_client_is_an_error(tiny):
+    with pytest.raises(ScenarioError, match=r"^runtime.memory_budget: 1000 bytes is less than one client needs"):
+        fedsim.run(scenario(tiny, "fedavg", {"name": "vectorized", "memory_budget": "1kB"}), write=False)
+
+
+def test_memory_budget_sets_the_chunk_size(tiny, monkeypatch):
+    sizes = []
+    original = fedsim.runtime.vectorized.VectorizedRuntime._run_chunk
+
+    def spy(self, jobs, params):
+        sizes.append(len(jobs))
+        return original(self, jobs, params)
+
+    monkeypatch.setattr(fedsim.runtime.vectorized.VectorizedRuntime, "_run_chunk", spy)
+    fedsim.run({**scenario(tiny, "fedavg", {"name": "vectorized", "memory_budget": "100kB"}), "rounds": 1},
+               write=False)
+    assert sizes and max(sizes) < 4
+
+
+@pytest.mark.parametrize(("text", "size"), [("2GiB", 2**31), ("512MB", 512 * 10**6), ("1e3", 1000), (42, 42)])
+def test_sizes_parse(text, size):
+    assert parse_bytes(text) == size
+
+
+def test_unknown_or_absent_device_is_an_error_not_a_fallback(tiny):
+    with pytest.raises(ScenarioError, match=r"^runtime.device: 'tpu:0' is not"):
+        fedsim.run(scenario(tiny, "fedavg", {"name": "vectorized", "device": "tpu:0"}), write=False)
+    absent = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ScenarioError, match=rf"^runtime.device: {absent} does not exist here"):
+        fedsim.run(scenario(tiny, "fedavg", {"name": "vectorized", "device": absent}), write=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vectorized_on_cuda_gives_the_cpu_numbers(tiny):
+    cpu = fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized"}), write=False)
+    gpu = fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized", "device": "cuda:0"}), write=False)
+    assert_same_metrics(cpu, gpu, rel=1e-5)
