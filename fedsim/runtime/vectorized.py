@@ -150,17 +150,18 @@ class VectorizedRuntime:
         else:
             stacked = tree_map(lambda *vs: torch.stack(vs).to(self.device), *states)
             state = vmap(rule.init)(expanded, stacked)
+        everyone = (active.all(dim=1)).tolist()
         for s in range(index.shape[0]):
             rows = index[s]
             new = self.step(state, (self.x[rows], self.y[rows], weight[s]), self.grad)
-            state = keep_where(active[s], new, state)
+            state = new if everyone[s] else keep_where(active[s], new, state)
         messages, client_states = vmap(self._final)(state)
         messages = tree_map(lambda v: v.cpu(), messages)
+        processed = weight.sum(dim=(0, 2)).long().tolist()
         results = []
         for i, job in enumerate(jobs):
             ctx.states.put(job.client, tree_map(lambda v, i=i: v[i].cpu(), client_states) if client_states else None)
-            processed = int(weight[:, i].sum().item())
-            results.append(JobResult(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed))
+            results.append(JobResult(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i]))
         return results
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:
