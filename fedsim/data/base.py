@@ -7,6 +7,7 @@ runtime can slice a client cheaply, stack clients for vectorization, or move the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,29 @@ class CentralDataset:
     x: np.ndarray
     y: np.ndarray
     num_classes: int
+
+
+class ClientDataSource(Protocol):
+    """What runtimes and evaluation read client data through. `FederatedData` holds every client in memory;
+    a generated population produces a client's tensors on demand, so memory follows the clients in flight."""
+
+    num_classes: int
+
+    @property
+    def num_clients(self) -> int: ...
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def train_sizes(self) -> np.ndarray: ...
+
+    @property
+    def test_sizes(self) -> np.ndarray: ...
+
+    def client_train(self, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def client_test(self, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
