@@ -7,11 +7,14 @@ are summed in their draw order, so the simulated timing never changes the number
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedsim.params import Pytree, tree_map
-from fedsim.runtime import JobResult
+
+if TYPE_CHECKING:
+    from fedsim.runtime import JobResult
 
 
 def client_weight(result: JobResult, weighting: str) -> float:
@@ -19,11 +22,26 @@ def client_weight(result: JobResult, weighting: str) -> float:
     return float(result.num_samples) if weighting == "samples" else 1.0
 
 
+def weighted_sum(results: Sequence[JobResult], weighting: str, template: Pytree) -> Pytree:
+    """sum_k w_k m_k leaf-wise in float64, over the results whose message is here (shaped like `template`)."""
+    acc = tree_map(lambda v: torch.zeros_like(v, dtype=torch.float64), template)
+    for r in results:
+        if r.message is not None:
+            w = client_weight(r, weighting)
+            tree_map(lambda a, v, w=w: a.add_(v.double(), alpha=w), acc, r.message)
+    return acc
+
+
+def total_weight(results: Sequence[JobResult], weighting: str) -> float:
+    return sum(client_weight(r, weighting) for r in results)
+
+
+def finish_mean(weighted: Pytree, total: float, template: Pytree) -> Pytree:
+    """Divide a weighted sum by the total weight, back in the messages' dtype."""
+    return tree_map(lambda a, v: (a / total).to(v.dtype), weighted, template)
+
+
 def weighted_mean(results: Sequence[JobResult], weighting: str) -> Pytree:
     """sum_k w_k m_k / sum_k w_k leaf-wise, accumulated in float64 as FedProx's code does."""
-    weights = [client_weight(r, weighting) for r in results]
-    total = sum(weights)
-    acc = tree_map(lambda v: torch.zeros_like(v, dtype=torch.float64), results[0].message)
-    for w, r in zip(weights, results, strict=True):
-        tree_map(lambda a, v, w=w: a.add_(v.double(), alpha=w), acc, r.message)
-    return tree_map(lambda a, v: (a / total).to(v.dtype), acc, results[0].message)
+    template = results[0].message
+    return finish_mean(weighted_sum(results, weighting, template), total_weight(results, weighting), template)

@@ -18,6 +18,7 @@ from fedsim.outputs import RunDirectory, choose_run_dir
 from fedsim.progress import make_progress
 from fedsim.recording import Recorder
 from fedsim.report import final_rows, format_table, write_plot
+from fedsim.runtime import mpi
 from fedsim.scenario import ResolvedScenario, load_scenarios
 from fedsim.servers.synchronous import SynchronousRounds
 from fedsim.simulation import Simulation, build_simulation
@@ -41,11 +42,14 @@ def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | N
         variants: Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False,
         write: bool = True, progress: bool = False, echo: Callable[[str], None] | None = None) -> RunResult:
     """Run every variant of a scenario. Everything is validated and built before training starts, and the run
-    directory is created only then, so bad input leaves nothing behind."""
+    directory is created only then, so bad input leaves nothing behind. Under `mpiexec` every rank runs this and
+    returns the same metrics; only rank 0 writes and shows progress."""
     scenarios, notices = load_scenarios(source, overrides, variants)
     sims = build_all(scenarios)
     notices += [n for sim in sims for n in sim.notices]
-    if echo:
+    lead = mpi.rank() == 0
+    write, progress = write and lead, progress and lead
+    if echo and lead:
         for notice in notices:
             echo(f"note: {notice}")
     first = scenarios[0].spec

@@ -9,7 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, ScenarioError
+from fedsim.runtime.mpi import launched_world_size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,8 +37,9 @@ def _run(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(text) for text in args.overrides)
     result = run(args.scenario, overrides=overrides, variants=args.variants, out=args.out,
                  overwrite=args.overwrite, progress=not args.quiet, echo=lambda line: print(line, file=sys.stderr))
-    print(result.summary())
-    print(f"\nrun directory: {result.out_dir}")
+    if result.out_dir is not None:
+        print(result.summary())
+        print(f"\nrun directory: {result.out_dir}")
     return 0
 
 
@@ -60,11 +62,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args) if args.command == "run" else _list(args)
     except FedsimError as exc:
-        print(f"fedsim: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"fedsim: error: {exc}", 2, everywhere=not isinstance(exc, ScenarioError))
     except KeyboardInterrupt:
-        print("fedsim: interrupted; files already written are complete", file=sys.stderr)
-        return 130
+        return _fail("fedsim: interrupted; files already written are complete", 130, everywhere=False)
+    except Exception as exc:
+        if launched_world_size() <= 1:
+            raise
+        return _fail(f"fedsim: {type(exc).__name__}: {exc}", 1, everywhere=True)
+
+
+def _fail(line: str, code: int, everywhere: bool) -> int:
+    """Print the error once (rank 0; every rank for errors that may differ between ranks), and under mpiexec
+    abort all ranks so none is left waiting in a collective."""
+    if launched_world_size() <= 1:
+        print(line, file=sys.stderr)
+        return code
+    from fedsim.runtime.mpi import rank, world
+
+    if everywhere or rank() == 0:
+        print(f"[rank {rank()}] {line}" if everywhere else line, file=sys.stderr, flush=True)
+    world().Abort(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class StragglerSpec(Params):
 class EvaluationSpec(Params):
     every: int = Field(1, ge=1, description="evaluate before every n-th round, and after the last")
     dissimilarity: bool = False
+    clients: int | None = Field(None, ge=1, description="evaluate on a fixed sample of this many clients")
 
 
 class OutputSpec(Params):

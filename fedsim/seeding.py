@@ -17,6 +17,7 @@ class Stream(IntEnum):
     LOCAL = 3
     SYSTEMS = 4
     MODEL = 5
+    EVALUATION = 6
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

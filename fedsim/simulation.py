@@ -10,7 +10,7 @@ from fedsim.data.base import FederatedData
 from fedsim.errors import DataError
 from fedsim.evaluation import Evaluator
 from fedsim.models import Model, build_model
-from fedsim.runtime import RUNTIMES, Runtime
+from fedsim.runtime import RUNTIMES, Runtime, mpi
 from fedsim.runtime.context import RuntimeContext
 from fedsim.scenario import ResolvedScenario
 from fedsim.seeding import Stream, derive_seed, numpy_rng
@@ -29,6 +29,14 @@ class Simulation:
     systems: ClientSystems
     evaluator: Evaluator
     notices: list[str]
+
+
+def evaluation_clients(count: int | None, num_clients: int, seed: int) -> list[int] | None:
+    """All clients (None), or a fixed sample of `count` of them drawn once from the seed, for populations too
+    large to evaluate whole every time."""
+    if count is None or count >= num_clients:
+        return None
+    return sorted(numpy_rng(seed, Stream.EVALUATION).choice(num_clients, count, replace=False).tolist())
 
 
 def build_simulation(scenario: ResolvedScenario, data: FederatedData | None = None) -> Simulation:
@@ -50,6 +58,15 @@ def build_simulation(scenario: ResolvedScenario, data: FederatedData | None = No
         runtime_entry = RUNTIMES.get("sequential")
         runtime_params = runtime_entry.params(threads=runtime_params.threads)
     runtime = runtime_entry.obj(runtime_params, RuntimeContext(rule, model, data, spec.seed))
+    evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
+    comm = mpi.world()
+    if comm is None:
+        evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, evaluated)
+    else:
+        owned = set(mpi.owned_clients(data.num_clients, comm))
+        runtime = mpi.MPIRuntime(runtime, comm, rule, model.init_params)
+        mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in owned]
+        evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, mine, runtime.reduce_sums)
+        notices.append(f"running on {comm.Get_size()} MPI ranks")
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
-    evaluator = Evaluator(model, data, spec.evaluation.dissimilarity)
     return Simulation(scenario, data, model, rule, server, runtime, systems, evaluator, notices)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedsim.aggregation import weighted_mean
 from fedsim.clock import Clock, Event
 from fedsim.errors import DivergenceError
 from fedsim.params import tree_is_finite, tree_nbytes
@@ -63,7 +62,7 @@ class SynchronousRounds:
         results = self.sim.runtime.run_jobs(jobs, self.state["params"])
         self.round, self.awaiting, self.received = t, len(results), []
         for order, result in enumerate(results):
-            up = tree_nbytes(result.message) + SAMPLE_COUNT_BYTES
+            up = result.message_bytes + SAMPLE_COUNT_BYTES
             seconds = self.sim.systems.job_seconds(result.client, result.samples_processed, self.model_bytes, up)
             clock.schedule(seconds, "arrival", result=result, order=order, bytes_up=up)
         self.recorder.progress.advance(t, row)
@@ -76,7 +75,7 @@ class SynchronousRounds:
         if len(self.received) < self.awaiting:
             return
         results = [r for _, r in sorted(self.received, key=lambda pair: pair[0])]
-        mean = weighted_mean(results, self.sim.server.hp.weighting)
+        mean = self.sim.runtime.aggregate(results, self.sim.server.hp.weighting)
         self.state = self.sim.server.update(self.state, mean)
         if not tree_is_finite(self.state["params"]):
             raise DivergenceError(

@@ -68,7 +68,7 @@ def test_larger_mu_keeps_clients_closer_to_the_global_model(tiny):
 
 
 def result(delta: list[float], n: int) -> JobResult:
-    return JobResult(0, {"delta": {"w": torch.tensor(delta)}}, n, n)
+    return JobResult.of(0, {"delta": {"w": torch.tensor(delta)}}, n, n)
 
 
 def test_weighted_mean_weights_by_samples_or_uniformly():

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedsim.params import Pytree
+from fedsim.aggregation import weighted_mean
+from fedsim.params import Pytree, tree_nbytes
 from fedsim.registry import Registry
 
 
@@ -24,17 +25,38 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
+    """A finished job: its message (None where another process holds it), the client's training samples, the
+    samples it processed (for the clock), and the exact size of its message in bytes."""
+
     client: int
-    message: Pytree
+    message: Pytree | None
     num_samples: int
     samples_processed: int
+    message_bytes: int
+
+    @classmethod
+    def of(cls, client: int, message: Pytree, num_samples: int, samples_processed: int) -> JobResult:
+        return cls(client, message, num_samples, samples_processed, tree_nbytes(message))
 
 
 class Runtime(Protocol):
     threads: int
     """torch intra-op threads while this runtime's simulation runs."""
 
-    def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]: ...
+    def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
+        """Run the jobs this process owns; return a result per job (a job another process ran has message None)."""
+        ...
+
+    def aggregate(self, results: Sequence[JobResult], weighting: str) -> Pytree:
+        """The weighted mean of the results' messages, over every process's share."""
+        ...
+
+
+class InProcess:
+    """Aggregation for runtimes whose results are all in this process: the weighted mean, as it is."""
+
+    def aggregate(self, results: Sequence[JobResult], weighting: str) -> Pytree:
+        return weighted_mean(results, weighting)
 
 
 RUNTIMES: Registry = Registry("runtime")

@@ -11,7 +11,7 @@ from fedsim.clients import GradFn
 from fedsim.models import Model
 from fedsim.params import Pytree
 from fedsim.registry import Params
-from fedsim.runtime import RUNTIMES, Job, JobResult
+from fedsim.runtime import RUNTIMES, InProcess, Job, JobResult
 from fedsim.runtime.context import RuntimeContext, local_batches
 from fedsim.seeding import Stream, torch_generator
 
@@ -35,7 +35,7 @@ class SequentialParams(Params):
 
 
 @RUNTIMES.register("sequential", params=SequentialParams)
-class SequentialRuntime:
+class SequentialRuntime(InProcess):
     """Runs each job's local steps in a plain Python loop on the CPU."""
 
     def __init__(self, params: SequentialParams, context: RuntimeContext) -> None:
@@ -57,4 +57,4 @@ class SequentialRuntime:
             processed += len(idx)
         message, client_state = rule.final(state)
         ctx.states.put(job.client, client_state)
-        return JobResult(job.client, message, n, processed)
+        return JobResult.of(job.client, message, n, processed)

@@ -22,7 +22,7 @@ from fedsim.errors import ScenarioError
 from fedsim.models import Model
 from fedsim.params import Pytree, tree_map, tree_nbytes
 from fedsim.registry import Params
-from fedsim.runtime import RUNTIMES, Job, JobResult
+from fedsim.runtime import RUNTIMES, InProcess, Job, JobResult
 from fedsim.runtime.context import RuntimeContext, padded_schedule
 from fedsim.seeding import Stream, torch_generator
 
@@ -102,7 +102,7 @@ def keep_where(mask: torch.Tensor, new: Pytree, old: Pytree) -> Pytree:
 
 
 @RUNTIMES.register("vectorized", params=VectorizedParams, vectorized=True)
-class VectorizedRuntime:
+class VectorizedRuntime(InProcess):
     """Runs chunks of clients under vmap; the default for rules that allow it."""
 
     def __init__(self, params: VectorizedParams, context: RuntimeContext) -> None:
@@ -161,7 +161,7 @@ class VectorizedRuntime:
         results = []
         for i, job in enumerate(jobs):
             ctx.states.put(job.client, tree_map(lambda v, i=i: v[i].cpu(), client_states) if client_states else None)
-            results.append(JobResult(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i]))
+            results.append(JobResult.of(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i]))
         return results
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:

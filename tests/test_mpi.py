@@ -1,0 +1,91 @@
+"""`mpiexec -n 2 fedsim run`: clients sharded over ranks give the single-process metrics; only rank 0 writes;
+bad rank counts and dying ranks end the run with a clear message instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fedsim
+
+pytest.importorskip("mpi4py")
+MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+pytestmark = pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="needs mpiexec (pip install mpich)")
+
+
+def mpirun(ranks: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def sharded(tiny, tmp_path):
+    scenario = {**tiny, "partition": {"name": "quantity"}, "stragglers": {"fraction": 0.5},
+                "model": {"name": "mlp", "hidden": [16]}, "evaluation": {"dissimilarity": True}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    return scenario, path
+
+
+@pytest.mark.parametrize("runtime", ["sequential", "vectorized"])
+def test_two_ranks_give_the_single_process_metrics(sharded, tmp_path, runtime):
+    scenario, path = sharded
+    out = tmp_path / "run"
+    done = mpirun(2, "-m", "fedsim", "run", str(path), "--quiet", "--out", str(out), "--set", f"runtime.name={runtime}")
+    assert done.returncode == 0, done.stderr
+    assert "running on 2 MPI ranks" in done.stderr and done.stdout.count("run directory:") == 1
+    ranked = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    single = fedsim.run({**scenario, "runtime": {"name": runtime}}, write=False).metrics.rows
+    assert len(ranked) == len(single)
+    for a, b in zip(ranked, single, strict=True):
+        for key in ("loss", "test_loss", "accuracy", "dissimilarity", "sim_time", "bytes_up", "bytes_down"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), (key, a, b)
+
+
+def test_more_ranks_than_clients_is_a_clear_error(sharded, tmp_path):
+    _, path = sharded
+    done = mpirun(3, "-m", "fedsim", "run", str(path), "--quiet", "--set", "num_clients=2", "--set",
+                  "clients_per_round=2", "--out", str(tmp_path / "run"))
+    assert done.returncode != 0
+    assert "fedsim: error: mpiexec -n 3: more ranks than clients (num_clients: 2)" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+FAILING_RANK = """
+import os, signal, sys
+from fedsim.cli import main
+from fedsim.runtime import mpi
+from fedsim.runtime.sequential import SequentialRuntime
+
+original = SequentialRuntime.run_jobs
+calls = []
+
+def run_jobs(self, jobs, params):
+    calls.append(1)
+    if mpi.rank() == 1 and len(calls) == 2:
+        if sys.argv[1] == "raise":
+            raise RuntimeError("injected failure")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, jobs, params)
+
+SequentialRuntime.run_jobs = run_jobs
+sys.exit(main(["run", sys.argv[2], "--quiet", "--set", "runtime.name=sequential", "--out", sys.argv[3]]))
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_rank_that_dies_ends_the_whole_run(sharded, tmp_path, how):
+    _, path = sharded
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_RANK)
+    done = mpirun(2, str(script), how, str(path), str(tmp_path / "run"), timeout=120)
+    assert done.returncode != 0
+    if how == "raise":
+        assert "[rank 1] fedsim: RuntimeError: injected failure" in done.stderr
