@@ -48,3 +48,8 @@ def tree_nbytes(a: Pytree) -> int:
 
 def tree_is_finite(a: Pytree) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in tree_leaves(a))
+
+
+def tree_to(tree: Pytree | None, device: torch.device | str) -> Pytree | None:
+    """The tree with every leaf on `device` (None stays None: stateless clients)."""
+    return None if tree is None else tree_map(lambda v: v.to(device), tree)

@@ -241,6 +241,11 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
             f"partition.name: 'natural' needs a data set with its own clients ({', '.join(natural)}); "
             f"{components['data'].name!r} has none"
         )
+    if components["data"].entry.meta.get("lazy") and not components["partition"].entry.meta.get("natural"):
+        raise ScenarioError(
+            f"partition.name: {components['data'].name!r} generates its clients on demand and cannot be "
+            f"re-partitioned; use partition 'natural'"
+        )
     handling = spec.stragglers.handling
     if handling == "auto":
         handling = components["algorithm"].entry.meta["stragglers"]

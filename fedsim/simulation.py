@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from fedsim.clients import ClientRule
 from fedsim.data import build_federated_data
-from fedsim.data.base import FederatedData
+from fedsim.data.base import ClientDataSource
 from fedsim.errors import DataError
 from fedsim.evaluation import Evaluator
 from fedsim.models import Model, build_model
 from fedsim.runtime import RUNTIMES, Runtime, mpi
-from fedsim.runtime.context import RuntimeContext
+from fedsim.runtime.base import RuntimeParams
+from fedsim.runtime.context import ClientStateStore, RuntimeContext, StateStore
+from fedsim.runtime.state_store import SpillingStateStore
 from fedsim.scenario import ResolvedScenario
 from fedsim.seeding import Stream, derive_seed, numpy_rng
 from fedsim.servers import ServerRule
@@ -21,7 +23,7 @@ from fedsim.systems import ClientSystems
 @dataclass
 class Simulation:
     scenario: ResolvedScenario
-    data: FederatedData
+    data: ClientDataSource
     model: Model
     rule: ClientRule
     server: ServerRule
@@ -29,6 +31,14 @@ class Simulation:
     systems: ClientSystems
     evaluator: Evaluator
     notices: list[str]
+
+
+def state_store(params: RuntimeParams) -> StateStore:
+    """All client states in memory, or with `runtime.state_memory` set, the most recent in that many bytes and
+    the rest spilled to disk (under `runtime.spill_dir`, else a temporary directory)."""
+    if params.state_memory is None:
+        return ClientStateStore()
+    return SpillingStateStore(params.state_memory, params.spill_dir)
 
 
 def evaluation_clients(count: int | None, num_clients: int, seed: int) -> list[int] | None:
@@ -39,7 +49,7 @@ def evaluation_clients(count: int | None, num_clients: int, seed: int) -> list[i
     return sorted(numpy_rng(seed, Stream.EVALUATION).choice(num_clients, count, replace=False).tolist())
 
 
-def build_simulation(scenario: ResolvedScenario, data: FederatedData | None = None) -> Simulation:
+def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None) -> Simulation:
     """Instantiate every component, drawing each one's randomness from its own seed stream; `data` may be
     passed in when another variant already built the same data set."""
     spec, c = scenario.spec, scenario.components
@@ -56,8 +66,9 @@ def build_simulation(scenario: ResolvedScenario, data: FederatedData | None = No
     if runtime_entry.meta.get("vectorized") and not c["algorithm"].entry.meta.get("vectorizable", True):
         notices.append(f"algorithm {c['algorithm'].name} cannot run vectorized; running it sequentially")
         runtime_entry = RUNTIMES.get("sequential")
-        runtime_params = runtime_entry.params(threads=runtime_params.threads)
-    runtime = runtime_entry.obj(runtime_params, RuntimeContext(rule, model, data, spec.seed))
+        runtime_params = runtime_entry.params(**{k: getattr(runtime_params, k) for k in RuntimeParams.model_fields})
+    context = RuntimeContext(rule, model, data, spec.seed, state_store(runtime_params))
+    runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
     comm = mpi.world()
     if comm is None:

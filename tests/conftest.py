@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
+
+from fedsim.clients import ALGORITHMS, LocalTrainingParams
+from fedsim.clients.fedavg import LocalSGD
+from fedsim.registry import Entry
 
 
 @pytest.fixture
@@ -22,3 +27,25 @@ def tiny() -> dict[str, Any]:
         "algorithm": {"name": "fedprox", "lr": 0.05, "batch_size": 20, "local_epochs": 1, "mu": 0.1},
     }
 
+
+
+class CarrySGD(LocalSGD):
+    """Test rule with persistent client state: the sum of the client's past model changes."""
+
+    def initial_state(self, global_params):
+        return {k: torch.zeros_like(v) for k, v in global_params.items()}
+
+    def init(self, global_params, client_state):
+        return {**super().init(global_params, client_state), "carried": client_state}
+
+    def final(self, state):
+        message, _ = super().final(state)
+        return message, {k: state["carried"][k] + message["delta"][k] for k in state["carried"]}
+
+
+@pytest.fixture
+def carry_rule(monkeypatch) -> str:
+    """Registers CarrySGD as algorithm 'carry' for the test."""
+    monkeypatch.setitem(ALGORITHMS._entries, "carry",
+                        Entry("carry", CarrySGD, LocalTrainingParams, {"stragglers": "keep", "server": "fedavg"}))
+    return "carry"

@@ -13,7 +13,7 @@ from fedsim.clients.fedavg import LocalSGD
 from fedsim.errors import ScenarioError
 from fedsim.registry import Entry
 from fedsim.runtime.context import local_batches, padded_schedule
-from fedsim.runtime.vectorized import parse_bytes
+from fedsim.sizes import parse_bytes
 
 HETEROGENEOUS = {
     "partition": {"name": "quantity", "sigma": 1.0},
@@ -56,26 +56,6 @@ def test_padded_schedule_holds_the_same_minibatches_as_the_loop():
             assert torch.equal(row[row >= 0], idx)
 
 
-class CarrySGD(LocalSGD):
-    """Test rule with persistent client state: the sum of the client's past model changes."""
-
-    def initial_state(self, global_params):
-        return {k: torch.zeros_like(v) for k, v in global_params.items()}
-
-    def init(self, global_params, client_state):
-        return {**super().init(global_params, client_state), "carried": client_state}
-
-    def final(self, state):
-        message, _ = super().final(state)
-        return message, {k: state["carried"][k] + message["delta"][k] for k in state["carried"]}
-
-
-@pytest.fixture
-def carry_rule(monkeypatch):
-    monkeypatch.setitem(ALGORITHMS._entries, "carry",
-                        Entry("carry", CarrySGD, LocalTrainingParams, {"stragglers": "keep", "server": "fedavg"}))
-
-
 def test_persistent_client_state_is_the_same_under_both_runtimes(tiny, carry_rule, monkeypatch):
     stores = {}
     original = fedsim.simulation.build_simulation
@@ -114,9 +94,9 @@ def test_memory_budget_sets_the_chunk_size(tiny, monkeypatch):
     sizes = []
     original = fedsim.runtime.vectorized.VectorizedRuntime._run_chunk
 
-    def spy(self, jobs, params):
+    def spy(self, slot, jobs, states, params):
         sizes.append(len(jobs))
-        return original(self, jobs, params)
+        return original(self, slot, jobs, states, params)
 
     monkeypatch.setattr(fedsim.runtime.vectorized.VectorizedRuntime, "_run_chunk", spy)
     fedsim.run({**scenario(tiny, "fedavg", {"name": "vectorized", "memory_budget": "100kB"}), "rounds": 1},
@@ -129,16 +109,3 @@ def test_sizes_parse(text, size):
     assert parse_bytes(text) == size
 
 
-def test_unknown_or_absent_device_is_an_error_not_a_fallback(tiny):
-    with pytest.raises(ScenarioError, match=r"^runtime.device: 'tpu:0' is not"):
-        fedsim.run(scenario(tiny, "fedavg", {"name": "vectorized", "device": "tpu:0"}), write=False)
-    absent = f"cuda:{torch.cuda.device_count()}"
-    with pytest.raises(ScenarioError, match=rf"^runtime.device: {absent} does not exist here"):
-        fedsim.run(scenario(tiny, "fedavg", {"name": "vectorized", "device": absent}), write=False)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_vectorized_on_cuda_gives_the_cpu_numbers(tiny):
-    cpu = fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized"}), write=False)
-    gpu = fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized", "device": "cuda:0"}), write=False)
-    assert_same_metrics(cpu, gpu, rel=1e-5)

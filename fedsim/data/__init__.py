@@ -3,8 +3,8 @@
 Importing this package registers every built-in data set and partitioner.
 """
 
-from fedsim.data import digits, mnist1d, partition, synthetic, vision  # noqa: F401  (fill the registries)
-from fedsim.data.base import DATASETS, PARTITIONERS, CentralDataset, FederatedData
+from fedsim.data import digits, mnist1d, partition, population, synthetic, vision  # noqa: F401  (fill the registries)
+from fedsim.data.base import DATASETS, PARTITIONERS, CentralDataset, ClientDataSource, FederatedData
 from fedsim.data.build import build_federated_data
 
-__all__ = ["DATASETS", "PARTITIONERS", "CentralDataset", "FederatedData", "build_federated_data"]
+__all__ = ["DATASETS", "PARTITIONERS", "CentralDataset", "ClientDataSource", "FederatedData", "build_federated_data"]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.data.base import DATASETS, PARTITIONERS, CentralDataset, FederatedData
+from fedsim.data.base import DATASETS, PARTITIONERS, CentralDataset, ClientDataSource, FederatedData
 from fedsim.errors import DataError, ScenarioError
 from fedsim.registry import Entry, Params, validate_params
 
@@ -88,7 +88,7 @@ def _check_partition(parts: list[np.ndarray], num_samples: int, num_clients: int
         raise RuntimeError(f"partitioner {name!r} did not return a partition of {num_samples} samples")
 
 
-def _check_train_sizes(data: FederatedData, test_fraction: float) -> None:
+def _check_train_sizes(data: ClientDataSource, test_fraction: float) -> None:
     """Every client needs at least one training sample."""
     empty = np.flatnonzero(data.train_sizes == 0)
     if len(empty):
@@ -121,7 +121,7 @@ def build_federated_data(
     partition_params: Params | Mapping[str, Any] | None,
     num_clients: int,
     seed: int,
-) -> FederatedData:
+) -> ClientDataSource:
     """Build the federated data set a scenario names; the same seed always gives the same data."""
     if num_clients < 1:
         raise ScenarioError(f"num_clients: must be >= 1, got {num_clients}")
@@ -134,6 +134,9 @@ def build_federated_data(
             f"partition.name: 'natural' needs a data set with its own clients "
             f"({', '.join(e.name for e in DATASETS if e.meta.get('natural'))}); {data_name!r} has none"
         )
+    if data_entry.meta.get("lazy") and not part_entry.meta.get("natural"):
+        raise DataError(f"partition.name: {data_name!r} generates its clients on demand and cannot be pooled "
+                        f"and re-partitioned; use partition 'natural'")
     rng = data_rng(seed)
     data = data_entry.obj(dparams, num_clients, rng)
     if not part_entry.meta.get("natural"):

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
 from fedsim.clients import ClientRule
-from fedsim.data.base import FederatedData
+from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree
+
+
+class StateStore(Protocol):
+    """Where runtimes keep clients' persistent state between rounds."""
+
+    def get(self, client: int) -> Pytree | None: ...
+
+    def put(self, client: int, state: Pytree | None) -> None: ...
+
+    def __len__(self) -> int: ...
 
 
 class ClientStateStore:
@@ -36,9 +48,11 @@ class ClientStateStore:
 class RuntimeContext:
     rule: ClientRule
     model: Model
-    data: FederatedData
+    data: ClientDataSource
     seed: int
-    states: ClientStateStore = field(default_factory=ClientStateStore)
+    states: StateStore = field(default_factory=ClientStateStore)
+    on_device: dict[torch.device, FederatedData] = field(default_factory=dict, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def client_state(self, client: int, global_params: Pytree) -> Pytree | None:
         """The client's stored state, or the rule's initial state for a client seen for the first time."""
@@ -71,3 +85,25 @@ def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: to
         padded[:num_samples] = perm
         rows.append(padded.view(per_epoch, batch_size))
     return torch.cat(rows)[:steps]
+
+
+def device_data(ctx: RuntimeContext, device: torch.device) -> FederatedData:
+    """In-memory client data with its training tensors on `device`, copied there once."""
+    assert isinstance(ctx.data, FederatedData)
+    if device.type == "cpu":
+        return ctx.data
+    with ctx.lock:
+        if device not in ctx.on_device:
+            d = ctx.data
+            ctx.on_device[device] = replace(d, x_train=d.x_train.to(device), y_train=d.y_train.to(device))
+        return ctx.on_device[device]
+
+
+def client_tensors(ctx: RuntimeContext, client: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's training tensors on `device`: sliced from the device's copy of in-memory data, or made on
+    demand by a generated population (under a lock: several devices' workers may ask at once)."""
+    if isinstance(ctx.data, FederatedData):
+        return device_data(ctx, device).client_train(client)
+    with ctx.lock:
+        x, y = ctx.data.client_train(client)
+    return x.to(device), y.to(device)

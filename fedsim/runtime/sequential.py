@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from pydantic import Field
 
 from fedsim.clients import GradFn
 from fedsim.models import Model
-from fedsim.params import Pytree
-from fedsim.registry import Params
-from fedsim.runtime import RUNTIMES, InProcess, Job, JobResult
-from fedsim.runtime.context import RuntimeContext, local_batches
+from fedsim.params import Pytree, tree_to
+from fedsim.runtime import RUNTIMES, Job, JobResult
+from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
+from fedsim.runtime.context import RuntimeContext, client_tensors, local_batches
 from fedsim.seeding import Stream, torch_generator
 
 
@@ -30,31 +27,28 @@ def autograd_grad(model: Model) -> GradFn:
     return grad
 
 
-class SequentialParams(Params):
-    threads: int = Field(1, ge=1, description="torch intra-op threads; small models run fastest on one")
+@RUNTIMES.register("sequential", params=RuntimeParams)
+class SequentialRuntime(PlacedRuntime):
+    """Runs each job's local steps in a plain Python loop; with several devices, one loop per device."""
 
+    def __init__(self, params: RuntimeParams, context: RuntimeContext) -> None:
+        super().__init__(params, context)
+        self.grads = [autograd_grad(model) for model in self.models]
 
-@RUNTIMES.register("sequential", params=SequentialParams)
-class SequentialRuntime(InProcess):
-    """Runs each job's local steps in a plain Python loop on the CPU."""
+    def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
+               global_params: Pytree) -> list[Outcome]:
+        return [self._run(slot, job, state, global_params) for job, state in zip(jobs, states, strict=True)]
 
-    def __init__(self, params: SequentialParams, context: RuntimeContext) -> None:
-        self.ctx, self.threads = context, params.threads
-        self.grad = autograd_grad(context.model)
-
-    def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
-        return [self._run(job, global_params) for job in jobs]
-
-    def _run(self, job: Job, global_params: Pytree) -> JobResult:
-        ctx, rule = self.ctx, self.ctx.rule
-        x, y = ctx.data.client_train(job.client)
-        n = len(y)
+    def _run(self, slot: int, job: Job, client_state: Pytree | None, global_params: Pytree) -> Outcome:
+        ctx, rule, device, grad = self.ctx, self.ctx.rule, self.devices[slot], self.grads[slot]
+        x, y = client_tensors(ctx, job.client, device)
         generator = torch_generator(ctx.seed, Stream.LOCAL, job.round, job.client)
-        state = rule.init(global_params, ctx.client_state(job.client, global_params))
+        state = rule.init(global_params, client_state)
         processed = 0
-        for idx in local_batches(n, rule.hp.batch_size, job.steps, generator):
-            state = rule.step(state, (x[idx], y[idx]), self.grad)
+        for idx in local_batches(len(y), rule.hp.batch_size, job.steps, generator):
+            idx = idx.to(device)
+            state = rule.step(state, (x[idx], y[idx]), grad)
             processed += len(idx)
-        message, client_state = rule.final(state)
-        ctx.states.put(job.client, client_state)
-        return JobResult.of(job.client, message, n, processed)
+        message, new_state = rule.final(state)
+        return JobResult.of(job.client, tree_to(message, "cpu"), len(y), processed), tree_to(new_state, "cpu")
+

@@ -9,8 +9,8 @@ Numbers equal the sequential runtime's to float tolerance (the loss is a weighte
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import itertools
+import math
 
 import torch
 from pydantic import Field, field_validator
@@ -18,56 +18,26 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 
 from fedsim.clients import GradFn
+from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
-from fedsim.params import Pytree, tree_map, tree_nbytes
-from fedsim.registry import Params
-from fedsim.runtime import RUNTIMES, InProcess, Job, JobResult
-from fedsim.runtime.context import RuntimeContext, padded_schedule
+from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to
+from fedsim.runtime import RUNTIMES, Job, JobResult
+from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
+from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedule
 from fedsim.seeding import Stream, torch_generator
-
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(value: int | str) -> int:
-    """`2GiB`, `512MB`, `1e9` or an integer number of bytes."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (use e.g. 512MB or 2GiB)")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+from fedsim.sizes import parse_bytes
 
 
-class VectorizedParams(Params):
+class VectorizedParams(RuntimeParams):
     memory_budget: int | str = Field("2GiB", validate_default=True,
-                                     description="memory for one chunk of clients in flight")
+                                     description="memory for one chunk of clients in flight, per device")
     chunk_size: int | None = Field(None, ge=1, description="clients per chunk; default: as many as the budget fits")
-    device: str = "cpu"
-    threads: int = Field(1, ge=1, description="torch intra-op threads")
 
     @field_validator("memory_budget")
     @classmethod
-    def _size(cls, value: int | str) -> int:
-        size = parse_bytes(value)
-        if size <= 0:
-            raise ValueError("must be positive")
-        return size
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device named, or a ScenarioError: never a silent fallback to another device."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ScenarioError(f"runtime.device: {name!r} is not a device name (use cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0 or (device.index or 0) >= count:
-            raise ScenarioError(f"runtime.device: {name} does not exist here ({count} CUDA devices)")
-    elif device.type != "cpu":
-        raise ScenarioError(f"runtime.device: {name!r} is not supported; use cpu or cuda[:N]")
-    return device
+    def _memory_budget_size(cls, value: int | str) -> int:
+        return parse_bytes(value)
 
 
 def weighted_loss_grad(model: Model) -> GradFn:
@@ -102,19 +72,13 @@ def keep_where(mask: torch.Tensor, new: Pytree, old: Pytree) -> Pytree:
 
 
 @RUNTIMES.register("vectorized", params=VectorizedParams, vectorized=True)
-class VectorizedRuntime(InProcess):
+class VectorizedRuntime(PlacedRuntime):
     """Runs chunks of clients under vmap; the default for rules that allow it."""
 
     def __init__(self, params: VectorizedParams, context: RuntimeContext) -> None:
-        self.ctx, self.threads = context, params.threads
-        self.device = resolve_device(params.device)
-        data = context.data
-        self.x = data.x_train.to(self.device)
-        self.y = data.y_train.to(self.device)
-        self.offsets = torch.as_tensor(data.train_offsets, dtype=torch.long)
-        rule = context.rule
-        self.grad = weighted_loss_grad(context.model)
-        self.step = vmap(rule.step, in_dims=(0, 0, None))
+        super().__init__(params, context)
+        self.grads = [weighted_loss_grad(model) for model in self.models]
+        self.step = vmap(context.rule.step, in_dims=(0, 0, None))
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
         if budget < self.per_client_bytes:
@@ -127,61 +91,71 @@ class VectorizedRuntime(InProcess):
     def _client_bytes(self) -> int:
         """Estimated memory of one client in flight: step state, gradients and a new state (about six copies of
         the parameters), its minibatch, and three times its activations (forward, backward, vmap temporaries)."""
-        model, batch = self.ctx.model, self.ctx.rule.hp.batch_size
+        model, batch, shape = self.ctx.model, self.ctx.rule.hp.batch_size, self.ctx.data.feature_shape
         params = tree_nbytes(model.init_params)
-        sample = self.x[:1].numel() * self.x.element_size()
-        return 6 * params + batch * (sample + 3 * activation_bytes_per_sample(model, tuple(self.x.shape[1:])))
+        sample = 4 * math.prod(shape)
+        return 6 * params + batch * (sample + 3 * activation_bytes_per_sample(model, shape))
 
-    def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
-        results: list[JobResult] = []
-        on_device = tree_map(lambda v: v.to(self.device), global_params)
+    def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
+               global_params: Pytree) -> list[Outcome]:
+        out: list[Outcome] = []
         for start in range(0, len(jobs), self.chunk_size):
-            results += self._run_chunk(jobs[start : start + self.chunk_size], on_device)
-        return results
+            stop = start + self.chunk_size
+            out += self._run_chunk(slot, jobs[start:stop], states[start:stop], global_params)
+        return out
 
-    def _run_chunk(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
-        ctx, rule = self.ctx, self.ctx.rule
-        index, weight, active, sizes = self._schedule(jobs)
-        n = len(jobs)
-        states = [ctx.client_state(j.client, global_params) for j in jobs]
-        expanded = tree_map(lambda v: v.expand(n, *v.shape), global_params)
+    def _run_chunk(self, slot: int, jobs: list[Job], states: list[Pytree | None],
+                   global_params: Pytree) -> list[Outcome]:
+        rule, device, grad = self.ctx.rule, self.devices[slot], self.grads[slot]
+        x, y, starts, sizes = self._chunk_data(device, jobs)
+        index, weight, active = self._schedule(jobs, starts, sizes, device)
+        expanded = tree_map(lambda v: v.expand(len(jobs), *v.shape), global_params)
         if all(s is None for s in states):
             state = vmap(lambda p: rule.init(p, None))(expanded)
         else:
-            stacked = tree_map(lambda *vs: torch.stack(vs).to(self.device), *states)
-            state = vmap(rule.init)(expanded, stacked)
-        everyone = (active.all(dim=1)).tolist()
+            state = vmap(rule.init)(expanded, tree_map(lambda *vs: torch.stack(vs).to(device), *states))
+        everyone = active.all(dim=1).tolist()
         for s in range(index.shape[0]):
             rows = index[s]
-            new = self.step(state, (self.x[rows], self.y[rows], weight[s]), self.grad)
+            new = self.step(state, (x[rows], y[rows], weight[s]), grad)
             state = new if everyone[s] else keep_where(active[s], new, state)
         messages, client_states = vmap(self._final)(state)
-        messages = tree_map(lambda v: v.cpu(), messages)
+        messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
-        results = []
-        for i, job in enumerate(jobs):
-            ctx.states.put(job.client, tree_map(lambda v, i=i: v[i].cpu(), client_states) if client_states else None)
-            results.append(JobResult.of(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i]))
-        return results
+        return [(JobResult.of(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i]),
+                 tree_map(lambda v, i=i: v[i].clone(), client_states) if client_states else None)
+                for i, job in enumerate(jobs)]
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:
         message, client_state = self.ctx.rule.final(state)
         return message, ({} if client_state is None else client_state)
 
-    def _schedule(self, jobs: Sequence[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        """Per step: (clients, batch) rows into the concatenated data, sample weights, and which clients step."""
+    def _chunk_data(self, device: torch.device, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, list[int],
+                                                                          list[int]]:
+        """Training rows for the chunk on `device`, with each client's first row and size: the device's copy of
+        in-memory data, or the chunk's clients made on demand and concatenated."""
+        data = self.ctx.data
+        if isinstance(data, FederatedData):
+            on_device = device_data(self.ctx, device)
+            starts = [int(data.train_offsets[j.client]) for j in jobs]
+            return on_device.x_train, on_device.y_train, starts, [int(data.train_sizes[j.client]) for j in jobs]
+        parts = [client_tensors(self.ctx, j.client, torch.device("cpu")) for j in jobs]
+        sizes = [len(y) for _, y in parts]
+        starts = [0, *itertools.accumulate(sizes)][:-1]
+        x = torch.cat([x for x, _ in parts]).to(device)
+        return x, torch.cat([y for _, y in parts]).to(device), starts, sizes
+
+    def _schedule(self, jobs: list[Job], starts: list[int], sizes: list[int],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
         batch, steps = self.ctx.rule.hp.batch_size, max(j.steps for j in jobs)
         index = torch.zeros(steps, len(jobs), batch, dtype=torch.long)
         weight = torch.zeros(steps, len(jobs), batch)
-        sizes = []
         for i, job in enumerate(jobs):
-            start, stop = int(self.offsets[job.client]), int(self.offsets[job.client + 1])
             generator = torch_generator(self.ctx.seed, Stream.LOCAL, job.round, job.client)
-            rows = padded_schedule(stop - start, batch, job.steps, generator)
+            rows = padded_schedule(sizes[i], batch, job.steps, generator)
             valid = rows >= 0
-            index[: job.steps, i] = torch.where(valid, rows + start, start)
+            index[: job.steps, i] = torch.where(valid, rows + starts[i], starts[i])
             weight[: job.steps, i] = valid.float()
-            sizes.append(stop - start)
         active = torch.arange(steps)[:, None] < torch.tensor([j.steps for j in jobs])[None, :]
-        return index.to(self.device), weight.to(self.device), active.to(self.device), sizes
-
+        return index.to(device), weight.to(device), active.to(device)
