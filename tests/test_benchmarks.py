@@ -17,3 +17,10 @@ def test_sequential_benchmark_quick_prints_its_ratios():
     assert set(ratios) == {f"sequential_over_handwritten{s}" for s in
                            ("", "_logreg_10", "_logreg_100", "_mlp_10", "_mlp_100")}
     assert all(r > 0 for r in ratios.values())
+
+
+def test_memory_benchmark_quick_prints_its_figures():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["population_100000_peak_rss_mb"] > 0 and figures["baseline_peak_rss_mb"] > 0
