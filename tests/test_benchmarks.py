@@ -10,9 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
+def run_benchmark(name: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
 def test_sequential_benchmark_quick_prints_its_ratios():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sequential.py"), "--quick"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
+    out = run_benchmark("sequential.py")
     ratios = json.loads(out.strip().splitlines()[-1])
     assert set(ratios) == {f"sequential_over_handwritten{s}" for s in
                            ("", "_logreg_10", "_logreg_100", "_mlp_10", "_mlp_100")}
@@ -20,7 +26,6 @@ def test_sequential_benchmark_quick_prints_its_ratios():
 
 
 def test_memory_benchmark_quick_prints_its_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
+    out = run_benchmark("memory.py")
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["population_100000_peak_rss_mb"] > 0 and figures["baseline_peak_rss_mb"] > 0
