@@ -17,16 +17,17 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 WORKER = """
-import json, resource, sys
+import json, pathlib, resource, sys
 import fedsim
 from fedsim.runtime import mpi
-scenario = json.loads(sys.argv[1])
-result = fedsim.run(scenario, write=False)
+result = fedsim.run(json.loads(sys.argv[1]), write=False)
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"rank": mpi.rank(), "peak_rss_mb": peak_mb, "loss": result.metrics.last()["loss"]}), flush=True)
+report = {"rank": mpi.rank(), "peak_rss_mb": peak_mb, "loss": result.metrics.last()["loss"]}
+pathlib.Path(sys.argv[2], f"rank{mpi.rank()}.json").write_text(json.dumps(report))
 """
 
 
@@ -38,13 +39,14 @@ def scenario(num_clients: int, per_round: int, rounds: int) -> dict:
 
 
 def measure(config: dict, ranks: int) -> list[dict]:
-    """Run the worker (under mpiexec when ranks > 1) and collect each process's report."""
-    command = [sys.executable, "-c", WORKER, json.dumps(config)]
-    if ranks > 1:
-        mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-        command = [mpiexec, "-n", str(ranks), *command]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    """Run the worker (under mpiexec when ranks > 1); each process writes its report to its own file."""
+    with tempfile.TemporaryDirectory() as reports:
+        command = [sys.executable, "-c", WORKER, json.dumps(config), reports]
+        if ranks > 1:
+            mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+            command = [mpiexec, "-n", str(ranks), *command]
+        subprocess.run(command, capture_output=True, text=True, check=True)
+        return [json.loads((Path(reports) / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def main() -> None:
