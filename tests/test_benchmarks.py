@@ -29,3 +29,10 @@ def test_memory_benchmark_quick_prints_its_figures():
     out = run_benchmark("memory.py")
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["population_100000_peak_rss_mb"] > 0 and figures["baseline_peak_rss_mb"] > 0
+
+
+def test_runtimes_benchmark_quick_prints_its_ratios():
+    ratios = json.loads(run_benchmark("runtimes.py").strip().splitlines()[-1])
+    for name in ("sequential_over_vectorized", "vectorized_over_handvmap", "handloop_over_vectorized"):
+        assert {name, f"{name}_logreg_100", f"{name}_mlp_100"} <= set(ratios)
+    assert all(r > 0 for r in ratios.values())
