@@ -3,8 +3,9 @@
 Clients in a chunk share one step loop. Each step gathers every client's minibatch from the concatenated training
 tensors (which sit on the device once) through a (clients, batch) index tensor; padding rows carry weight 0 in the
 loss, so short last batches and small clients need no special case, and clients that have finished their steps
-(stragglers, small data sets) keep their state through a mask. Chunks are sized from a memory budget.
-Numbers equal the sequential runtime's to float tolerance (the loss is a weighted sum instead of a mean).
+(stragglers, small data sets) keep their state through a mask. Steps where every client has a full batch use the
+plain mean loss (fewer ops). Chunks are sized from a memory budget. Numbers equal the sequential runtime's to
+float tolerance (a padded step's loss is a weighted sum instead of a mean).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from pydantic import Field, field_validator
 from torch.func import grad as func_grad
 from torch.func import vmap
+from torch.nn.utils.rnn import pad_sequence
 
 from fedsim.clients import GradFn
 from fedsim.data.base import FederatedData
@@ -50,6 +52,11 @@ def weighted_loss_grad(model: Model) -> GradFn:
     return func_grad(loss)
 
 
+def mean_loss_grad(model: Model) -> GradFn:
+    """Gradient of the mean minibatch loss, by torch.func: for steps where every client has a full batch."""
+    return func_grad(model.loss)
+
+
 def activation_bytes_per_sample(model: Model, feature_shape: tuple[int, ...]) -> int:
     """Bytes of every module output for one sample (a forward pass with hooks), to size chunks."""
     total = 0
@@ -78,6 +85,7 @@ class VectorizedRuntime(PlacedRuntime):
     def __init__(self, params: VectorizedParams, context: RuntimeContext) -> None:
         super().__init__(params, context)
         self.grads = [weighted_loss_grad(model) for model in self.models]
+        self.full_grads = [mean_loss_grad(model) for model in self.models]
         self.step = vmap(context.rule.step, in_dims=(0, 0, None))
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
@@ -106,7 +114,7 @@ class VectorizedRuntime(PlacedRuntime):
 
     def _run_chunk(self, slot: int, jobs: list[Job], states: list[Pytree | None],
                    global_params: Pytree) -> list[Outcome]:
-        rule, device, grad = self.ctx.rule, self.devices[slot], self.grads[slot]
+        rule, device = self.ctx.rule, self.devices[slot]
         x, y, starts, sizes = self._chunk_data(device, jobs)
         index, weight, active = self._schedule(jobs, starts, sizes, device)
         expanded = tree_map(lambda v: v.expand(len(jobs), *v.shape), global_params)
@@ -115,14 +123,19 @@ class VectorizedRuntime(PlacedRuntime):
         else:
             state = vmap(rule.init)(expanded, tree_map(lambda *vs: torch.stack(vs).to(device), *states))
         everyone = active.all(dim=1).tolist()
+        full = (weight.sum(dim=2) == weight.shape[2]).all(dim=1).tolist()
         for s in range(index.shape[0]):
             rows = index[s]
-            new = self.step(state, (x[rows], y[rows], weight[s]), grad)
+            if full[s]:
+                new = self.step(state, (x[rows], y[rows]), self.full_grads[slot])
+            else:
+                new = self.step(state, (x[rows], y[rows], weight[s]), self.grads[slot])
             state = new if everyone[s] else keep_where(active[s], new, state)
         messages, client_states = vmap(self._final)(state)
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
-        return [(JobResult.of(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i]),
+        message_bytes = tree_nbytes(messages) // len(jobs)
+        return [(JobResult(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i], message_bytes),
                  tree_map(lambda v, i=i: v[i].clone(), client_states) if client_states else None)
                 for i, job in enumerate(jobs)]
 
@@ -148,14 +161,14 @@ class VectorizedRuntime(PlacedRuntime):
     def _schedule(self, jobs: list[Job], starts: list[int], sizes: list[int],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
-        batch, steps = self.ctx.rule.hp.batch_size, max(j.steps for j in jobs)
-        index = torch.zeros(steps, len(jobs), batch, dtype=torch.long)
-        weight = torch.zeros(steps, len(jobs), batch)
-        for i, job in enumerate(jobs):
-            generator = torch_generator(self.ctx.seed, Stream.LOCAL, job.round, job.client)
-            rows = padded_schedule(sizes[i], batch, job.steps, generator)
-            valid = rows >= 0
-            index[: job.steps, i] = torch.where(valid, rows + starts[i], starts[i])
-            weight[: job.steps, i] = valid.float()
-        active = torch.arange(steps)[:, None] < torch.tensor([j.steps for j in jobs])[None, :]
-        return index.to(device), weight.to(device), active.to(device)
+        batch, seed = self.ctx.rule.hp.batch_size, self.ctx.seed
+        rows = [padded_schedule(size, batch, job.steps, torch_generator(seed, Stream.LOCAL, job.round, job.client))
+                for job, size in zip(jobs, sizes, strict=True)]
+        # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
+        local = pad_sequence(rows, padding_value=-1)
+        valid = local >= 0
+        first = torch.tensor(starts)[None, :, None]
+        index = torch.where(valid, local + first, first)
+        steps = torch.tensor([j.steps for j in jobs])
+        active = torch.arange(local.shape[0])[:, None] < steps[None, :]
+        return index.to(device), valid.float().to(device), active.to(device)
