@@ -46,10 +46,6 @@ class Clock:
         """End the run after the event being handled."""
         self._stopped = True
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
     def run(self, handler: EventHandler) -> None:
         """Deliver events in time order until the queue is empty or the handler stops the clock."""
         while self._queue and not self._stopped:

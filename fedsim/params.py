@@ -37,10 +37,6 @@ def tree_zeros_like(a: Pytree) -> Pytree:
     return tree_map(torch.zeros_like, a)
 
 
-def tree_clone(a: Pytree) -> Pytree:
-    return tree_map(lambda v: v.detach().clone(), a)
-
-
 def tree_nbytes(a: Pytree) -> int:
     """Exact size of the leaves' data in bytes, as sent over a link."""
     return sum(v.numel() * v.element_size() for v in tree_leaves(a))
