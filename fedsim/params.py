@@ -29,6 +29,12 @@ def tree_leaves(tree: Pytree) -> Iterator[torch.Tensor]:
             yield v
 
 
+def tree_unstack(tree: Pytree, n: int) -> list[Pytree]:
+    """Split a tree whose leaves have a leading axis of size n into n trees of views (one `unbind` per leaf)."""
+    parts = {k: tree_unstack(v, n) if isinstance(v, dict) else v.unbind(0) for k, v in tree.items()}
+    return [{k: part[i] for k, part in parts.items()} for i in range(n)]
+
+
 def tree_sub(a: Pytree, b: Pytree) -> Pytree:
     return tree_map(torch.sub, a, b)
 

@@ -23,7 +23,7 @@ from fedsim.clients import GradFn
 from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
-from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to
+from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to, tree_unstack
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
 from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedule
@@ -135,9 +135,12 @@ class VectorizedRuntime(PlacedRuntime):
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
         message_bytes = tree_nbytes(messages) // len(jobs)
-        return [(JobResult(job.client, tree_map(lambda v, i=i: v[i], messages), sizes[i], processed[i], message_bytes),
-                 tree_map(lambda v, i=i: v[i].clone(), client_states) if client_states else None)
-                for i, job in enumerate(jobs)]
+        per_client = tree_unstack(messages, len(jobs))
+        # Cloned per client, so a stored state does not keep its whole chunk's tensor alive.
+        states_out = [tree_map(torch.clone, s) for s in tree_unstack(client_states, len(jobs))] \
+            if client_states else None
+        return [(JobResult(job.client, per_client[i], sizes[i], processed[i], message_bytes),
+                 states_out[i] if states_out else None) for i, job in enumerate(jobs)]
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:
         message, client_state = self.ctx.rule.final(state)
