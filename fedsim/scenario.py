@@ -101,12 +101,6 @@ class ResolvedScenario:
     spec: ScenarioSchema
     components: dict[str, Component]
 
-    def __getattr__(self, key: str) -> Any:
-        components = self.__dict__.get("components", {})
-        if key in components:
-            return components[key]
-        raise AttributeError(key)
-
     @property
     def straggler_handling(self) -> str:
         """"drop" or "keep": the scenario's choice, or the algorithm's own when it says "auto"."""

@@ -31,6 +31,7 @@ class SynchronousRounds:
         self.state = sim.server.init(sim.model.init_params)
         self.model_bytes = tree_nbytes(sim.model.init_params)
         self.traffic = Traffic()
+        self.round = 0
         self.awaiting = 0
         self.received: list[tuple[int, JobResult]] = []
 
