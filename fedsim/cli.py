@@ -58,7 +58,7 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{key} ({registry.kind}):")
         for entry in registry:
             fields = ", ".join(entry.params.model_fields)
-            print(f"  {entry.name:<16} {entry.summary}" + (f"  [{fields}]" if fields else ""))
+            print(f"  {entry.name:<21} {entry.summary}" + (f"  [{fields}]" if fields else ""))
     return 0
 
 

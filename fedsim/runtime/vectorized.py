@@ -80,7 +80,7 @@ def keep_where(mask: torch.Tensor, new: Pytree, old: Pytree) -> Pytree:
 
 @RUNTIMES.register("vectorized", params=VectorizedParams, vectorized=True)
 class VectorizedRuntime(PlacedRuntime):
-    """Runs chunks of clients under vmap; the default for rules that allow it."""
+    """Runs chunks of clients under torch.func.vmap, masking clients that take fewer steps."""
 
     def __init__(self, params: VectorizedParams, context: RuntimeContext) -> None:
         super().__init__(params, context)
