@@ -3,9 +3,9 @@
 Clients in a chunk share one step loop. Each step gathers every client's minibatch from the concatenated training
 tensors (which sit on the device once) through a (clients, batch) index tensor; padding rows carry weight 0 in the
 loss, so short last batches and small clients need no special case, and clients that have finished their steps
-(stragglers, small data sets) keep their state through a mask. Steps where every client has a full batch use the
-plain mean loss (fewer ops). Chunks are sized from a memory budget. Numbers equal the sequential runtime's to
-float tolerance (a padded step's loss is a weighted sum instead of a mean).
+(stragglers, small data sets) leave the vmapped batch with their final state. Steps where every client has a full
+batch use the plain mean loss (fewer ops). Chunks are sized from a memory budget. Numbers equal the sequential
+runtime's to float tolerance (a padded step's loss is a weighted sum instead of a mean).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to, tree_unstack
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
 from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedule
+from fedsim.runtime.sequential import autograd_grad
 from fedsim.seeding import Stream, torch_generator
 from fedsim.sizes import parse_bytes
 
@@ -73,19 +74,24 @@ def activation_bytes_per_sample(model: Model, feature_shape: tuple[int, ...]) ->
     return total
 
 
-def keep_where(mask: torch.Tensor, new: Pytree, old: Pytree) -> Pytree:
-    """Leaf-wise: client i takes `new` where mask[i], else keeps `old` (clients that have finished their steps)."""
-    return tree_map(lambda a, b: torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b), new, old)
+def retire(finished: Pytree, state: Pytree, ids: torch.Tensor, going: torch.Tensor) -> tuple[Pytree, torch.Tensor,
+                                                                                             Pytree]:
+    """Move the batch rows of clients that stop here (`~going`) into `finished` (indexed by chunk position `ids`);
+    return it with the positions and states of the clients that go on."""
+    done, kept = ids[~going], ids[going]
+    finished = tree_map(lambda f, v: f.index_copy(0, done, v[~going]), finished, state)
+    return finished, kept, tree_map(lambda v: v[going], state)
 
 
 @RUNTIMES.register("vectorized", params=VectorizedParams, vectorized=True)
 class VectorizedRuntime(PlacedRuntime):
-    """Runs chunks of clients under torch.func.vmap, masking clients that take fewer steps."""
+    """Runs chunks of clients under torch.func.vmap; clients that take fewer steps leave the batch early."""
 
     def __init__(self, params: VectorizedParams, context: RuntimeContext) -> None:
         super().__init__(params, context)
         self.grads = [weighted_loss_grad(model) for model in self.models]
         self.full_grads = [mean_loss_grad(model) for model in self.models]
+        self.alone_grads = [autograd_grad(model) for model in self.models]
         self.step = vmap(context.rule.step, in_dims=(0, 0, None))
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
@@ -122,15 +128,7 @@ class VectorizedRuntime(PlacedRuntime):
             state = vmap(lambda p: rule.init(p, None))(expanded)
         else:
             state = vmap(rule.init)(expanded, tree_map(lambda *vs: torch.stack(vs).to(device), *states))
-        everyone = active.all(dim=1).tolist()
-        full = (weight.sum(dim=2) == weight.shape[2]).all(dim=1).tolist()
-        for s in range(index.shape[0]):
-            rows = index[s]
-            if full[s]:
-                new = self.step(state, (x[rows], y[rows]), self.full_grads[slot])
-            else:
-                new = self.step(state, (x[rows], y[rows], weight[s]), self.grads[slot])
-            state = new if everyone[s] else keep_where(active[s], new, state)
+        state = self._steps(slot, state, x, y, index, weight, active)
         messages, client_states = vmap(self._final)(state)
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
@@ -141,6 +139,43 @@ class VectorizedRuntime(PlacedRuntime):
             if client_states else None
         return [(JobResult(job.client, per_client[i], sizes[i], processed[i], message_bytes),
                  states_out[i] if states_out else None) for i, job in enumerate(jobs)]
+
+    def _steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+               weight: torch.Tensor, active: torch.Tensor) -> Pytree:
+        """Run the chunk's local steps. Clients leave the vmapped batch when they finish (their state is final and
+        set aside), so a chunk whose clients' work differs does not step finished clients along."""
+        n, batch = active.shape[1], weight.shape[2]
+        counts = active.sum(dim=1).tolist()
+        full = (weight.sum(dim=2) == batch).cpu()
+        finished = state
+        live: torch.Tensor | None = None
+        for s in range(index.shape[0]):
+            if counts[s] < (n if live is None else len(live)):
+                ids = torch.arange(n, device=index.device) if live is None else live
+                finished, live, state = retire(finished, state, ids, active[s, ids])
+            if live is not None and len(live) == 1:
+                state = self._alone(slot, state, x, y, index[s:, live[0]], weight[s:, live[0]])
+                break
+            rows = index[s] if live is None else index[s, live]
+            if bool(full[s].all() if live is None else full[s, live.cpu()].all()):
+                state = self.step(state, (x[rows], y[rows]), self.full_grads[slot])
+            else:
+                w = weight[s] if live is None else weight[s, live]
+                state = self.step(state, (x[rows], y[rows], w), self.grads[slot])
+        return state if live is None else tree_map(lambda f, v: f.index_copy(0, live, v), finished, state)
+
+    def _alone(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+               weight: torch.Tensor) -> Pytree:
+        """The last client of a chunk steps on by itself, unbatched, with the sequential runtime's autograd
+        gradient: a vmapped step for one client costs many plain ones (heavy-tailed work, e.g. FedProx's
+        Synthetic data, would otherwise run mostly one-client vmapped steps)."""
+        rule, grad = self.ctx.rule, self.alone_grads[slot]
+        one = tree_map(lambda v: v[0], state)
+        valid = weight > 0
+        for rows, keep, full in zip(index, valid, valid.all(dim=1).tolist(), strict=True):
+            rows = rows if full else rows[keep]
+            one = rule.step(one, (x[rows], y[rows]), grad)
+        return tree_map(lambda v: v.unsqueeze(0), one)
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:
         message, client_state = self.ctx.rule.final(state)
