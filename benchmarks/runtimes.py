@@ -103,6 +103,7 @@ from sequential import (
     fedsim_global_model,
     hand_written,
     keep_fraction_test,
+    local_sgd,
     make_module,
     scenario,
 )
@@ -270,19 +271,6 @@ def handvmap_runner(vm: HandVmap, rounds: int, threads: int) -> Runner:
         return Outcome(seconds, accuracy, params)
 
     return run
-
-
-def local_sgd(module: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int, client: int) -> None:
-    """The hand-written client loop of benchmarks/sequential.py (`HandWritten.round`), for Flower's ClientApp."""
-    optimizer = torch.optim.SGD(module.parameters(), lr=LR)
-    generator = torch_generator(SEED, Stream.LOCAL, t, client)
-    for _ in range(LOCAL_EPOCHS):
-        perm = torch.randperm(len(y), generator=generator)
-        for s in range(0, len(y), BATCH_SIZE):
-            idx = perm[s : s + BATCH_SIZE]
-            optimizer.zero_grad()
-            F.cross_entropy(module(x[idx]), y[idx]).backward()
-            optimizer.step()
 
 
 # ---------------------------------------------------------------------------------------------------------------

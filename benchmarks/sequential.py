@@ -166,6 +166,20 @@ def make_module(model: str) -> nn.Module:
     return nn.Sequential(nn.Linear(NUM_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, NUM_CLASSES))
 
 
+def local_sgd(module: nn.Module, x: torch.Tensor, y: torch.Tensor, t: int, client: int) -> None:
+    """A researcher's client loop: torch.optim.SGD over the client's minibatches (one permutation per epoch from
+    the client's generator, as fedsim draws them)."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=LR)
+    generator = torch_generator(SEED, Stream.LOCAL, t, client)
+    for _ in range(LOCAL_EPOCHS):
+        perm = torch.randperm(len(y), generator=generator)
+        for s in range(0, len(y), BATCH_SIZE):
+            idx = perm[s : s + BATCH_SIZE]
+            optimizer.zero_grad()
+            F.cross_entropy(module(x[idx]), y[idx]).backward()
+            optimizer.step()
+
+
 @dataclass
 class HandWritten:
     """What a researcher would write: per-client tensors, a global and a local module, torch.optim.SGD."""
@@ -203,17 +217,8 @@ class HandWritten:
         total = 0
         for client in plan.clients.tolist():
             local_model.load_state_dict(global_model.state_dict())
-            optimizer = torch.optim.SGD(local_model.parameters(), lr=LR)
             x, y = self.clients[client]
-            generator = torch_generator(SEED, Stream.LOCAL, t, client)
-            for _ in range(LOCAL_EPOCHS):
-                perm = torch.randperm(len(y), generator=generator)
-                for s in range(0, len(y), BATCH_SIZE):
-                    idx = perm[s : s + BATCH_SIZE]
-                    optimizer.zero_grad()
-                    loss = F.cross_entropy(local_model(x[idx]), y[idx])
-                    loss.backward()
-                    optimizer.step()
+            local_sgd(local_model, x, y, t, client)
             with torch.no_grad():
                 for a, p in zip(acc, local_model.parameters(), strict=True):
                     a.add_(p.double(), alpha=len(y))
