@@ -29,14 +29,18 @@ def steps_per_epoch(train_sizes: np.ndarray, batch_size: int) -> np.ndarray:
     return -(-train_sizes // batch_size)
 
 
+def active_count(clients_per_round: int, straggler_fraction: float) -> int:
+    """Clients per round that are not stragglers: round(K (1 - d)), not int(): K (1 - d) = 0.9999999999999998 for
+    K = 10, d = 0.9 must give 1 (FedProx pitfall)."""
+    return int(round(clients_per_round * (1.0 - straggler_fraction)))
+
+
 def plan_round(seed: int, round_index: int, train_sizes: np.ndarray, clients_per_round: int,
                straggler_fraction: float, local_epochs: int, batch_size: int) -> RoundPlan:
     """Draw one round's clients and work; depends only on the seed, the round and the data sizes."""
     rng = numpy_rng(seed, Stream.SELECTION, round_index)
     clients = rng.choice(len(train_sizes), clients_per_round, replace=False)
-    # round(), not int(): K (1 - d) = 0.9999999999999998 for K = 10, d = 0.9 must give 1 (FedProx pitfall).
-    num_active = int(round(clients_per_round * (1.0 - straggler_fraction)))
-    active = set(rng.choice(clients, num_active, replace=False).tolist())
+    active = set(rng.choice(clients, active_count(clients_per_round, straggler_fraction), replace=False).tolist())
     straggler = np.array([c not in active for c in clients], dtype=bool)
     per_epoch = steps_per_epoch(train_sizes[clients], batch_size)
     steps = per_epoch * local_epochs

@@ -26,6 +26,7 @@ from fedsim.errors import ScenarioError
 from fedsim.models import MODELS
 from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
+from fedsim.sampling import active_count
 from fedsim.servers import SERVERS
 from fedsim.systems import SYSTEMS
 from fedsim.topologies import TOPOLOGIES
@@ -103,9 +104,7 @@ class ResolvedScenario:
 
     @property
     def straggler_handling(self) -> str:
-        """"drop" or "keep": the scenario's choice, or the algorithm's own when it says "auto"."""
-        handling = self.spec.stragglers.handling
-        return self.components["algorithm"].entry.meta["stragglers"] if handling == "auto" else handling
+        return straggler_handling(self.spec, self.components)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved scenario (every default filled in), loadable again by `load_scenarios`."""
@@ -217,6 +216,12 @@ def _resolve_components(spec: ScenarioSchema) -> dict[str, Component]:
     return out
 
 
+def straggler_handling(spec: ScenarioSchema, components: dict[str, Component]) -> str:
+    """"drop" or "keep": the scenario's choice, or the algorithm's own when it says "auto"."""
+    handling = spec.stragglers.handling
+    return components["algorithm"].entry.meta["stragglers"] if handling == "auto" else handling
+
+
 def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -> None:
     """Checks that span several fields."""
     if spec.clients_per_round > spec.num_clients:
@@ -240,11 +245,8 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
             f"partition.name: {components['data'].name!r} generates its clients on demand and cannot be "
             f"re-partitioned; use partition 'natural'"
         )
-    handling = spec.stragglers.handling
-    if handling == "auto":
-        handling = components["algorithm"].entry.meta["stragglers"]
-    active = int(round(spec.clients_per_round * (1.0 - spec.stragglers.fraction)))
-    if handling == "drop" and active == 0:
+    active = active_count(spec.clients_per_round, spec.stragglers.fraction)
+    if straggler_handling(spec, components) == "drop" and active == 0:
         raise ScenarioError(
             f"stragglers.fraction: {spec.stragglers.fraction} leaves no client of {spec.clients_per_round} per "
             f"round able to finish, and stragglers are dropped, so nothing would be aggregated"

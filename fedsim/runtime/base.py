@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from fedsim.params import Pytree, tree_map
+from fedsim.params import Pytree, tree_to
 from fedsim.registry import Params
 from fedsim.runtime import InProcess, Job, JobResult
 from fedsim.runtime.context import RuntimeContext
@@ -48,7 +48,7 @@ class PlacedRuntime(InProcess, ABC):
     def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
         ctx = self.ctx
         states = [ctx.client_state(j.client, global_params) for j in jobs]
-        copies = {d: tree_map(lambda v, d=d: v.to(d), global_params) for d in set(self.devices)}
+        copies = {d: tree_to(global_params, d) for d in set(self.devices)}
 
         def work(slot: int, positions: list[int]) -> list[Outcome]:
             return self.run_on(slot, [jobs[p] for p in positions], [states[p] for p in positions],

@@ -78,16 +78,9 @@ def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: to
     runtimes that run many clients' steps at once; draws the same permutations from the generator."""
     per_epoch = -(-num_samples // batch_size)
     epochs = -(-steps // per_epoch)
-    if num_samples % batch_size == 0:
-        perms = [torch.randperm(num_samples, generator=generator) for _ in range(epochs)]
-        return torch.cat(perms)[: steps * batch_size].view(steps, batch_size)
-    rows = []
-    for _ in range(epochs):
-        perm = torch.randperm(num_samples, generator=generator)
-        padded = torch.full((per_epoch * batch_size,), -1, dtype=torch.long)
-        padded[:num_samples] = perm
-        rows.append(padded.view(per_epoch, batch_size))
-    return torch.cat(rows)[:steps]
+    padding = torch.full((per_epoch * batch_size - num_samples,), -1, dtype=torch.long)
+    rows = [torch.cat([torch.randperm(num_samples, generator=generator), padding]) for _ in range(epochs)]
+    return torch.cat(rows).view(-1, batch_size)[:steps]
 
 
 def device_data(ctx: RuntimeContext, device: torch.device) -> FederatedData:

@@ -153,11 +153,12 @@ class VectorizedRuntime(PlacedRuntime):
             if counts[s] < (n if live is None else len(live)):
                 ids = torch.arange(n, device=index.device) if live is None else live
                 finished, live, state = retire(finished, state, ids, active[s, ids])
+                live_host = live.cpu()
             if live is not None and len(live) == 1:
                 state = self._alone(slot, state, x, y, index[s:, live[0]], weight[s:, live[0]])
                 break
             rows = index[s] if live is None else index[s, live]
-            if bool(full[s].all() if live is None else full[s, live.cpu()].all()):
+            if bool(full[s].all() if live is None else full[s, live_host].all()):
                 state = self.step(state, (x[rows], y[rows]), self.full_grads[slot])
             else:
                 w = weight[s] if live is None else weight[s, live]
