@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from fedsim.clients import ClientRule
@@ -51,11 +52,16 @@ def evaluation_clients(count: int | None, num_clients: int, seed: int) -> list[i
 
 def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None) -> Simulation:
     """Instantiate every component, drawing each one's randomness from its own seed stream; `data` may be
-    passed in when another variant already built the same data set."""
+    passed in when another variant already built the same data set. Under MPI, rank 0 builds the data and each
+    rank keeps its own clients' share."""
     spec, c = scenario.spec, scenario.components
+    comm = mpi.world()
+    if comm is not None:
+        mpi.owned_clients(spec.num_clients, comm)
     if data is None:
-        data = build_federated_data(c["data"].name, c["data"].params, c["partition"].name,
-                                    c["partition"].params, spec.num_clients, spec.seed)
+        build = functools.partial(build_federated_data, c["data"].name, c["data"].params, c["partition"].name,
+                                  c["partition"].params, spec.num_clients, spec.seed)
+        data = build() if comm is None else mpi.distribute_data(comm, build)
     if data.num_clients != spec.num_clients:
         raise DataError(f"num_clients: the data set built {data.num_clients} clients, not {spec.num_clients}")
     model = build_model(c["model"].name, c["model"].params, data.feature_shape, data.num_classes,
@@ -70,7 +76,6 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     context = RuntimeContext(rule, model, data, spec.seed, state_store(runtime_params))
     runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
-    comm = mpi.world()
     if comm is None:
         evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, evaluated)
     else:

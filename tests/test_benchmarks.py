@@ -29,6 +29,8 @@ def test_memory_benchmark_quick_prints_its_figures():
     out = run_benchmark("memory.py")
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["population_100000_peak_rss_mb"] > 0 and figures["baseline_peak_rss_mb"] > 0
+    if "MPI skipped" not in out:
+        assert figures["in_memory_rank1_over_single"] > 0 and figures["mpi_rank_over_single"] > 0
 
 
 def test_runtimes_benchmark_quick_prints_its_ratios():

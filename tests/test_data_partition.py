@@ -196,8 +196,8 @@ def test_builder_is_deterministic_for_a_seed_and_changes_with_it():
     b = build_federated_data("digits", {}, "dirichlet", {"alpha": 0.5}, 10, seed=3)
     c = build_federated_data("digits", {}, "dirichlet", {"alpha": 0.5}, 10, seed=4)
     assert np.array_equal(a.y_train.numpy(), b.y_train.numpy())
-    np.testing.assert_array_equal(a.train_offsets, b.train_offsets)
-    assert not np.array_equal(a.train_offsets, c.train_offsets)
+    np.testing.assert_array_equal(a.train_sizes, b.train_sizes)
+    assert not np.array_equal(a.train_sizes, c.train_sizes)
 
 
 def test_builder_refuses_natural_partition_of_central_data():

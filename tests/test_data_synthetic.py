@@ -177,8 +177,8 @@ def test_builder_returns_the_natural_devices_drawn_from_data_stream_of_the_seed(
     direct = synthetic(SyntheticParams(), 8, data_rng(42))
     other = build_federated_data("synthetic", {}, "natural", {}, 8, seed=43)
     assert np.array_equal(built.x_train.numpy(), direct.x_train.numpy())
-    np.testing.assert_array_equal(built.train_offsets, direct.train_offsets)
-    assert not np.array_equal(built.train_offsets, other.train_offsets)
+    np.testing.assert_array_equal(built.train_sizes, direct.train_sizes)
+    assert not np.array_equal(built.train_sizes, other.train_sizes)
     assert np.array_equal(
         data_rng(42).random(3), np.random.default_rng(np.random.SeedSequence([42, 1])).random(3)
     )

@@ -17,7 +17,7 @@ def two_clients() -> FederatedData:
     x_test = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0], [2.0, 0.0]])
     y_test = torch.tensor([1, 1, 1, 0])
     offsets = np.array([0, 1, 4])
-    return FederatedData(x_train, y_train, offsets, x_test, y_test, offsets, 2)
+    return FederatedData.from_offsets(x_train, y_train, offsets, x_test, y_test, offsets, 2)
 
 
 def identity_model():

@@ -34,15 +34,21 @@ def sharded(tiny, tmp_path):
     return scenario, path
 
 
-@pytest.mark.parametrize("runtime", ["sequential", "vectorized"])
-def test_two_ranks_give_the_single_process_metrics(sharded, tmp_path, runtime):
+POPULATION = {"data": {"name": "synthetic_population"}, "partition": {"name": "natural"}}
+
+
+@pytest.mark.parametrize(("runtime", "data"), [("sequential", {}), ("vectorized", {}), ("vectorized", POPULATION)],
+                         ids=["sequential", "vectorized", "vectorized-population"])
+def test_two_ranks_give_the_single_process_metrics(sharded, tmp_path, runtime, data):
     scenario, path = sharded
+    scenario = {**scenario, **data, "runtime": {"name": runtime}}
+    path.write_text(yaml.safe_dump(scenario))
     out = tmp_path / "run"
-    done = mpirun(2, "-m", "fedsim", "run", str(path), "--quiet", "--out", str(out), "--set", f"runtime.name={runtime}")
+    done = mpirun(2, "-m", "fedsim", "run", str(path), "--quiet", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "running on 2 MPI ranks" in done.stderr and done.stdout.count("run directory:") == 1
     ranked = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    single = fedsim.run({**scenario, "runtime": {"name": runtime}}, write=False).metrics.rows
+    single = fedsim.run(scenario, write=False).metrics.rows
     assert len(ranked) == len(single)
     for a, b in zip(ranked, single, strict=True):
         for key in ("loss", "test_loss", "accuracy", "dissimilarity", "sim_time", "bytes_up", "bytes_down"):
@@ -89,3 +95,33 @@ def test_a_rank_that_dies_ends_the_whole_run(sharded, tmp_path, how):
     assert done.returncode != 0
     if how == "raise":
         assert "[rank 1] fedsim: RuntimeError: injected failure" in done.stderr
+
+
+HELD_ROWS = """
+import json, sys
+from fedsim.api import build_all
+from fedsim.runtime import mpi
+from fedsim.scenario import load_scenarios
+
+(sim,) = build_all(load_scenarios(sys.argv[1])[0])
+data = sim.data
+held = [k for k in range(data.num_clients) if data.train_starts[k] >= 0]
+print(json.dumps({"rank": mpi.rank(), "held": held, "rows": len(data.x_train), "test_rows": len(data.x_test),
+                  "sizes": data.train_sizes.tolist()}))
+"""
+
+
+def test_each_rank_holds_only_its_own_clients_data(sharded, tmp_path):
+    scenario, path = sharded
+    script = tmp_path / "held.py"
+    script.write_text(HELD_ROWS)
+    done = mpirun(2, str(script), str(path))
+    assert done.returncode == 0, done.stderr
+    reports = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda r: r["rank"])
+    whole = fedsim.api.build_all(fedsim.scenario.load_scenarios(str(path))[0])[0].data
+    for r in reports:
+        mine = list(range(r["rank"], scenario["num_clients"], 2))
+        assert r["held"] == mine
+        assert r["rows"] == sum(int(whole.train_sizes[k]) for k in mine) < len(whole.x_train)
+        assert r["test_rows"] == sum(int(whole.test_sizes[k]) for k in mine)
+        assert r["sizes"] == whole.train_sizes.tolist()

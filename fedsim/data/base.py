@@ -6,6 +6,7 @@ runtime can slice a client cheaply, stack clients for vectorization, or move the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,41 +48,74 @@ class ClientDataSource(Protocol):
     def client_test(self, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def _rows(starts: np.ndarray, sizes: np.ndarray, k: int, split: str) -> slice:
+    if starts[k] < 0:
+        raise LookupError(f"client {k}'s {split} data is not held here (it belongs to another MPI rank's shard)")
+    return slice(int(starts[k]), int(starts[k] + sizes[k]))
+
+
+def _gather_rows(starts: np.ndarray, sizes: np.ndarray, clients: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of `clients`' data, in that order, and each one's start in the gathered rows."""
+    rows = [np.arange(starts[k], starts[k] + sizes[k]) for k in clients]
+    firsts = np.concatenate([[0], np.cumsum([len(r) for r in rows])[:-1]]) if rows else np.zeros(0)
+    return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), firsts.astype(np.int64)
+
+
 @dataclass(frozen=True)
 class FederatedData:
-    """Per-client train/test splits as concatenated tensors; client k owns rows offsets[k]:offsets[k+1]."""
+    """Per-client train/test splits as concatenated tensors: client k's training rows are
+    `x_train[train_starts[k] : train_starts[k] + train_sizes[k]]`, likewise for test.
+
+    A shard (an MPI rank's part, `shard`) holds the rows of its own clients only; the other clients have start -1
+    but keep their sizes, which every rank needs to sample and weight clients.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
-    train_offsets: np.ndarray
+    train_starts: np.ndarray
+    train_sizes: np.ndarray
     x_test: torch.Tensor
     y_test: torch.Tensor
-    test_offsets: np.ndarray
+    test_starts: np.ndarray
+    test_sizes: np.ndarray
     num_classes: int
+
+    @classmethod
+    def from_offsets(cls, x_train: torch.Tensor, y_train: torch.Tensor, train_offsets: np.ndarray,
+                     x_test: torch.Tensor, y_test: torch.Tensor, test_offsets: np.ndarray,
+                     num_classes: int) -> FederatedData:
+        """Every client's data, client k owning rows offsets[k]:offsets[k+1] of each split."""
+        train_offsets, test_offsets = np.asarray(train_offsets, np.int64), np.asarray(test_offsets, np.int64)
+        return cls(x_train, y_train, train_offsets[:-1], np.diff(train_offsets), x_test, y_test,
+                   test_offsets[:-1], np.diff(test_offsets), num_classes)
 
     @property
     def num_clients(self) -> int:
-        return len(self.train_offsets) - 1
+        return len(self.train_sizes)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    @property
-    def train_sizes(self) -> np.ndarray:
-        return np.diff(self.train_offsets)
-
-    @property
-    def test_sizes(self) -> np.ndarray:
-        return np.diff(self.test_offsets)
-
     def client_train(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = int(self.train_offsets[k]), int(self.train_offsets[k + 1])
-        return self.x_train[a:b], self.y_train[a:b]
+        rows = _rows(self.train_starts, self.train_sizes, k, "training")
+        return self.x_train[rows], self.y_train[rows]
 
     def client_test(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = int(self.test_offsets[k]), int(self.test_offsets[k + 1])
-        return self.x_test[a:b], self.y_test[a:b]
+        rows = _rows(self.test_starts, self.test_sizes, k, "test")
+        return self.x_test[rows], self.y_test[rows]
+
+    def shard(self, clients: Sequence[int]) -> FederatedData:
+        """A copy holding only `clients`' rows (every client's sizes are kept), for a rank that runs only those."""
+        train_rows, train_firsts = _gather_rows(self.train_starts, self.train_sizes, clients)
+        test_rows, test_firsts = _gather_rows(self.test_starts, self.test_sizes, clients)
+        train_starts = np.full(self.num_clients, -1, dtype=np.int64)
+        test_starts = train_starts.copy()
+        train_starts[list(clients)], test_starts[list(clients)] = train_firsts, test_firsts
+        train_index, test_index = torch.from_numpy(train_rows), torch.from_numpy(test_rows)
+        return FederatedData(self.x_train[train_index], self.y_train[train_index], train_starts,
+                             self.train_sizes.copy(), self.x_test[test_index], self.y_test[test_index], test_starts,
+                             self.test_sizes.copy(), self.num_classes)
 
 
 class DataParams(Params):

@@ -53,7 +53,7 @@ def gather(
     x: np.ndarray, y: np.ndarray, train: list[np.ndarray], test: list[np.ndarray], num_classes: int
 ) -> FederatedData:
     """FederatedData whose client k holds rows train[k] / test[k] of (x, y) (float32 x, int64 y)."""
-    return FederatedData(
+    return FederatedData.from_offsets(
         x_train=torch.from_numpy(np.ascontiguousarray(_take(x, train), dtype=np.float32)),
         y_train=torch.from_numpy(np.ascontiguousarray(_take(y, train), dtype=np.int64)),
         train_offsets=_offsets(train),

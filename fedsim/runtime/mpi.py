@@ -11,7 +11,7 @@ nothing else crosses ranks. Only rank 0 writes outputs. An error on any rank abo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from fedsim.aggregation import finish_mean, total_weight, weighted_sum
 from fedsim.clients import ClientRule
+from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job, JobResult, Runtime
@@ -53,12 +54,56 @@ def rank() -> int:
     return comm.Get_rank() if comm is not None else 0
 
 
+def owned_by(rank: int, size: int, num_clients: int) -> list[int]:
+    return list(range(rank, num_clients, size))
+
+
 def owned_clients(num_clients: int, comm: Any) -> list[int]:
     """This rank's clients: k mod size == rank. More ranks than clients is an error."""
     size = comm.Get_size()
     if size > num_clients:
         raise ScenarioError(f"mpiexec -n {size}: more ranks than clients (num_clients: {num_clients})")
-    return list(range(comm.Get_rank(), num_clients, size))
+    return owned_by(comm.Get_rank(), size, num_clients)
+
+
+SHARD_TENSORS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def send_shard(comm: Any, shard: FederatedData, dest: int) -> None:
+    """The shard's layout (pickled, small), then its four tensors as raw buffers (no pickled copy of the data)."""
+    tensors = [getattr(shard, name).numpy() for name in SHARD_TENSORS]
+    layout = {"arrays": [(t.shape, t.dtype.str) for t in tensors], "num_classes": shard.num_classes,
+              **{k: getattr(shard, k) for k in ("train_starts", "train_sizes", "test_starts", "test_sizes")}}
+    comm.send(layout, dest=dest)
+    for t in tensors:
+        comm.Send(np.ascontiguousarray(t), dest=dest)
+
+
+def receive_shard(comm: Any) -> FederatedData:
+    layout = comm.recv(source=0)
+    tensors = []
+    for shape, dtype in layout.pop("arrays"):
+        buffer = np.empty(shape, dtype=np.dtype(dtype))
+        comm.Recv(buffer, source=0)
+        tensors.append(torch.from_numpy(buffer))
+    return FederatedData(**dict(zip(SHARD_TENSORS, tensors, strict=True)), **layout)
+
+
+def distribute_data(comm: Any, build: Callable[[], ClientDataSource]) -> ClientDataSource:
+    """Rank 0 builds the data set and every rank gets what it needs: an in-memory set is cut into shards and
+    each rank receives only its own clients' rows (so ranks other than 0 never hold the whole set), while a
+    generated population, which holds no samples, is handed over whole."""
+    size, me = comm.Get_size(), comm.Get_rank()
+    data = build() if me == 0 else None
+    population = comm.bcast(None if isinstance(data, FederatedData) else data, root=0)
+    if population is not None:
+        return population
+    if me != 0:
+        return receive_shard(comm)
+    assert isinstance(data, FederatedData)
+    for r in range(1, size):
+        send_shard(comm, data.shard(owned_by(r, size, data.num_clients)), r)
+    return data.shard(owned_by(0, size, data.num_clients))
 
 
 def allreduce_tree(comm: Any, tree: Pytree) -> Pytree:

@@ -189,7 +189,7 @@ class VectorizedRuntime(PlacedRuntime):
         data = self.ctx.data
         if isinstance(data, FederatedData):
             on_device = device_data(self.ctx, device)
-            starts = [int(data.train_offsets[j.client]) for j in jobs]
+            starts = [int(data.train_starts[j.client]) for j in jobs]
             return on_device.x_train, on_device.y_train, starts, [int(data.train_sizes[j.client]) for j in jobs]
         parts = [client_tensors(self.ctx, j.client, torch.device("cpu")) for j in jobs]
         sizes = [len(y) for _, y in parts]
