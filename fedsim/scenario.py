@@ -67,7 +67,7 @@ class ScenarioSchema(Params):
     server: dict[str, Any] | None = None
     topology: dict[str, Any] = Field(default_factory=lambda: {"name": "star"})
     systems: dict[str, Any] = Field(default_factory=lambda: {"name": "homogeneous"})
-    runtime: dict[str, Any] = Field(default_factory=lambda: {"name": "sequential"})
+    runtime: dict[str, Any] = Field(default_factory=lambda: {"name": "vectorized"})
     stragglers: StragglerSpec = StragglerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec = OutputSpec()

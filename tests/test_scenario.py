@@ -30,7 +30,7 @@ def test_defaults_are_filled_in_and_components_resolved(tiny):
     assert s.components["algorithm"].params.mu == 0.1
     assert s.components["server"].name == "fedavg"
     assert s.components["topology"].name == "star"
-    assert s.components["runtime"].name == "sequential"
+    assert s.components["runtime"].name == "vectorized"
     assert s.to_dict()["server"] == {"name": "fedavg", "lr": 1.0, "weighting": "samples"}
 
 

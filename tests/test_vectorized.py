@@ -11,6 +11,7 @@ import fedsim
 from fedsim.clients import ALGORITHMS, LocalTrainingParams
 from fedsim.clients.fedavg import LocalSGD
 from fedsim.errors import ScenarioError
+from fedsim.params import tree_leaves
 from fedsim.registry import Entry
 from fedsim.runtime.context import local_batches, padded_schedule
 from fedsim.sizes import parse_bytes
@@ -34,11 +35,28 @@ def assert_same_metrics(a, b, rel: float = 1e-6) -> None:
             assert math.isclose(ra[key], rb[key], rel_tol=rel, abs_tol=1e-9), (key, ra, rb)
 
 
+@pytest.mark.parametrize("min_batch", [1, 3, 8], ids=["always-vmapped", "last-few-unbatched", "all-unbatched"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS.names())
-def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm):
+def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm, min_batch):
     sequential = fedsim.run(scenario(tiny, algorithm, {"name": "sequential"}), write=False)
-    vectorized = fedsim.run(scenario(tiny, algorithm, {"name": "vectorized", "chunk_size": 3}), write=False)
+    runtime = {"name": "vectorized", "chunk_size": 4, "min_batch": min_batch}
+    vectorized = fedsim.run(scenario(tiny, algorithm, runtime), write=False)
     assert_same_metrics(sequential, vectorized)
+
+
+@pytest.mark.parametrize("min_batch", [1, 3])
+def test_clients_below_min_batch_finish_unbatched(tiny, monkeypatch, min_batch):
+    handed_over: list[int] = []
+    original = fedsim.runtime.vectorized.VectorizedRuntime._one_by_one
+
+    def spy(self, slot, state, *args):
+        handed_over.append(len(next(iter(tree_leaves(state)))))
+        return original(self, slot, state, *args)
+
+    monkeypatch.setattr(fedsim.runtime.vectorized.VectorizedRuntime, "_one_by_one", spy)
+    fedsim.run(scenario(tiny, "fedprox", {"name": "vectorized", "min_batch": min_batch}), write=False)
+    assert all(0 < clients < min_batch for clients in handed_over)
+    assert bool(handed_over) == (min_batch > 1)
 
 
 def test_one_chunk_and_many_chunks_agree(tiny):

@@ -77,10 +77,11 @@ def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: to
     """The same minibatches as `local_batches`, as one (steps, batch_size) index tensor padded with -1, for
     runtimes that run many clients' steps at once; draws the same permutations from the generator."""
     per_epoch = -(-num_samples // batch_size)
-    epochs = -(-steps // per_epoch)
-    padding = torch.full((per_epoch * batch_size - num_samples,), -1, dtype=torch.long)
-    rows = [torch.cat([torch.randperm(num_samples, generator=generator), padding]) for _ in range(epochs)]
-    return torch.cat(rows).view(-1, batch_size)[:steps]
+    padding = per_epoch * batch_size - num_samples
+    perms = [torch.randperm(num_samples, generator=generator) for _ in range(-(-steps // per_epoch))]
+    if padding:
+        perms = [torch.nn.functional.pad(perm, (0, padding), value=-1) for perm in perms]
+    return (perms[0] if len(perms) == 1 else torch.cat(perms)).view(-1, batch_size)[:steps]
 
 
 def device_data(ctx: RuntimeContext, device: torch.device) -> FederatedData:

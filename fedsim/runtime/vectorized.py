@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 
 import torch
 from pydantic import Field, field_validator
@@ -36,6 +37,8 @@ class VectorizedParams(RuntimeParams):
     memory_budget: int | str = Field("2GiB", validate_default=True,
                                      description="memory for one chunk of clients in flight, per device")
     chunk_size: int | None = Field(None, ge=1, description="clients per chunk; default: as many as the budget fits")
+    min_batch: int = Field(8, ge=1, description="fewer clients than this still stepping in a chunk step one at a "
+                                               "time, unbatched (a vmapped step costs several plain ones)")
 
     @field_validator("memory_budget")
     @classmethod
@@ -43,11 +46,18 @@ class VectorizedParams(RuntimeParams):
         return parse_bytes(value)
 
 
+def cross_entropy_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each sample as logsumexp(logits) - logits[y]: the value of F.cross_entropy (to float
+    rounding), but under vmap on CPU about twice as fast for few classes, where torch's log_softmax kernel costs
+    ~100 ns a row and nll_loss's batching rule adds a dozen ops."""
+    return torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
 def weighted_loss_grad(model: Model) -> GradFn:
     """Gradient of sum_i w_i loss_i / sum_i w_i over a padded minibatch (weights 0 on padding), by torch.func."""
 
     def loss(params: Pytree, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        per_sample = torch.nn.functional.cross_entropy(model.forward(params, x), y, reduction="none")
+        per_sample = cross_entropy_per_sample(model.forward(params, x), y)
         return (per_sample * w).sum() / w.sum().clamp_min(1.0)
 
     return func_grad(loss)
@@ -55,7 +65,11 @@ def weighted_loss_grad(model: Model) -> GradFn:
 
 def mean_loss_grad(model: Model) -> GradFn:
     """Gradient of the mean minibatch loss, by torch.func: for steps where every client has a full batch."""
-    return func_grad(model.loss)
+
+    def loss(params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_per_sample(model.forward(params, x), y).mean()
+
+    return func_grad(loss)
 
 
 def activation_bytes_per_sample(model: Model, feature_shape: tuple[int, ...]) -> int:
@@ -101,6 +115,7 @@ class VectorizedRuntime(PlacedRuntime):
                 f"{self.per_client_bytes} bytes for this model and batch size)"
             )
         self.chunk_size = params.chunk_size or budget // self.per_client_bytes
+        self.min_batch = params.min_batch
 
     def _client_bytes(self) -> int:
         """Estimated memory of one client in flight: step state, gradients and a new state (about six copies of
@@ -143,7 +158,8 @@ class VectorizedRuntime(PlacedRuntime):
     def _steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                weight: torch.Tensor, active: torch.Tensor) -> Pytree:
         """Run the chunk's local steps. Clients leave the vmapped batch when they finish (their state is final and
-        set aside), so a chunk whose clients' work differs does not step finished clients along."""
+        set aside), so a chunk whose clients' work differs does not step finished clients along; once fewer than
+        `min_batch` clients go on, they finish one at a time, unbatched."""
         n, batch = active.shape[1], weight.shape[2]
         counts = active.sum(dim=1).tolist()
         full = (weight.sum(dim=2) == batch).cpu()
@@ -154,8 +170,10 @@ class VectorizedRuntime(PlacedRuntime):
                 ids = torch.arange(n, device=index.device) if live is None else live
                 finished, live, state = retire(finished, state, ids, active[s, ids])
                 live_host = live.cpu()
-            if live is not None and len(live) == 1:
-                state = self._alone(slot, state, x, y, index[s:, live[0]], weight[s:, live[0]])
+            if counts[s] < self.min_batch:
+                ids = torch.arange(n, device=index.device) if live is None else live
+                state = self._one_by_one(slot, state, x, y, index[s:, ids], weight[s:, ids], active[s:, ids])
+                live = ids
                 break
             rows = index[s] if live is None else index[s, live]
             if bool(full[s].all() if live is None else full[s, live_host].all()):
@@ -165,18 +183,22 @@ class VectorizedRuntime(PlacedRuntime):
                 state = self.step(state, (x[rows], y[rows], w), self.grads[slot])
         return state if live is None else tree_map(lambda f, v: f.index_copy(0, live, v), finished, state)
 
-    def _alone(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               weight: torch.Tensor) -> Pytree:
-        """The last client of a chunk steps on by itself, unbatched, with the sequential runtime's autograd
-        gradient: a vmapped step for one client costs many plain ones (heavy-tailed work, e.g. FedProx's
-        Synthetic data, would otherwise run mostly one-client vmapped steps)."""
+    def _one_by_one(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                    weight: torch.Tensor, active: torch.Tensor) -> Pytree:
+        """The chunk's last few clients step on one after another, unbatched, with the sequential runtime's
+        autograd gradient: a vmapped step has a fixed cost of several plain ones, so with heavy-tailed work (e.g.
+        FedProx's Synthetic data) a few busy clients would otherwise run many nearly empty vmapped steps."""
         rule, grad = self.ctx.rule, self.alone_grads[slot]
-        one = tree_map(lambda v: v[0], state)
         valid = weight > 0
-        for rows, keep, full in zip(index, valid, valid.all(dim=1).tolist(), strict=True):
-            rows = rows if full else rows[keep]
-            one = rule.step(one, (x[rows], y[rows]), grad)
-        return tree_map(lambda v: v.unsqueeze(0), one)
+        full = valid.all(dim=2).cpu()
+        finals = []
+        for c, steps in enumerate(active.sum(dim=0).tolist()):
+            one = tree_map(operator.itemgetter(c), state)
+            for s in range(steps):
+                rows = index[s, c] if full[s, c] else index[s, c][valid[s, c]]
+                one = rule.step(one, (x[rows], y[rows]), grad)
+            finals.append(one)
+        return tree_map(lambda *leaves: torch.stack(leaves), *finals)
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:
         message, client_state = self.ctx.rule.final(state)
@@ -204,7 +226,8 @@ class VectorizedRuntime(PlacedRuntime):
         rows = [padded_schedule(size, batch, job.steps, torch_generator(seed, Stream.LOCAL, job.round, job.client))
                 for job, size in zip(jobs, sizes, strict=True)]
         # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
-        local = pad_sequence(rows, padding_value=-1)
+        same = all(r.shape == rows[0].shape for r in rows)
+        local = torch.stack(rows, dim=1) if same else pad_sequence(rows, padding_value=-1)
         valid = local >= 0
         first = torch.tensor(starts)[None, :, None]
         index = torch.where(valid, local + first, first)
