@@ -1,10 +1,12 @@
-"""FedAvg through fedsim's sequential and vectorized runtimes, two hand-written PyTorch loops, Flower and pfl.
+"""FedAvg through fedsim's sequential, vectorized and compiled runtimes, two hand-written loops, Flower and pfl.
 
 What: the project issue's workload, 20 rounds of FedAvg over 100 clients of exactly 100 training samples each
 (logreg 60->10 and mlp 60-200-10; 10 and 100 clients per round; 1 local epoch, batch 10, lr 0.01), run in one
-invocation on identical data by six systems:
+invocation on identical data by seven systems:
   sequential  `fedsim.run` with `runtime: {name: sequential, threads: 1}`
   vectorized  `fedsim.run` with `runtime: {name: vectorized, threads: T}`, T in {1, 2}; the faster is reported
+  compiled    the same with `compile: true` (torch.compile'd steps); a one-round warm-up run compiles them first,
+              and its seconds are printed as start-up, outside the window (as Flower's start-up is)
   handloop    the hand-written loop of benchmarks/sequential.py: per client `load_state_dict`, `torch.optim.SGD`,
               `zero_grad / backward / step`, float64 weighted mean of the client models
   handvmap    what a strong user writes with torch.func: the sampled clients' parameters stacked on an axis,
@@ -51,13 +53,13 @@ pfl's default per-user evaluation before and after local training in its first r
 system does it.
 
 Threads (torch intra-op), set for every system: sequential, handloop and pfl 1 (pfl simulates users one after
-another in one process; small models run fastest on one thread); vectorized and handvmap 1 and 2, the faster
-reported; Flower 2 Ray actors (client_resources num_cpus 1 on this 2-core machine) of 1 thread each, and 1 for
+another in one process; small models run fastest on one thread); vectorized, compiled and handvmap 1 and 2, the
+faster reported; Flower 2 Ray actors (client_resources num_cpus 1 on this 2-core machine) of 1 thread each, and 1 for
 the driver's evaluation.
 
-Usage: `python benchmarks/runtimes.py` (5 to 9 minutes on 2 CPU cores with Flower and pfl installed, the longer when
+Usage: `python benchmarks/runtimes.py` (8 to 12 minutes on 2 CPU cores with Flower and pfl installed, the longer when
 other work shares the machine: 2-thread runs then slow down many times; the load average is printed at the start and
-end) or `--quick` (fedsim and the hand-written loops only, 2 rounds, 1 repetition: a smoke test of about 10
+end) or `--quick` (fedsim uncompiled and the hand-written loops only, 2 rounds, 1 repetition: a smoke test of about 10
 seconds); `--profile` prints only a cProfile of fedsim's vectorized runtime at 100 clients per round. Helpers shared
 with benchmarks/sequential.py are imported from it. The last line printed is one JSON object of ratios `"A_over_B"`
 = time of A / time of B, per configuration (suffix `_logreg_10`, ...) and their geometric mean (no suffix).
@@ -171,6 +173,20 @@ def fedsim_runner(mapping: dict[str, Any]) -> Runner:
     def run() -> Outcome:
         last = fedsim.run(mapping, write=False).metrics.rows[-1]
         return Outcome(float(last["wall_time"]), float(last["accuracy"]))
+
+    return run
+
+
+def compiled_runner(mapping: dict[str, Any]) -> Runner:
+    """`fedsim.run` with `compile: true`, after a one-round warm-up run that compiles the steps; the warm-up's
+    seconds are reported as start-up, outside the window (as Flower's)."""
+    start = time.perf_counter()
+    fedsim.run({**mapping, "rounds": 1}, write=False)
+    startup = time.perf_counter() - start
+    timed = fedsim_runner(mapping)
+
+    def run() -> Outcome:
+        return dataclasses.replace(timed(), startup=startup)
 
     return run
 
@@ -517,8 +533,8 @@ def pfl_runner(loop: HandWritten, rounds: int) -> Runner:
 def unavailable(settings: Settings) -> dict[str, str]:
     """Systems that cannot run here, with the reason."""
     if not settings.others:
-        return {"flower": "--quick runs fedsim and the hand-written loops only",
-                "pfl": "--quick runs fedsim and the hand-written loops only"}
+        why = "--quick runs fedsim (uncompiled) and the hand-written loops only"
+        return {"compiled": why, "flower": why, "pfl": why}
     out = {}
     if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
         out["flower"] = f"flwr[simulation] is not installed ({FLOWER_INSTALL})"
@@ -531,11 +547,15 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def check(config: Config, loop: HandWritten, vm: HandVmap, rounds: int, test_fraction: float) -> dict[str, float]:
+def check(config: Config, loop: HandWritten, vm: HandVmap, rounds: int, test_fraction: float,
+          skipped: dict[str, str]) -> dict[str, float]:
     """Max |system - hand-written loop| over the global parameters after `rounds` rounds."""
     reference = parameters_of(loop.run(rounds, evaluate=False)[0])
     diffs = {}
-    for name, runtime in (("sequential", {"name": "sequential"}), ("vectorized", {"name": "vectorized"})):
+    for name, runtime in (("sequential", {"name": "sequential"}), ("vectorized", {"name": "vectorized"}),
+                          ("compiled", {"name": "vectorized", "compile": True})):
+        if name in skipped:
+            continue
         sim = build(fedsim_scenario(config, rounds, test_fraction, runtime))
         diffs[name] = max_diff(fedsim_global_model(sim), reference)
     diffs["handvmap"] = max_diff(vm.run(rounds, evaluate=False)[0], reference)
@@ -596,7 +616,7 @@ def bench(config: Config, settings: Settings, test_fraction: float, skipped: dic
                         config)
     vm = hand_vmap(loop)
     torch.set_num_threads(1)
-    diffs = check(config, loop, vm, settings.check_rounds, test_fraction)
+    diffs = check(config, loop, vm, settings.check_rounds, test_fraction, skipped)
     print(f"check {config.key}: max |system - hand-written| after {settings.check_rounds} rounds: "
           + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()), flush=True)
     failed = [k for k, v in diffs.items() if not v <= TOLERANCE]
@@ -622,6 +642,9 @@ def systems(config: Config, settings: Settings, test_fraction: float, loop: Hand
     for threads in THREADS:
         runners[f"vectorized@{threads}"] = fedsim_runner(
             fedsim_scenario(config, rounds, test_fraction, {"name": "vectorized", "threads": threads}))
+        if "compiled" not in skipped:
+            runners[f"compiled@{threads}"] = compiled_runner(fedsim_scenario(
+                config, rounds, test_fraction, {"name": "vectorized", "threads": threads, "compile": True}))
         runners[f"handvmap@{threads}"] = handvmap_runner(vm, rounds, threads)
     if "flower" not in skipped:
         path = data_dir / f"{config.key}.pt"
@@ -634,7 +657,8 @@ def systems(config: Config, settings: Settings, test_fraction: float, loop: Hand
 
 RATIOS = (("sequential", "vectorized"), ("vectorized", "handvmap"), ("flower", "vectorized"), ("pfl", "vectorized"),
           ("handloop", "vectorized"), ("sequential", "handloop"), ("handloop", "handvmap"), ("flower", "handvmap"),
-          ("pfl", "handvmap"))
+          ("pfl", "handvmap"), ("sequential", "compiled"), ("flower", "compiled"), ("pfl", "compiled"),
+          ("compiled", "handvmap"), ("vectorized", "compiled"))
 
 
 def ratios(all_results: dict[str, dict[str, Result]]) -> dict[str, float]:
@@ -647,7 +671,7 @@ def ratios(all_results: dict[str, dict[str, Result]]) -> dict[str, float]:
     return out
 
 
-ORDER = ("sequential", "vectorized", "handloop", "handvmap", "flower", "pfl")
+ORDER = ("sequential", "vectorized", "compiled", "handloop", "handvmap", "flower", "pfl")
 
 
 def format_table(all_results: dict[str, dict[str, Result]]) -> str:
@@ -672,6 +696,9 @@ def notes(all_results: dict[str, dict[str, Result]]) -> list[str]:
             if len(r.variants) > 1:
                 out.append(f"{r.system} {key}: " + ", ".join(f"{t} thread(s) {s:.5f}" for t, s in r.variants.items())
                            + f" s/round; reported: {r.threads}")
+        if "compiled" in results:
+            out.append(f"compiled {key}: start-up {results['compiled'].last.startup:.1f} s (a one-round run that "
+                       "compiles the steps), outside the window")
         if "flower" in results:
             last = results["flower"].last
             rss = "" if last.peak_rss is None or math.isnan(last.peak_rss) else \

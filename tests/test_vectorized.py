@@ -44,6 +44,20 @@ def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm, min_batch
     assert_same_metrics(sequential, vectorized)
 
 
+def test_compiled_steps_give_the_sequential_numbers(tiny):
+    small = {"model": {"name": "logreg"}, "rounds": 2}
+    sequential = fedsim.run({**scenario(tiny, "fedprox", {"name": "sequential"}), **small}, write=False)
+    runtime = {"name": "vectorized", "chunk_size": 4, "min_batch": 1, "compile": True}
+    compiled = fedsim.run({**scenario(tiny, "fedprox", runtime), **small}, write=False)
+    assert_same_metrics(sequential, compiled)
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tiny, monkeypatch):
+    monkeypatch.setattr(fedsim.runtime.vectorized.shutil, "which", lambda name: None)
+    with pytest.raises(ScenarioError, match=r"^runtime.compile: torch.compile needs a C\+\+ compiler"):
+        fedsim.run({**tiny, "runtime": {"name": "vectorized", "compile": True}}, write=False)
+
+
 @pytest.mark.parametrize("min_batch", [1, 3])
 def test_clients_below_min_batch_finish_unbatched(tiny, monkeypatch, min_batch):
     handed_over: list[int] = []

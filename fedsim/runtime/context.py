@@ -76,6 +76,8 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
 def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:
     """The same minibatches as `local_batches`, as one (steps, batch_size) index tensor padded with -1, for
     runtimes that run many clients' steps at once; draws the same permutations from the generator."""
+    if steps == 0:
+        return torch.empty((0, batch_size), dtype=torch.long)
     per_epoch = -(-num_samples // batch_size)
     padding = per_epoch * batch_size - num_samples
     perms = [torch.randperm(num_samples, generator=generator) for _ in range(-(-steps // per_epoch))]

@@ -3,9 +3,12 @@
 Clients in a chunk share one step loop. Each step gathers every client's minibatch from the concatenated training
 tensors (which sit on the device once) through a (clients, batch) index tensor; padding rows carry weight 0 in the
 loss, so short last batches and small clients need no special case, and clients that have finished their steps
-(stragglers, small data sets) leave the vmapped batch with their final state. Steps where every client has a full
-batch use the plain mean loss (fewer ops). Chunks are sized from a memory budget. Numbers equal the sequential
-runtime's to float tolerance (a padded step's loss is a weighted sum instead of a mean).
+(stragglers, small data sets) leave the vmapped batch with their final state; once fewer than `min_batch` remain,
+they finish one at a time, unbatched. Steps where every client has a full batch use the plain mean loss (fewer
+ops). Chunks are sized from a memory budget. With `compile`, steps are torch.compile'd and a chunk keeps all its
+clients (finished ones masked), as a compiled graph holds a fixed number of clients. Numbers equal the sequential
+runtime's to float tolerance (a padded step's loss is a weighted sum instead of a mean, cross-entropy is
+logsumexp minus the true logit).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import os
+import shutil
+from collections.abc import Callable
 
 import torch
 from pydantic import Field, field_validator
@@ -20,7 +26,7 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 from torch.nn.utils.rnn import pad_sequence
 
-from fedsim.clients import GradFn
+from fedsim.clients import Batch, ClientRule, GradFn
 from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
@@ -37,6 +43,8 @@ class VectorizedParams(RuntimeParams):
     memory_budget: int | str = Field("2GiB", validate_default=True,
                                      description="memory for one chunk of clients in flight, per device")
     chunk_size: int | None = Field(None, ge=1, description="clients per chunk; default: as many as the budget fits")
+    compile: bool = Field(False, description="torch.compile the vmapped step: faster steps after a one-off "
+                                             "compile of seconds (pays off over long runs; needs a C++ compiler)")
     min_batch: int = Field(8, ge=1, description="fewer clients than this still stepping in a chunk step one at a "
                                                "time, unbatched (a vmapped step costs several plain ones)")
 
@@ -51,6 +59,12 @@ def cross_entropy_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Ten
     rounding), but under vmap on CPU about twice as fast for few classes, where torch's log_softmax kernel costs
     ~100 ns a row and nll_loss's batching rule adds a dozen ops."""
     return torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+Step = Callable[[Pytree, Batch], Pytree]
+"""A vmapped step of a chunk of clients: (stacked step state, stacked minibatch) -> new step state."""
+MaskedStep = Callable[[Pytree, Batch, torch.Tensor], Pytree]
+"""A vmapped step that only changes the state of clients whose entry in the boolean tensor is True."""
 
 
 def weighted_loss_grad(model: Model) -> GradFn:
@@ -70,6 +84,34 @@ def mean_loss_grad(model: Model) -> GradFn:
         return cross_entropy_per_sample(model.forward(params, x), y).mean()
 
     return func_grad(loss)
+
+
+def batched_steps(rule: ClientRule, model: Model) -> tuple[Step, Step]:
+    """The rule's step vmapped over a leading client axis, for full minibatches (mean loss) and for padded ones
+    (weighted loss)."""
+    vmapped = vmap(rule.step, in_dims=(0, 0, None))
+    full_grad, padded_grad = mean_loss_grad(model), weighted_loss_grad(model)
+
+    def full(state: Pytree, batch: Batch) -> Pytree:
+        return vmapped(state, batch, full_grad)
+
+    def padded(state: Pytree, batch: Batch) -> Pytree:
+        return vmapped(state, batch, padded_grad)
+
+    return full, padded
+
+
+def compiled_steps(rule: ClientRule, model: Model) -> tuple[Step, MaskedStep]:
+    """The full-minibatch step of `batched_steps`, and a padded step where clients with `going` False keep their
+    state, compiled by torch.compile: fused kernels make steps 2-3x faster on CPU after a one-off compile of
+    seconds. vmap fixes the number of clients in a compiled graph, so a chunk keeps all its clients to the end."""
+    full, padded = batched_steps(rule, model)
+
+    def masked(state: Pytree, batch: Batch, going: torch.Tensor) -> Pytree:
+        new = padded(state, batch)
+        return tree_map(lambda n, o: torch.where(going.view(-1, *[1] * (n.dim() - 1)), n, o), new, state)
+
+    return torch.compile(full, dynamic=False), torch.compile(masked, dynamic=False)
 
 
 def activation_bytes_per_sample(model: Model, feature_shape: tuple[int, ...]) -> int:
@@ -103,10 +145,13 @@ class VectorizedRuntime(PlacedRuntime):
 
     def __init__(self, params: VectorizedParams, context: RuntimeContext) -> None:
         super().__init__(params, context)
-        self.grads = [weighted_loss_grad(model) for model in self.models]
-        self.full_grads = [mean_loss_grad(model) for model in self.models]
+        self.compiled = params.compile
+        if params.compile and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+            raise ScenarioError("runtime.compile: torch.compile needs a C++ compiler (g++, c++ or clang++, or $CXX) "
+                                "and none was found; install one or set compile: false")
+        self.full_steps, self.padded_steps = zip(*(batched_steps(context.rule, m) for m in self.models), strict=True)
+        self.compiled_steps = [compiled_steps(context.rule, m) for m in self.models] if params.compile else []
         self.alone_grads = [autograd_grad(model) for model in self.models]
-        self.step = vmap(context.rule.step, in_dims=(0, 0, None))
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
         if budget < self.per_client_bytes:
@@ -143,7 +188,10 @@ class VectorizedRuntime(PlacedRuntime):
             state = vmap(lambda p: rule.init(p, None))(expanded)
         else:
             state = vmap(rule.init)(expanded, tree_map(lambda *vs: torch.stack(vs).to(device), *states))
-        state = self._steps(slot, state, x, y, index, weight, active)
+        if self.compiled:
+            state = self._masked_steps(slot, tree_map(torch.Tensor.contiguous, state), x, y, index, weight, active)
+        else:
+            state = self._steps(slot, state, x, y, index, weight, active)
         messages, client_states = vmap(self._final)(state)
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
@@ -177,11 +225,25 @@ class VectorizedRuntime(PlacedRuntime):
                 break
             rows = index[s] if live is None else index[s, live]
             if bool(full[s].all() if live is None else full[s, live_host].all()):
-                state = self.step(state, (x[rows], y[rows]), self.full_grads[slot])
+                state = self.full_steps[slot](state, (x[rows], y[rows]))
             else:
                 w = weight[s] if live is None else weight[s, live]
-                state = self.step(state, (x[rows], y[rows], w), self.grads[slot])
+                state = self.padded_steps[slot](state, (x[rows], y[rows], w))
         return state if live is None else tree_map(lambda f, v: f.index_copy(0, live, v), finished, state)
+
+    def _masked_steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                      weight: torch.Tensor, active: torch.Tensor) -> Pytree:
+        """Compiled steps: every client of the chunk takes every step, a finished client with an all-zero-weight
+        batch and its state kept, so the compiled step always sees the same shapes (contiguous, no stride 0)."""
+        full_step, masked_step = self.compiled_steps[slot]
+        uniform = ((weight.sum(dim=2) == weight.shape[2]).all(dim=1) & active.all(dim=1)).tolist()
+        for s in range(index.shape[0]):
+            rows = index[s]
+            if uniform[s]:
+                state = full_step(state, (x[rows], y[rows]))
+            else:
+                state = masked_step(state, (x[rows], y[rows], weight[s]), active[s])
+        return state
 
     def _one_by_one(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                     weight: torch.Tensor, active: torch.Tensor) -> Pytree:
