@@ -25,7 +25,8 @@ pfl, and within 1.25x of the hand-written vmap loop.
 Apples to apples: every system gets the data, initial weights and hyperparameters of benchmarks/sequential.py
 (fedsim's `synthetic_iid`, seed 1, split `iid`, 100 training samples per client; fedsim's initial parameters).
 fedsim, handloop and handvmap also share the clients of each round (`fedsim.sampling.plan_round`) and the
-minibatches (one `torch.randperm` per client, round and epoch from `fedsim.seeding.torch_generator`); before
+minibatches (one `torch.randperm` per client, round and epoch from `fedsim.seeding.torch_generator`, which
+fedsim's vectorized runtime and handvmap derive for a round's clients at once with `torch_generators`); before
 timing, each configuration checks that sequential, vectorized and handvmap end 3 rounds (2 with --quick) with the
 hand-written loop's global model to float tolerance, and the script exits with status 1 if one does not. pfl is
 given the same clients (a user sampler that yields `plan_round`'s clients) and the same minibatches (each user's
@@ -116,7 +117,7 @@ from torch.nn import functional as F
 import fedsim
 from fedsim.sampling import plan_round
 from fedsim.scenario import load_scenarios
-from fedsim.seeding import Stream, torch_generator
+from fedsim.seeding import Stream, torch_generator, torch_generators
 from fedsim.simulation import Simulation, build_simulation
 
 THREADS = (1, 2)
@@ -257,7 +258,7 @@ class HandVmap:
         k, n = len(chosen), self.x.shape[1]
         x, y = self.x[chosen], self.y[chosen]
         rows = torch.arange(k)[:, None]
-        generators = [torch_generator(SEED, Stream.LOCAL, t, c) for c in plan.clients.tolist()]
+        generators = torch_generators(SEED, Stream.LOCAL, t, last=plan.clients.tolist())
         stacked = [p.expand(k, *p.shape) for p in params]
         for _ in range(LOCAL_EPOCHS):
             perm = torch.stack([torch.randperm(n, generator=g) for g in generators])

@@ -78,8 +78,9 @@ def _draw_synthetic(params: SyntheticParams, num_clients: int, rng: np.random.Ge
     for k in range(num_clients):
         w = rng.normal(mean_w[k], 1, (d, c))
         b = rng.normal(mean_b[k], 1, c)
-        xs.append(rng.multivariate_normal(mean_x[k], cov, sizes[k]))
-        ys.append(_label(xs[-1], w, b))
+        x = rng.multivariate_normal(mean_x[k], cov, sizes[k])
+        ys.append(_label(x, w, b))
+        xs.append(x.astype(np.float32))  # labelled in float64; kept in float32, as the data set stores it
     return xs, ys
 
 
@@ -100,5 +101,9 @@ def _draw_synthetic_iid(
     cov = feature_cov(d)
     w = rng.normal(0, 1, (d, c))
     b = rng.normal(0, 1, c)
-    xs = [rng.multivariate_normal(np.zeros(d), cov, n) for n in sizes]
-    return xs, [_label(x, w, b) for x in xs]
+    xs, ys = [], []
+    for n in sizes:
+        x = rng.multivariate_normal(np.zeros(d), cov, n)
+        ys.append(_label(x, w, b))
+        xs.append(x.astype(np.float32))  # labelled in float64; kept in float32, as the data set stores it
+    return xs, ys

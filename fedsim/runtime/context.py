@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -13,6 +13,10 @@ from fedsim.clients import ClientRule
 from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree
+from fedsim.seeding import Stream, torch_generators
+
+if TYPE_CHECKING:
+    from fedsim.runtime import Job
 
 
 class StateStore(Protocol):
@@ -71,6 +75,17 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
                 return
             yield perm[start : start + batch_size]
             taken += 1
+
+
+def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
+    """Each job's minibatch generator, `torch_generator(seed, LOCAL, round, client)`, derived for all jobs of a
+    round at once (`torch_generators`)."""
+    out: dict[int, torch.Generator] = {}
+    for r in sorted({job.round for job in jobs}):
+        positions = [i for i, job in enumerate(jobs) if job.round == r]
+        made = torch_generators(seed, Stream.LOCAL, r, last=[jobs[i].client for i in positions])
+        out.update(zip(positions, made, strict=True))
+    return [out[i] for i in range(len(jobs))]
 
 
 def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:

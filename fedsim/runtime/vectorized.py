@@ -33,9 +33,14 @@ from fedsim.models import Model
 from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to, tree_unstack
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
-from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedule
+from fedsim.runtime.context import (
+    RuntimeContext,
+    client_tensors,
+    device_data,
+    local_generators,
+    padded_schedule,
+)
 from fedsim.runtime.sequential import autograd_grad
-from fedsim.seeding import Stream, torch_generator
 from fedsim.sizes import parse_bytes
 
 
@@ -285,8 +290,8 @@ class VectorizedRuntime(PlacedRuntime):
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
         batch, seed = self.ctx.rule.hp.batch_size, self.ctx.seed
-        rows = [padded_schedule(size, batch, job.steps, torch_generator(seed, Stream.LOCAL, job.round, job.client))
-                for job, size in zip(jobs, sizes, strict=True)]
+        rows = [padded_schedule(size, batch, job.steps, generator)
+                for job, size, generator in zip(jobs, sizes, local_generators(seed, jobs), strict=True)]
         # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
         same = all(r.shape == rows[0].shape for r in rows)
         local = torch.stack(rows, dim=1) if same else pad_sequence(rows, padding_value=-1)

@@ -1,0 +1,37 @@
+"""Seed derivation: the batched `derive_seeds` / `torch_generators` give exactly the per-key seeds and generators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.runtime import Job
+from fedsim.runtime.context import local_generators
+from fedsim.seeding import Stream, derive_seed, derive_seeds, torch_generator, torch_generators
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32, 2**40 + 5, 2**70 + 3])
+@pytest.mark.parametrize("keys", [(), (0,), (7,), (3, 2**33)])
+def test_derive_seeds_equals_derive_seed_per_key(seed, keys):
+    last = [0, 1, 2**32 - 1, *np.random.default_rng(seed % 2**32).integers(0, 2**32, 20).tolist()]
+    assert derive_seeds(seed, Stream.LOCAL, *keys, last=last) == [derive_seed(seed, Stream.LOCAL, *keys, k)
+                                                                   for k in last]
+
+
+def test_torch_generators_draw_what_torch_generator_draws():
+    batched = torch_generators(5, Stream.LOCAL, 2, last=[4, 0, 9])
+    for client, generator in zip([4, 0, 9], batched, strict=True):
+        expected = torch.randperm(50, generator=torch_generator(5, Stream.LOCAL, 2, client))
+        assert torch.equal(torch.randperm(50, generator=generator), expected)
+
+
+def test_local_generators_follow_each_jobs_round_and_client():
+    jobs = [Job(3, 1, 0), Job(8, 1, 2), Job(5, 1, 0)]
+    for job, generator in zip(jobs, local_generators(11, jobs), strict=True):
+        assert generator.initial_seed() == derive_seed(11, Stream.LOCAL, job.round, job.client)
+
+
+def test_keys_beyond_32_bits_in_the_batched_position_are_refused():
+    with pytest.raises(ValueError, match="must fit in 32 bits"):
+        derive_seeds(0, Stream.LOCAL, 1, last=[2**32])
