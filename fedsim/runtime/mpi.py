@@ -1,10 +1,11 @@
 """MPI: `mpiexec -n R fedsim run scenario.yaml` shards the clients over R ranks.
 
-Every rank builds the same simulation and follows the same protocol and clock (all draws are seeded, so they
-agree); client k belongs to rank k mod R, which runs that client's jobs with the scenario's own runtime
-(vectorized or sequential) and keeps its state. Per round the ranks exchange each job's small bookkeeping
-(sizes, work, bytes) with `allgather`, and the weighted sum of messages and the evaluation sums with `Allreduce`;
-nothing else crosses ranks. Only rank 0 writes outputs. An error on any rank aborts the whole job
+Rank 0 builds the data and sends each rank its clients' share (`distribute_data`); every rank builds the rest of
+the same simulation and follows the same protocol and clock (all draws are seeded, so they agree). Client k
+belongs to rank k mod R, which runs that client's jobs with the scenario's own runtime (vectorized or
+sequential) and keeps its state. Per round the ranks exchange each job's small bookkeeping (sizes, work, bytes)
+with `allgather`, and the weighted sum of messages and the evaluation sums with `Allreduce`; nothing else
+crosses ranks. Only rank 0 writes outputs. An error on any rank aborts the whole job
 (`MPI_Abort`), so a failing rank never leaves the others waiting in a collective.
 """
 
@@ -55,6 +56,7 @@ def rank() -> int:
 
 
 def owned_by(rank: int, size: int, num_clients: int) -> list[int]:
+    """The clients of `rank` among `size` ranks: k mod size == rank."""
     return list(range(rank, num_clients, size))
 
 
