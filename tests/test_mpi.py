@@ -125,3 +125,13 @@ def test_each_rank_holds_only_its_own_clients_data(sharded, tmp_path):
         assert r["rows"] == sum(int(whole.train_sizes[k]) for k in mine) < len(whole.x_train)
         assert r["test_rows"] == sum(int(whole.test_sizes[k]) for k in mine)
         assert r["sizes"] == whole.train_sizes.tolist()
+
+
+def test_a_data_error_on_rank_0_ends_every_rank_with_one_line(sharded, tmp_path):
+    _, path = sharded
+    missing = tmp_path / "no-mnist"
+    done = mpirun(2, "-m", "fedsim", "run", str(path), "--quiet", "--set", "data.name=mnist", "--set",
+                  f"data.root={missing}", "--out", str(tmp_path / "run"), timeout=60)
+    assert done.returncode != 0
+    assert f"fedsim: error: data.root: no MNIST files in {missing}" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
