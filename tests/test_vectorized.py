@@ -14,6 +14,8 @@ from fedsim.errors import ScenarioError
 from fedsim.params import tree_leaves
 from fedsim.registry import Entry
 from fedsim.runtime.context import local_batches, padded_schedule
+from fedsim.scenario import load_scenarios
+from fedsim.simulation import build_simulation
 from fedsim.sizes import parse_bytes
 
 HETEROGENEOUS = {
@@ -45,11 +47,19 @@ def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm, min_batch
 
 
 def test_compiled_steps_give_the_sequential_numbers(tiny):
-    small = {"model": {"name": "logreg"}, "rounds": 2}
+    # 9 clients a round in chunks of 5: the chunk of 4 runs padded to the compiled size 5.
+    small = {"model": {"name": "logreg"}, "rounds": 2, "clients_per_round": 9}
     sequential = fedsim.run({**scenario(tiny, "fedprox", {"name": "sequential"}), **small}, write=False)
-    runtime = {"name": "vectorized", "chunk_size": 4, "min_batch": 1, "compile": True}
+    runtime = {"name": "vectorized", "chunk_size": 5, "compile": True}
     compiled = fedsim.run({**scenario(tiny, "fedprox", runtime), **small}, write=False)
     assert_same_metrics(sequential, compiled)
+
+
+def test_compiled_chunks_reuse_a_compiled_size_at_most_a_quarter_larger(tiny):
+    resolved, _ = load_scenarios({**tiny, "runtime": {"name": "vectorized", "compile": True}})
+    runtime = build_simulation(resolved[0]).runtime
+    sizes = [runtime._compiled_size(0, n) for n in (100, 90, 80, 79, 50, 60, 100, 64)]
+    assert sizes == [100, 100, 100, 79, 50, 60, 100, 79]
 
 
 def test_compile_without_a_cpp_compiler_is_a_clear_error(tiny, monkeypatch):

@@ -156,6 +156,7 @@ class VectorizedRuntime(PlacedRuntime):
                                 "and none was found; install one or set compile: false")
         self.full_steps, self.padded_steps = zip(*(batched_steps(context.rule, m) for m in self.models), strict=True)
         self.compiled_steps = [compiled_steps(context.rule, m) for m in self.models] if params.compile else []
+        self.sizes_compiled: list[set[int]] = [set() for _ in self.models]
         self.alone_grads = [autograd_grad(model) for model in self.models]
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
@@ -185,7 +186,10 @@ class VectorizedRuntime(PlacedRuntime):
 
     def _run_chunk(self, slot: int, jobs: list[Job], states: list[Pytree | None],
                    global_params: Pytree) -> list[Outcome]:
-        rule, device = self.ctx.rule, self.devices[slot]
+        rule, device, real = self.ctx.rule, self.devices[slot], len(jobs)
+        if self.compiled:  # copies of the first job fill the chunk up to a compiled size; dropped after the steps
+            extra = self._compiled_size(slot, real) - real
+            jobs, states = jobs + [jobs[0]] * extra, states + [states[0]] * extra
         x, y, starts, sizes = self._chunk_data(device, jobs)
         index, weight, active = self._schedule(jobs, starts, sizes, device)
         expanded = tree_map(lambda v: v.expand(len(jobs), *v.shape), global_params)
@@ -195,6 +199,8 @@ class VectorizedRuntime(PlacedRuntime):
             state = vmap(rule.init)(expanded, tree_map(lambda *vs: torch.stack(vs).to(device), *states))
         if self.compiled:
             state = self._masked_steps(slot, tree_map(torch.Tensor.contiguous, state), x, y, index, weight, active)
+            state = tree_map(lambda v: v[:real], state)
+            jobs, sizes, weight = jobs[:real], sizes[:real], weight[:, :real]
         else:
             state = self._steps(slot, state, x, y, index, weight, active)
         messages, client_states = vmap(self._final)(state)
@@ -235,6 +241,15 @@ class VectorizedRuntime(PlacedRuntime):
                 w = weight[s] if live is None else weight[s, live]
                 state = self.padded_steps[slot](state, (x[rows], y[rows], w))
         return state if live is None else tree_map(lambda f, v: f.index_copy(0, live, v), finished, state)
+
+    def _compiled_size(self, slot: int, clients: int) -> int:
+        """How many clients a chunk of `clients` runs as under compile: the smallest size this worker has compiled
+        that is at most 25% larger, else its own (compiled on first use). This bounds recompiles when the number of
+        clients varies from round to round (stragglers dropped) while a steady number runs unpadded."""
+        fits = [size for size in self.sizes_compiled[slot] if clients <= size <= 1.25 * clients]
+        size = min(fits, default=clients)
+        self.sizes_compiled[slot].add(size)
+        return size
 
     def _masked_steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                       weight: torch.Tensor, active: torch.Tensor) -> Pytree:
