@@ -5,7 +5,7 @@ drawn for every method under one seed, as the FedProx paper's code arranges by s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 
 import numpy as np
@@ -44,6 +44,20 @@ def _uint32_words(value: int) -> list[int]:
     return words
 
 
+def _hasher(init: int, mult: int) -> Callable[[np.ndarray], np.ndarray]:
+    """SeedSequence's hashmix on uint32 arrays, with its running multiplier starting from `init`."""
+    const = init
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        nonlocal const
+        value = value ^ np.uint32(const)
+        const = (const * mult) & _MASK32
+        value = value * np.uint32(const)
+        return value ^ (value >> np.uint32(_XSHIFT))
+
+    return hashmix
+
+
 def derive_seeds(seed: int, stream: Stream, *keys: int, last: Sequence[int]) -> list[int]:
     """`derive_seed(seed, stream, *keys, k)` for every k in `last`, at once: SeedSequence's hash (mix the entropy
     words into a pool of 4, then `generate_state(2)`) run on NumPy arrays over k. A runtime starting many clients'
@@ -54,14 +68,7 @@ def derive_seeds(seed: int, stream: Stream, *keys: int, last: Sequence[int]) -> 
     n = len(last)
     entropy = [np.full(n, w, dtype=np.uint32) for v in (seed, int(stream), *keys) for w in _uint32_words(v)]
     entropy.append(last.astype(np.uint32))
-    hash_const = _INIT_A
-
-    def hashmix(value: np.ndarray) -> np.ndarray:
-        nonlocal hash_const
-        value = value ^ np.uint32(hash_const)
-        hash_const = (hash_const * _MULT_A) & _MASK32
-        value = value * np.uint32(hash_const)
-        return value ^ (value >> np.uint32(_XSHIFT))
+    hashmix = _hasher(_INIT_A, _MULT_A)
 
     def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         result = np.uint32(_MIX_MULT_L) * x - np.uint32(_MIX_MULT_R) * y
@@ -76,12 +83,8 @@ def derive_seeds(seed: int, stream: Stream, *keys: int, last: Sequence[int]) -> 
     for src in range(_POOL_SIZE, len(entropy)):
         for dst in range(_POOL_SIZE):
             pool[dst] = mix(pool[dst], hashmix(entropy[src]))
-    state, hash_const = [], _INIT_B
-    for word in pool[:2]:
-        value = word ^ np.uint32(hash_const)
-        hash_const = (hash_const * _MULT_B) & _MASK32
-        value = value * np.uint32(hash_const)
-        state.append((value ^ (value >> np.uint32(_XSHIFT))).astype(np.int64))
+    generate = _hasher(_INIT_B, _MULT_B)
+    state = [generate(word).astype(np.int64) for word in pool[:2]]
     return ((state[0] << 31) ^ state[1]).tolist()
 
 

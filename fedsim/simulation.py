@@ -56,8 +56,7 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     rank keeps its own clients' share."""
     spec, c = scenario.spec, scenario.components
     comm = mpi.world()
-    if comm is not None:
-        mpi.owned_clients(spec.num_clients, comm)
+    owned = set(mpi.owned_clients(spec.num_clients, comm)) if comm is not None else None
     if data is None:
         build = functools.partial(build_federated_data, c["data"].name, c["data"].params, c["partition"].name,
                                   c["partition"].params, spec.num_clients, spec.seed)
@@ -79,7 +78,6 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     if comm is None:
         evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, evaluated)
     else:
-        owned = set(mpi.owned_clients(data.num_clients, comm))
         runtime = mpi.MPIRuntime(runtime, comm, rule, model.init_params)
         mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in owned]
         evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, mine, runtime.reduce_sums)
