@@ -106,11 +106,10 @@ def batched_steps(rule: ClientRule, model: Model) -> tuple[Step, Step]:
     return full, padded
 
 
-def compiled_steps(rule: ClientRule, model: Model) -> tuple[Step, MaskedStep]:
-    """The full-minibatch step of `batched_steps`, and a padded step where clients with `going` False keep their
+def compiled_steps(full: Step, padded: Step) -> tuple[Step, MaskedStep]:
+    """`batched_steps`' full-minibatch step, and its padded step with clients whose `going` is False keeping their
     state, compiled by torch.compile: fused kernels make steps 2-3x faster on CPU after a one-off compile of
     seconds. vmap fixes the number of clients in a compiled graph, so a chunk keeps all its clients to the end."""
-    full, padded = batched_steps(rule, model)
 
     def masked(state: Pytree, batch: Batch, going: torch.Tensor) -> Pytree:
         new = padded(state, batch)
@@ -155,7 +154,8 @@ class VectorizedRuntime(PlacedRuntime):
             raise ScenarioError("runtime.compile: torch.compile needs a C++ compiler (g++, c++ or clang++, or $CXX) "
                                 "and none was found; install one or set compile: false")
         self.full_steps, self.padded_steps = zip(*(batched_steps(context.rule, m) for m in self.models), strict=True)
-        self.compiled_steps = [compiled_steps(context.rule, m) for m in self.models] if params.compile else []
+        self.compiled_steps = [compiled_steps(full, padded) for full, padded in
+                               zip(self.full_steps, self.padded_steps, strict=True)] if params.compile else []
         self.sizes_compiled: list[set[int]] = [set() for _ in self.models]
         self.alone_grads = [autograd_grad(model) for model in self.models]
         self.per_client_bytes = self._client_bytes()
