@@ -15,6 +15,7 @@ import torch
 from fedsim.clock import Clock
 from fedsim.metrics_table import MetricsTable
 from fedsim.outputs import RunDirectory, choose_run_dir
+from fedsim.preflight import check_scenario
 from fedsim.progress import make_progress
 from fedsim.recording import Recorder
 from fedsim.report import final_rows, format_table, write_plot
@@ -41,19 +42,19 @@ class RunResult:
 def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
         variants: Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False,
         write: bool = True, progress: bool = False, echo: Callable[[str], None] | None = None) -> RunResult:
-    """Run every variant of a scenario. Everything is validated and built before training starts, and the run
-    directory is created only then, so bad input leaves nothing behind. Under `mpiexec` every rank runs this and
+    """Run every variant of a scenario. Everything is validated (`check`) and built before training starts, and the
+    run directory is created only then, so bad input leaves nothing behind. Under `mpiexec` every rank runs this and
     returns the same metrics; only rank 0 writes and shows progress."""
-    scenarios, notices = load_scenarios(source, overrides, variants)
-    sims = build_all(scenarios)
-    notices += [n for sim in sims for n in sim.notices]
     lead = mpi.rank() == 0
     write, progress = write and lead, progress and lead
+    scenarios, notices, out_path = check(source, overrides, variants, out, overwrite, write)
+    sims = build_all(scenarios)
+    notices += [n for sim in sims for n in sim.notices]
     if echo and lead:
         for notice in notices:
             echo(f"note: {notice}")
     first = scenarios[0].spec
-    run_dir = RunDirectory(choose_run_dir(out or first.output.dir, first.name, overwrite)) if write else None
+    run_dir = RunDirectory(out_path) if out_path is not None else None
     if run_dir:
         run_dir.write_scenario([s.to_dict() for s in scenarios], [s.variant for s in scenarios])
         run_dir.write_json("run.json", {
@@ -69,6 +70,21 @@ def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | N
         if any(s.spec.output.plot for s in scenarios):
             write_plot(rows, run_dir.path / "plot.png", first.name)
     return RunResult(MetricsTable(rows), scenarios, run_dir.path if run_dir else None, notices)
+
+
+def check(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+          variants: Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False,
+          write: bool = True) -> tuple[list[ResolvedScenario], list[str], Path | None]:
+    """Validate a scenario without running it: every variant's fields, memory and data files, and the run
+    directory (when `write`). Returns the resolved variants, notices, and the run directory a run would use."""
+    scenarios, notices = load_scenarios(source, overrides, variants)
+    for scenario in scenarios:
+        check_scenario(scenario)
+    first = scenarios[0].spec
+    setting = "--out" if out is not None else "output.dir"
+    out_path = choose_run_dir(first.output.dir if out is None else out, first.name, overwrite, setting) \
+        if write else None
+    return scenarios, notices, out_path
 
 
 def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:

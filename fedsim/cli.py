@@ -1,6 +1,7 @@
-"""The `fedsim` command: `fedsim run SCENARIO [--set k=v ...]` and `fedsim list`.
+"""The `fedsim` command: `fedsim run SCENARIO [--set k=v ...]`, `fedsim check SCENARIO` and `fedsim list`.
 
-User mistakes end with one line on stderr (`fedsim: error: ...`) and exit status 2, never a traceback.
+User mistakes (command-line usage included) end with one line on stderr (`fedsim: error: ...`, at most
+MAX_ERROR_CHARS long) and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,18 +19,40 @@ ABORT_GRACE_SECONDS = 0.5
 (without it, about one abort in six lost the line)."""
 
 
+MAX_ERROR_CHARS = 500
+"""Longest error line printed; longer messages are cut (they only grow long by echoing a user's input)."""
+
+
+class UsageError(FedsimError):
+    """The command line itself is malformed (argparse's complaint, as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as a UsageError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _add_scenario_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("scenario", help="path to a scenario YAML file")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a field, e.g. --set algorithm.mu=0 (repeatable)")
+    command.add_argument("--variant", dest="variants", action="append", metavar="NAME",
+                         help="only this variant of the scenario (repeatable)")
+    command.add_argument("--out", help="run directory (default: output.dir, else runs/<name>)")
+    command.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsim", description="Simulate federated and decentralized learning.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fedsim", description="Simulate federated and decentralized learning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,check,list}")
     run = sub.add_parser("run", help="run a scenario file: train, print a result table, write a run directory")
-    run.add_argument("scenario", help="path to a scenario YAML file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field, e.g. --set algorithm.mu=0 (repeatable)")
-    run.add_argument("--variant", dest="variants", action="append", metavar="NAME",
-                     help="run only this variant of the scenario (repeatable)")
-    run.add_argument("--out", help="run directory (default: output.dir, else runs/<name>)")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _add_scenario_arguments(run)
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    check = sub.add_parser("check", help="validate a scenario without running it (every variant, data files, "
+                                         "memory, output location) and print it resolved")
+    _add_scenario_arguments(check)
     ls = sub.add_parser("list", help="list registered algorithms, data sets, partitioners, models, ...")
     ls.add_argument("kind", nargs="?", help="only this kind (e.g. algorithm)")
     return parser
@@ -37,14 +60,30 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from fedsim.api import run
-    from fedsim.scenario import parse_override
+    from fedsim.scenario import parse_overrides
 
-    overrides = dict(parse_override(text) for text in args.overrides)
-    result = run(args.scenario, overrides=overrides, variants=args.variants, out=args.out,
+    result = run(args.scenario, overrides=parse_overrides(args.overrides), variants=args.variants, out=args.out,
                  overwrite=args.overwrite, progress=not args.quiet, echo=lambda line: print(line, file=sys.stderr))
     if result.out_dir is not None:
         print(result.summary())
         print(f"\nrun directory: {result.out_dir}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedsim.api import check
+    from fedsim.outputs import scenario_document
+    from fedsim.scenario import parse_overrides
+
+    scenarios, notices, out = check(args.scenario, overrides=parse_overrides(args.overrides),
+                                    variants=args.variants, out=args.out, overwrite=args.overwrite)
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
+    document = scenario_document([s.to_dict() for s in scenarios], [s.variant for s in scenarios])
+    print(yaml.safe_dump(document, sort_keys=False), end="")
+    print(f"# ok: {len(scenarios)} variant(s) valid; a run would write {out}", file=sys.stderr)
     return 0
 
 
@@ -62,12 +101,18 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"run": _run, "check": _check, "list": _list}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return _run(args) if args.command == "run" else _list(args)
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
     except FedsimError as exc:
-        return _fail(f"fedsim: error: {exc}", 2, everywhere=not isinstance(exc, ScenarioError))
+        return _fail(f"fedsim: error: {exc}", 2, everywhere=not isinstance(exc, (ScenarioError, UsageError)))
+    except MemoryError:
+        return _fail("fedsim: error: out of memory; the scenario needs more memory than this machine has", 2,
+                     everywhere=True)
     except KeyboardInterrupt:
         return _fail("fedsim: interrupted; files already written are complete", 130, everywhere=False)
     except Exception as exc:
@@ -79,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(line: str, code: int, everywhere: bool) -> int:
     """Print the error once (rank 0; every rank for errors that may differ between ranks), and under mpiexec
     abort all ranks so none is left waiting in a collective."""
+    line = " ".join(line.split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 3] + "..."
     if launched_world_size() <= 1:
         print(line, file=sys.stderr)
         return code

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, ScenarioError
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -28,19 +28,100 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def choose_run_dir(requested: str | Path | None, default_name: str, overwrite: bool) -> Path:
+def check_output_location(location: str | Path, setting: str) -> None:
+    """Refuse, before any work, a directory that cannot be created and written: an empty or malformed path, a
+    component too long for the file system, a file where a directory is needed, or a place this process cannot
+    write (such as /proc). The test creates and removes one empty probe directory; nothing else is written."""
+    text = str(location)
+    if not text.strip():
+        raise ScenarioError(f"{setting}: empty; name a directory")
+    if "\0" in text:
+        raise ScenarioError(f"{setting}: the path contains a NUL byte")
+    path = Path(text).absolute()
+    name_max = _path_limit(Path.cwd(), "PC_NAME_MAX", 255)
+    long_part = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long_part is not None:
+        raise ScenarioError(f"{setting}: the name {long_part[:40]}... is longer than the {name_max} bytes the "
+                            f"file system allows")
+    if len(os.fsencode(str(path))) >= _path_limit(Path.cwd(), "PC_PATH_MAX", 4096):
+        raise ScenarioError(f"{setting}: the path is longer than the file system allows")
+    ancestor = path
+    while not _exists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor == path and not path.is_dir():
+        raise ScenarioError(f"{setting}: {_short(text)} exists and is not a directory")
+    if not ancestor.is_dir():
+        raise ScenarioError(f"{setting}: {_short(str(ancestor))} is a file, so {_short(text)} cannot be created "
+                            f"under it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedsim-probe-", dir=ancestor))
+    except OSError as exc:
+        raise ScenarioError(f"{setting}: cannot create a directory in {_short(str(ancestor))} "
+                            f"({exc.strerror or type(exc).__name__})") from None
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a path that cannot even be looked up (permissions, loops) counts as missing, so
+    the search for a writable ancestor goes on upwards."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _path_limit(directory: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(directory, name)
+    except (OSError, ValueError):
+        return default
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def choose_run_dir(requested: str | Path | None, default_name: str, overwrite: bool,
+                   setting: str = "--out") -> Path:
     """The explicit directory (refusing to replace an earlier run unless told to), or the first free
-    `runs/<name>`, `runs/<name>-2`, ..."""
+    `runs/<name>`, `runs/<name>-2`, ...; either way checked to be creatable (`check_output_location`)."""
     if requested is not None:
+        check_output_location(requested, setting)
         path = Path(requested)
         if (path / "metrics.jsonl").exists() and not overwrite:
-            raise FedsimError(f"output directory {path} already holds a run; pass --overwrite or choose another")
+            raise ScenarioError(f"{setting}: {_short(str(path))} already holds a run; pass --overwrite or choose "
+                                f"another")
         return path
     path, n = Path("runs") / default_name, 1
     while path.exists():
         n += 1
         path = Path("runs") / f"{default_name}-{n}"
+    check_output_location(path, "output.dir (default runs/<name>)")
     return path
+
+
+def make_dirs(path: Path) -> None:
+    """Create `path` and its missing parents; if that fails half-way, remove what was created and raise a
+    one-line error, so a failed run leaves no empty folders behind."""
+    missing = []
+    ancestor = path
+    while not ancestor.exists():
+        missing.append(ancestor)
+        ancestor = ancestor.parent
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+    except OSError as exc:
+        for directory in missing:
+            if directory.is_dir():
+                directory.rmdir()
+        raise FedsimError(f"cannot create the run directory {_short(str(path))}: {exc.strerror or exc}") from None
+
+
+def scenario_document(resolved: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Resolved variants as one loadable document: the mapping itself, or `variants` of full mappings."""
+    if len(resolved) == 1 and names == [resolved[0]["name"]]:
+        return resolved[0]
+    return {"variants": dict(zip(names, resolved, strict=True))}
 
 
 class RunDirectory:
@@ -49,14 +130,11 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._metrics: list[str] = []
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
 
     def write_scenario(self, resolved: list[dict[str, Any]], names: list[str]) -> None:
-        """The resolved scenario, re-runnable as it stands: one mapping, or `variants` of full mappings."""
-        doc = resolved[0] if len(resolved) == 1 and names == [resolved[0]["name"]] else {
-            "variants": dict(zip(names, resolved, strict=True))
-        }
-        write_atomic(self.path / "scenario.yaml", yaml.safe_dump(doc, sort_keys=False))
+        """The resolved scenario, re-runnable as it stands (`scenario_document`)."""
+        write_atomic(self.path / "scenario.yaml", yaml.safe_dump(scenario_document(resolved, names), sort_keys=False))
 
     def write_json(self, name: str, payload: Any) -> None:
         write_atomic(self.path / name, json.dumps(payload, indent=2) + "\n")

@@ -53,7 +53,7 @@ class Recorder:
         self.sink(row)
         if not all(math.isfinite(v) for v in metrics.values()):
             raise DivergenceError(
-                f"round {round_index}: the run diverged (training loss {metrics['loss']}); "
-                "try a smaller algorithm.lr"
+                f"variant {self.variant}, round {round_index}: the run diverged (training loss {metrics['loss']}); "
+                f"its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
         return row

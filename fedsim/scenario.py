@@ -2,9 +2,10 @@
 
 Every mistake is caught here, before any work, as one line naming the field and the allowed values. Components
 (`data`, `partition`, `model`, `algorithm`, `server`, `topology`, `systems`, `runtime`) are `{name: ..., **params}`
-mappings resolved against their registries. Only plain YAML is read (`yaml.safe_load`): no code, no object
-construction. A file may define `variants`: named sets of overrides, each run on top of the base scenario;
-command-line overrides change the base, and a variant's own settings come last.
+mappings resolved against their registries. Files and override values are read by `fedsim.strict_input`: plain
+YAML only (no code, no object construction), bounded in size, depth and alias expansion, strict about duplicate
+keys. A file may define `variants`: named sets of overrides, each run on top of the base scenario; command-line
+overrides change the base, and a variant's own settings come last.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field
 
 import fedsim.data  # noqa: F401  (fill the data registries)
@@ -28,10 +28,13 @@ from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
 from fedsim.sampling import active_count
 from fedsim.servers import SERVERS
+from fedsim.strict_input import MAX_DEPTH, check_plain, parse_yaml, read_yaml_file, shorten, shorten_key
 from fedsim.systems import SYSTEMS
 from fedsim.topologies import TOPOLOGIES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_NAME = 100
+"""Longest scenario or variant name (it names the run directory)."""
 
 
 class StragglerSpec(Params):
@@ -48,14 +51,14 @@ class EvaluationSpec(Params):
 
 
 class OutputSpec(Params):
-    dir: str | None = None
+    dir: str | None = Field(None, min_length=1, description="run directory (default: runs/<name>)")
     plot: bool = True
 
 
 class ScenarioSchema(Params):
     """The static part of a scenario; components stay mappings until `resolve` checks them."""
 
-    name: str = Field("scenario", pattern=NAME_PATTERN)
+    name: str = Field("scenario", pattern=NAME_PATTERN, max_length=MAX_NAME)
     seed: int = Field(0, ge=0)
     rounds: int = Field(ge=1)
     num_clients: int = Field(ge=1)
@@ -101,6 +104,12 @@ class ResolvedScenario:
     variant: str
     spec: ScenarioSchema
     components: dict[str, Component]
+    declared_variant: bool = False
+
+    @property
+    def field_prefix(self) -> str:
+        """What errors about this scenario's fields start with: `variants.NAME: ` inside a variant."""
+        return f"variants.{self.variant}: " if self.declared_variant else ""
 
     @property
     def straggler_handling(self) -> str:
@@ -115,29 +124,48 @@ class ResolvedScenario:
 
 def read_scenario_file(path: str | Path) -> dict[str, Any]:
     """Parse a scenario YAML file into a mapping, with one-line errors for missing or malformed files."""
-    p = Path(path)
-    if not p.is_file():
-        raise ScenarioError(f"scenario file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ScenarioError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
-        raise ScenarioError(f"{p}: a scenario must be a mapping of fields, got {type(raw).__name__}")
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise ScenarioError(f"{path}: a scenario must be a mapping of fields, got {got}")
     return raw
 
 
+KEY_PART = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_dotted_key(dotted: str, source: str) -> list[str]:
+    """The parts of a dotted override key, each a field name; `source` names the override in errors."""
+    parts = dotted.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise ScenarioError(f"{source}: the key has {len(parts)} parts; at most {MAX_DEPTH} levels are allowed")
+    bad = next((p for p in parts if not KEY_PART.fullmatch(p)), None)
+    if bad is not None:
+        what = "an empty field name" if bad == "" else f"the field name {shorten(bad)}"
+        raise ScenarioError(f"{source}: {what} in {shorten_key(dotted)!r}; a key is field names joined by '.', "
+                            f"each of letters, digits, '_' and '-'")
+    return parts
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value), the value read as YAML (numbers, booleans, lists)."""
+    """`a.b=value` -> ("a.b", value), the value read as strict YAML (numbers, booleans, lists)."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ScenarioError(f"--set {text}: expected KEY=VALUE, e.g. algorithm.mu=0.1")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
+    key = key.strip()
+    if not sep or not key:
+        raise ScenarioError(f"--set {shorten_key(text)}: expected KEY=VALUE, e.g. algorithm.mu=0.1")
+    check_dotted_key(key, f"--set {shorten_key(key)}")
+    return key, parse_yaml(value, f"--set {shorten_key(key)}")
+
+
+def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
+    """Every `--set` of a command line; setting one key twice is an error, not a silent choice."""
+    out: dict[str, Any] = {}
+    for text in texts:
+        key, value = parse_override(text)
+        if key in out:
+            raise ScenarioError(f"--set {shorten_key(key)}: given twice")
+        out[key] = value
+    return out
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,36 +173,48 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     removes the key (so its default applies, or a variant can drop a field another algorithm lacks)."""
     out = copy.deepcopy(dict(raw))
     for dotted, value in overrides.items():
-        parts = dotted.split(".")
+        parts = check_dotted_key(dotted, shorten_key(dotted))
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ScenarioError(f"{dotted}: {'.'.join(parts[: i + 1])} is not a mapping (it is {child!r})")
+                raise ScenarioError(f"{shorten_key(dotted)}: {'.'.join(parts[: i + 1])} is not a mapping "
+                                    f"(it is {shorten(child)})")
             node = child
         if value is None:
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = copy.deepcopy(value)
+    check_plain(out, "", "scenario")
     return out
 
 
 def load_scenarios(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                    variants: Sequence[str] | None = None) -> tuple[list[ResolvedScenario], list[str]]:
     """Read, override and resolve a scenario into its runnable variants; also returns notices for the user."""
-    raw = read_scenario_file(source) if isinstance(source, (str, Path)) else dict(source)
+    if isinstance(source, (str, Path)):
+        raw = read_scenario_file(source)
+    else:
+        check_plain(source, "", "scenario")
+        raw = dict(source)
     overrides = dict(overrides or {})
+    check_plain(overrides, "", "overrides")
     base = apply_overrides(raw, overrides)
     declared = base.pop("variants", None) or {}
-    if not isinstance(declared, dict) or not all(isinstance(v, dict) for v in declared.values()):
-        raise ScenarioError("variants: expected a mapping of variant name -> mapping of overrides")
-    for name in declared:
-        if not re.match(NAME_PATTERN, str(name)):
-            raise ScenarioError(f"variants.{name}: variant names may use letters, digits, '_', '.', '-'")
+    if not isinstance(declared, dict):
+        raise ScenarioError(f"variants: expected a mapping of variant name -> mapping of overrides, got "
+                            f"{shorten(declared)}")
+    for name, delta in declared.items():
+        if not re.match(NAME_PATTERN, name) or len(name) > MAX_NAME:
+            raise ScenarioError(f"variants.{shorten_key(name)}: a variant name is up to {MAX_NAME} letters, "
+                                f"digits, '_', '.' or '-', starting with a letter or digit")
+        if not isinstance(delta, dict):
+            raise ScenarioError(f"variants.{name}: expected a mapping of overrides, got {shorten(delta)}")
     if variants:
         unknown = [v for v in variants if v not in declared]
         if unknown:
-            raise ScenarioError(f"--variant {unknown[0]}: unknown; allowed: {', '.join(declared) or '(none)'}")
+            allowed = ", ".join(declared) or "(none)"
+            raise ScenarioError(f"--variant {shorten_key(unknown[0])}: unknown; allowed: {allowed}")
         declared = {v: declared[v] for v in variants}
     if not declared:
         return [resolve(base, variant=None)], []
@@ -183,8 +223,13 @@ def load_scenarios(source: str | Path | Mapping[str, Any], overrides: Mapping[st
     for name, delta in declared.items():
         for key in overrides:
             if key in delta:
-                notices.append(f"variant {name} sets {key}={delta[key]!r} itself; --set {key} does not apply to it")
-        resolved.append(resolve(apply_overrides(base, delta), variant=name))
+                notices.append(f"variant {name} sets {key}={shorten(delta[key])} itself; --set {key} does not "
+                               f"apply to it")
+        try:
+            merged = apply_overrides(base, delta)
+        except ScenarioError as exc:
+            raise ScenarioError(f"variants.{name}: {exc}") from None
+        resolved.append(resolve(merged, variant=name))
     return resolved, notices
 
 
@@ -198,16 +243,16 @@ def resolve(raw: Mapping[str, Any], variant: str | None) -> ResolvedScenario:
         _check_consistency(spec, components)
     except ScenarioError as exc:
         raise ScenarioError(prefix + str(exc)) from None
-    return ResolvedScenario(variant or spec.name, spec, components)
+    return ResolvedScenario(variant or spec.name, spec, components, declared_variant=variant is not None)
 
 
 def _resolve_components(spec: ScenarioSchema) -> dict[str, Component]:
     specs = {key: getattr(spec, key) for key in COMPONENTS}
-    data_entry = DATASETS.get(specs["data"].get("name", "") if isinstance(specs["data"], dict) else "", "data.name")
+    data_entry, _ = DATASETS.resolve(specs["data"], "data")
     if specs["partition"] is None:
         specs["partition"] = {"name": "natural" if data_entry.meta.get("natural") else "iid"}
     if specs["server"] is None:
-        algo = ALGORITHMS.get(specs["algorithm"].get("name", ""), "algorithm.name")
+        algo, _ = ALGORITHMS.resolve(specs["algorithm"], "algorithm")
         specs["server"] = {"name": algo.meta["server"]}
     out = {}
     for key, registry in COMPONENTS.items():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 
+MAX_BYTES = 2**63
+"""Sizes must fit in a signed 64-bit integer."""
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -14,8 +17,13 @@ def parse_bytes(value: int | str) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in UNITS:
-            raise ValueError(f"not a size: {value!r} (use e.g. 512MB or 2GiB)")
-        size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+            raise ValueError("not a size (use e.g. 512MB or 2GiB)")
+        number = float(match.group(1)) * UNITS[match.group(2).lower()]
+        if not math.isfinite(number) or number >= MAX_BYTES:
+            raise ValueError(f"too large (at most {MAX_BYTES - 1} bytes)")
+        size = int(number)
     if size <= 0:
         raise ValueError("must be positive")
+    if size >= MAX_BYTES:
+        raise ValueError(f"too large (at most {MAX_BYTES - 1} bytes)")
     return size

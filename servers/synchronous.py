@@ -80,7 +80,7 @@ class SynchronousRounds:
         self.state = self.sim.server.update(self.state, mean)
         if not tree_is_finite(self.state["params"]):
             raise DivergenceError(
-                f"round {self.round}: the global model has NaN/inf parameters; the run diverged "
-                "(try a smaller algorithm.lr)"
+                f"variant {self.sim.scenario.variant}, round {self.round}: the global model has NaN/inf parameters; "
+                f"the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
         clock.schedule(0.0, "round_start", round=self.round + 1)

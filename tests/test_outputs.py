@@ -48,13 +48,16 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path: Path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
-def test_diverging_run_names_the_round_and_leaves_complete_metrics(tiny, tmp_path: Path):
-    tiny["algorithm"]["lr"] = 1e6
+def test_diverging_run_names_the_variant_and_round_and_leaves_complete_metrics(tiny, tmp_path: Path):
     tiny["rounds"] = 20
-    with pytest.raises(DivergenceError, match=r"^round \d+: .*diverged"):
+    tiny["variants"] = {"calm": {}, "wild": {"algorithm.lr": 1e6}}
+    with pytest.raises(DivergenceError, match=r"^variant wild, round \d+: .*diverged") as exc:
         fedsim.run(tiny, out=tmp_path / "run")
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert lines and all(json.loads(line)["variant"] == "tiny" for line in lines)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r["variant"] == "calm"] == list(range(21))
+    wild = [r["round"] for r in rows if r["variant"] == "wild"]
+    diverged_at = int(str(exc.value).split("round ")[1].split(":")[0])
+    assert wild == list(range(len(wild))) and wild[-1] <= diverged_at
 
 
 def test_existing_run_is_not_overwritten_unless_asked(tiny, tmp_path: Path):

@@ -135,7 +135,8 @@ def test_yaml_object_construction_is_refused(tmp_path: Path):
     path = tmp_path / "evil.yaml"
     path.write_text("rounds: !!python/object/apply:os.system ['echo hacked']\n")
     msg = error_of(path)
-    assert msg.startswith(f"{path}: not valid YAML")
+    assert msg.startswith(f"{path}: line 1: the tag !!python/object/apply:os.system")
+    assert "is not allowed in a scenario" in msg
 
 
 def test_missing_file_and_non_mapping_file(tmp_path: Path):

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fedsim.registry import Params, Registry
 
@@ -118,10 +119,20 @@ class FederatedData:
                              self.test_sizes.copy(), self.num_classes)
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What building a data set will take and give, known before it is built: peak bytes of the build, the
+    feature shape of one sample and the number of classes."""
+
+    nbytes: int
+    feature_shape: tuple[int, ...]
+    num_classes: int
+
+
 class DataParams(Params):
     """Parameters every data set accepts."""
 
-    test_fraction: float = 0.1
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's samples held out for testing")
 
 
 DATASETS: Registry = Registry("data set")
@@ -129,6 +140,11 @@ DATASETS: Registry = Registry("data set")
 
 A data set that returns `FederatedData` has natural clients (meta `natural=True`); one that returns a
 `CentralDataset` is split by a partitioner and then per client into train/test by `params.test_fraction`.
+
+Every entry also declares `footprint=fn(params, num_clients) -> Footprint`: the peak bytes building it takes and
+the shape of what it will hold, computed without building it (from the parameters, or from file headers for data
+read from disk; missing or malformed files raise DataError here already). Runs and `fedsim check` refuse a data
+set, or a model on it, that cannot fit in memory before allocating any of it.
 """
 
 PARTITIONERS: Registry = Registry("partitioner")

@@ -138,9 +138,14 @@ def build_federated_data(
         raise DataError(f"partition.name: {data_name!r} generates its clients on demand and cannot be pooled "
                         f"and re-partitioned; use partition 'natural'")
     rng = data_rng(seed)
-    data = data_entry.obj(dparams, num_clients, rng)
-    if not part_entry.meta.get("natural"):
-        central = pool(data) if isinstance(data, FederatedData) else data
-        data = partition_central(central, part_entry.obj, pparams, num_clients, rng, dparams.test_fraction)
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            data = data_entry.obj(dparams, num_clients, rng)
+            if not part_entry.meta.get("natural"):
+                central = pool(data) if isinstance(data, FederatedData) else data
+                data = partition_central(central, part_entry.obj, pparams, num_clients, rng, dparams.test_fraction)
+    except FloatingPointError as exc:
+        raise DataError(f"data, partition: these parameters make the numbers overflow while building the data "
+                        f"({exc}); use less extreme values") from None
     _check_train_sizes(data, dparams.test_fraction)
     return data

@@ -9,7 +9,10 @@ from contextlib import contextmanager
 import numpy as np
 from pydantic import Field
 
-from fedsim.data.base import DATASETS, CentralDataset, DataParams
+from fedsim.data.base import DATASETS, CentralDataset, DataParams, Footprint
+
+BUILD_BYTES_PER_SAMPLE = 4096
+"""Peak memory of mnist1d's generator per sample (measured: about 3.6 KB at 20,000 samples)."""
 
 
 class MNIST1DParams(DataParams):
@@ -29,7 +32,12 @@ def _global_rng_state_kept() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-@DATASETS.register("mnist1d", MNIST1DParams)
+def mnist1d_footprint(params: MNIST1DParams, num_clients: int) -> Footprint:
+    """The generator's measured peak per sample; signals of length 40, 10 classes."""
+    return Footprint(params.num_samples * BUILD_BYTES_PER_SAMPLE, (40,), 10)
+
+
+@DATASETS.register("mnist1d", MNIST1DParams, footprint=mnist1d_footprint)
 def load_mnist1d(params: MNIST1DParams, num_clients: int, rng: np.random.Generator) -> CentralDataset:
     """The generator's train and test parts pooled: x (n, 40) float32, y int64; its seed comes from `rng`."""
     from mnist1d.data import get_dataset_args, make_dataset  # on use: it imports matplotlib.pyplot

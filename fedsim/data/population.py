@@ -22,13 +22,14 @@ so client k of a population is the same client in any larger population built fr
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim.data.base import DATASETS
+from fedsim.data.base import DATASETS, Footprint
 from fedsim.data.synthetic import SyntheticParams
 
 ClientSplits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -52,9 +53,22 @@ class PopulationParams(SyntheticParams):
 
 def population_sizes(rng: np.random.Generator, num_clients: int, params: PopulationParams) -> np.ndarray:
     """Total samples per client, drawn in one vectorised call and capped at max_samples."""
-    draws = rng.lognormal(params.size_mean, params.size_sigma, num_clients).astype(np.int64)
-    sizes = np.minimum((draws + params.min_samples) * params.sample_scale, params.max_samples)
+    draws = np.floor(np.minimum(rng.lognormal(params.size_mean, params.size_sigma, num_clients), params.max_samples))
+    # In float, capped before the cast: the same sizes as integer arithmetic, without overflow for extreme params.
+    sizes = np.minimum((draws + params.min_samples) * float(params.sample_scale), params.max_samples)
     return sizes.astype(np.int64)
+
+
+def population_footprint(params: PopulationParams, num_clients: int) -> Footprint:
+    """Per-client sizes (a few arrays of num_clients) plus the cache of generated clients, each client taken at
+    the 99.9th percentile of the size distribution (or max_samples), drawn in float64 and kept in float32."""
+    with np.errstate(over="ignore"):
+        typical = min(float(params.max_samples),
+                      (params.min_samples + math.exp(min(params.size_mean + 3.1 * params.size_sigma, 700)))
+                      * params.sample_scale)
+    per_client = typical * (params.num_features * 28 + 16)
+    nbytes = 48 * num_clients + (params.cache_clients + 1) * per_client
+    return Footprint(int(min(nbytes, 2**63)), (params.num_features,), params.num_classes)
 
 
 class GeneratedPopulation:
@@ -136,7 +150,8 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
-@DATASETS.register("synthetic_population", PopulationParams, natural=True, lazy=True)
+@DATASETS.register("synthetic_population", PopulationParams, natural=True, lazy=True,
+                   footprint=population_footprint)
 def synthetic_population(params: PopulationParams, num_clients: int, rng: np.random.Generator) -> GeneratedPopulation:
     """Synthetic(alpha, beta) for up to millions of clients, each generated on demand (memory: clients in use)."""
     return GeneratedPopulation(params, num_clients, rng)

@@ -9,11 +9,13 @@ matrices are small, and a multi-threaded BLAS sharing busy cores slowed generati
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pydantic import Field
 from threadpoolctl import threadpool_limits
 
-from fedsim.data.base import DATASETS, DataParams, FederatedData
+from fedsim.data.base import DATASETS, DataParams, FederatedData, Footprint
 from fedsim.data.build import gather, split_train_test
 
 
@@ -57,7 +59,19 @@ def _assemble(
     return gather(np.concatenate(xs), np.concatenate(ys), train, test, params.num_classes)
 
 
-@DATASETS.register("synthetic", SyntheticParams, natural=True)
+MEAN_DEVICE_SIZE = math.exp(4 + 2**2 / 2) + 50
+"""Expected samples per device before sample_scale: the mean of lognormal(4, 2), plus the floor of 50."""
+
+
+def synthetic_footprint(params: SyntheticIIDParams, num_clients: int) -> Footprint:
+    """Expected peak of a build: each sample drawn in float64, kept in float32, then gathered into train and test
+    tensors (about 24 bytes a feature), plus the d x d covariance and its factorisation."""
+    samples = num_clients * MEAN_DEVICE_SIZE * params.sample_scale
+    nbytes = samples * (24 * params.num_features + 16) + 4 * 8 * params.num_features**2
+    return Footprint(int(min(nbytes, 2**63)), (params.num_features,), params.num_classes)
+
+
+@DATASETS.register("synthetic", SyntheticParams, natural=True, footprint=synthetic_footprint)
 def synthetic(params: SyntheticParams, num_clients: int, rng: np.random.Generator) -> FederatedData:
     """Synthetic(alpha, beta) of FedProx: each device has its own linear labeller and feature mean."""
     with threadpool_limits(limits=1, user_api="blas"):
@@ -84,7 +98,7 @@ def _draw_synthetic(params: SyntheticParams, num_clients: int, rng: np.random.Ge
     return xs, ys
 
 
-@DATASETS.register("synthetic_iid", SyntheticIIDParams, natural=True)
+@DATASETS.register("synthetic_iid", SyntheticIIDParams, natural=True, footprint=synthetic_footprint)
 def synthetic_iid(params: SyntheticIIDParams, num_clients: int, rng: np.random.Generator) -> FederatedData:
     """Synthetic-IID of FedProx: one global linear labeller, every device's features centred on 0."""
     with threadpool_limits(limits=1, user_api="blas"):

@@ -31,6 +31,7 @@ from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
 from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to, tree_unstack
+from fedsim.resources import check_fits
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
 from fedsim.runtime.context import (
@@ -57,6 +58,10 @@ class VectorizedParams(RuntimeParams):
     @classmethod
     def _memory_budget_size(cls, value: int | str) -> int:
         return parse_bytes(value)
+
+
+SCHEDULE_BYTES = 32
+"""Bytes per scheduled sample of a client's local steps (row index, weight, padding mask and their temporaries)."""
 
 
 def cross_entropy_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -158,12 +163,17 @@ class VectorizedRuntime(PlacedRuntime):
                                zip(self.full_steps, self.padded_steps, strict=True)] if params.compile else []
         self.sizes_compiled: list[set[int]] = [set() for _ in self.models]
         self.alone_grads = [autograd_grad(model) for model in self.models]
+        # A batch larger than every client's data is each client's full data: the same minibatches, less padding.
+        self.batch_size = min(context.rule.hp.batch_size, max(1, int(context.data.train_sizes.max())))
+        steps = context.rule.hp.local_epochs * -(-int(context.data.train_sizes.max()) // self.batch_size)
+        check_fits("algorithm.local_epochs", SCHEDULE_BYTES * steps * self.batch_size,
+                   f"the minibatch schedule of one client ({steps} steps of {self.batch_size} samples)")
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
         if budget < self.per_client_bytes:
             raise ScenarioError(
                 f"runtime.memory_budget: {budget} bytes is less than one client needs (about "
-                f"{self.per_client_bytes} bytes for this model and batch size)"
+                f"{self.per_client_bytes} bytes for this model and a batch of {self.batch_size})"
             )
         self.chunk_size = params.chunk_size or budget // self.per_client_bytes
         self.min_batch = params.min_batch
@@ -171,7 +181,7 @@ class VectorizedRuntime(PlacedRuntime):
     def _client_bytes(self) -> int:
         """Estimated memory of one client in flight: step state, gradients and a new state (about six copies of
         the parameters), its minibatch, and three times its activations (forward, backward, vmap temporaries)."""
-        model, batch, shape = self.ctx.model, self.ctx.rule.hp.batch_size, self.ctx.data.feature_shape
+        model, batch, shape = self.ctx.model, self.batch_size, self.ctx.data.feature_shape
         params = tree_nbytes(model.init_params)
         sample = 4 * math.prod(shape)
         return 6 * params + batch * (sample + 3 * activation_bytes_per_sample(model, shape))
@@ -304,7 +314,7 @@ class VectorizedRuntime(PlacedRuntime):
     def _schedule(self, jobs: list[Job], starts: list[int], sizes: list[int],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
-        batch, seed = self.ctx.rule.hp.batch_size, self.ctx.seed
+        batch, seed = self.batch_size, self.ctx.seed
         rows = [padded_schedule(size, batch, job.steps, generator)
                 for job, size, generator in zip(jobs, sizes, local_generators(seed, jobs), strict=True)]
         # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
