@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import fedsim
-from fedsim.errors import DivergenceError, FedsimError
-from fedsim.outputs import choose_run_dir, write_atomic
+from fedsim.errors import DivergenceError, FedsimError, ScenarioError
+from fedsim.outputs import check_output_location, choose_run_dir, make_dirs, write_atomic
 from fedsim.progress import RoundBar, make_progress
 from fedsim.recording import Progress
 
@@ -91,3 +91,50 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     assert isinstance(bar, RoundBar)
     bar.close()
     assert type(make_progress(False, "x", 3)) is Progress
+
+
+def _location_error(location, tmp_path: Path) -> str:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ScenarioError) as exc:
+        check_output_location(location, "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    return str(exc.value)
+
+
+def test_output_location_is_checked_before_any_work(tmp_path: Path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert _location_error("", tmp_path) == "--out: empty; name a directory"
+    assert _location_error(afile, tmp_path).endswith("exists and is not a directory")
+    assert "is a file, so" in _location_error(afile / "sub" / "run", tmp_path)
+    assert "contains a NUL byte" in _location_error(f"{tmp_path}/a\0b", tmp_path)
+    assert "longer than the 255 bytes" in _location_error(tmp_path / ("x" * 300), tmp_path)
+    assert "cannot create a directory in /proc" in _location_error("/proc/fedsim-run", tmp_path)
+    check_output_location(tmp_path / "new" / "deeper", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_run_directory_that_cannot_be_created_leaves_no_parents_behind(tmp_path: Path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def mkdir_fails_at_the_leaf(self, *args, **kwargs):
+        if self.name == "leaf":
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_fails_at_the_leaf)
+    with pytest.raises(FedsimError, match="cannot create the run directory .*leaf: Permission denied"):
+        make_dirs(tmp_path / "runs" / "mid" / "leaf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_dir_setting_is_checked_like_out(tiny, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ScenarioError, match=r"^output\.dir: String should have at least 1 character"):
+        fedsim.run({**tiny, "output": {"dir": ""}})
+    with pytest.raises(ScenarioError, match=r"^--out: empty"):
+        fedsim.run(tiny, out="")
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ScenarioError, match=r"^output\.dir: taken exists and is not a directory"):
+        fedsim.run({**tiny, "output": {"dir": "taken"}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
