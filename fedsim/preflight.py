@@ -20,8 +20,8 @@ from fedsim.scenario import Component, ResolvedScenario
 from fedsim.strict_input import shorten
 
 PER_CLIENT_BYTES = 256
-"""Bookkeeping every client costs whether or not it holds data (sizes, offsets, speeds, sampling), plus 16 bytes a
-class for label-skew partitioners."""
+"""Bookkeeping every client costs whether or not it holds data (sizes, offsets, speeds, sampling); the data check
+adds 16 bytes a client and class for label-skew partitioners."""
 MODEL_COPIES = 16
 """Copies of the parameters a run holds at once beyond the clients in flight (initial and global model, server
 optimizer state, per-device copies, aggregation sums, a client's step state and gradients)."""
@@ -52,15 +52,14 @@ def model_parameters(model: Component, feature_shape: tuple[int, ...], num_class
 def check_memory(scenario: ResolvedScenario) -> None:
     """Refuse a scenario whose client bookkeeping, data set or model cannot fit in this process's memory."""
     spec, c = scenario.spec, scenario.components
+    check_fits("num_clients", spec.num_clients * PER_CLIENT_BYTES, f"keeping track of {spec.num_clients} clients")
     footprint = data_footprint(scenario)
-    classes = footprint.num_classes if footprint else 1
-    check_fits("num_clients", spec.num_clients * (PER_CLIENT_BYTES + 16 * classes),
-               f"keeping track of {spec.num_clients} clients")
     if footprint is None:
         return
     data = c["data"]
     fields = ", ".join(filter(None, [f"num_clients={spec.num_clients}", _fields(data.params)]))
-    check_fits("data", footprint.nbytes, f"building {data.name} ({fields})")
+    label_counts = 16 * spec.num_clients * footprint.num_classes
+    check_fits("data", footprint.nbytes + label_counts, f"building {data.name} ({fields})")
     count = model_parameters(c["model"], footprint.feature_shape, footprint.num_classes)
     check_fits("model", 4 * count * MODEL_COPIES,
                f"{c['model'].name} ({_fields(c['model'].params)}) on inputs {footprint.feature_shape} "

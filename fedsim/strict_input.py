@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fedsim.errors import ScenarioError
 
@@ -84,6 +84,13 @@ class StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            tag = node.tag.replace(_TAG, "!!")
+            raise _Refused(f"{shorten(node.value)} is not a valid {tag} value", node) from None
+
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
         for key_node, _ in node.value:
@@ -115,6 +122,9 @@ def _expanded_size(root: Node) -> int:
             what = _TAG_NAMES.get(name, f"the tag {shorten_key(node.tag.replace(_TAG, '!!'))}")
             raise _Refused(f"{what} is not allowed in a scenario (only mappings, lists, strings, numbers, "
                            f"booleans and null); quote the value if it is text", node)
+        kind = {_TAG + "map": MappingNode, _TAG + "seq": SequenceNode}.get(node.tag, ScalarNode)
+        if not isinstance(node, kind):
+            raise _Refused(f"the tag {node.tag.replace(_TAG, '!!')} does not fit this value", node)
         pending.add(key)
         total = 1
         if isinstance(node, SequenceNode):

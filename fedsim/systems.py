@@ -50,8 +50,9 @@ def homogeneous(params: HomogeneousParams, num_clients: int, rng: np.random.Gene
 
 
 class LogNormalParams(HomogeneousParams):
-    speed_sigma: float = Field(1.0, ge=0, description="log-space std of the speed around its median")
-    bandwidth_sigma: float = Field(1.0, ge=0, description="log-space std of both bandwidths")
+    speed_sigma: float = Field(1.0, ge=0, le=50, description="log-space std of the speed around its median (at "
+                                                          "most 50, beyond which draws overflow)")
+    bandwidth_sigma: float = Field(1.0, ge=0, le=50, description="log-space std of both bandwidths (at most 50)")
 
 
 @SYSTEMS.register("lognormal", params=LogNormalParams)

@@ -127,3 +127,14 @@ def test_plain_data_checks_apply_to_mappings_given_from_python():
 def test_echoed_values_are_shortened():
     assert len(shorten("x" * 10**6)) < 100
     assert len(shorten([list(range(1000))] * 1000)) < 200
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rounds: !!int abc", "'abc' is not a valid !!int value"),
+    ("lr: !!float abc", "'abc' is not a valid !!float value"),
+    ("plot: !!bool maybe", "'maybe' is not a valid !!bool value"),
+    ("a: !!map [1]", "the tag !!map does not fit this value"),
+    ("a: !!int [1]", "the tag !!int does not fit this value"),
+])
+def test_core_tags_on_values_that_do_not_fit_are_one_line_errors(text, message):
+    assert error_of(text) == f"s.yaml: line 1: {message}"

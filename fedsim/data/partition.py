@@ -36,8 +36,8 @@ class QuantityParams(Params):
     """Quantity skew: client sizes drawn from a heavy-tailed law, labels IID."""
 
     distribution: Literal["lognormal", "powerlaw"] = "lognormal"
-    sigma: float = Field(default=1.0, gt=0)
-    exponent: float = Field(default=1.5, gt=0)
+    sigma: float = Field(default=1.0, gt=0, le=50)  # beyond 50, lognormal draws overflow
+    exponent: float = Field(default=1.5, ge=0.1)  # below 0.1, Pareto draws overflow
     min_size: int = Field(default=2, ge=1)
 
 

@@ -61,13 +61,15 @@ def population_sizes(rng: np.random.Generator, num_clients: int, params: Populat
 
 def population_footprint(params: PopulationParams, num_clients: int) -> Footprint:
     """Per-client sizes (a few arrays of num_clients) plus the cache of generated clients, each client taken at
-    the 99.9th percentile of the size distribution (or max_samples), drawn in float64 and kept in float32."""
+    the 99.9th percentile of the size distribution (or max_samples), drawn in float64 and kept in float32, and the
+    labeller and logits of the client being generated."""
     with np.errstate(over="ignore"):
         typical = min(float(params.max_samples),
                       (params.min_samples + math.exp(min(params.size_mean + 3.1 * params.size_sigma, 700)))
                       * params.sample_scale)
     per_client = typical * (params.num_features * 28 + 16)
-    nbytes = 48 * num_clients + (params.cache_clients + 1) * per_client
+    labeller = 2 * 8 * (params.num_features + 1) * params.num_classes + 8 * typical * params.num_classes
+    nbytes = 48 * num_clients + (params.cache_clients + 1) * per_client + labeller
     return Footprint(int(min(nbytes, 2**63)), (params.num_features,), params.num_classes)
 
 

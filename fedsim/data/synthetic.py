@@ -65,9 +65,12 @@ MEAN_DEVICE_SIZE = math.exp(4 + 2**2 / 2) + 50
 
 def synthetic_footprint(params: SyntheticIIDParams, num_clients: int) -> Footprint:
     """Expected peak of a build: each sample drawn in float64, kept in float32, then gathered into train and test
-    tensors (about 24 bytes a feature), plus the d x d covariance and its factorisation."""
+    tensors (about 24 bytes a feature) and its logits (8 bytes a class), plus the d x d covariance and its
+    factorisation and a device's d x c labeller."""
     samples = num_clients * MEAN_DEVICE_SIZE * params.sample_scale
-    nbytes = samples * (24 * params.num_features + 16) + 4 * 8 * params.num_features**2
+    labeller = 2 * 8 * (params.num_features + 1) * params.num_classes
+    nbytes = samples * (24 * params.num_features + 8 * params.num_classes + 16) + 4 * 8 * params.num_features**2 \
+        + labeller
     return Footprint(int(min(nbytes, 2**63)), (params.num_features,), params.num_classes)
 
 
