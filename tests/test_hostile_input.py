@@ -56,7 +56,7 @@ def case(description: str, scenario: str | bytes | FileSpec | None = None, *args
 
 
 def variant_prefixes(name: str) -> tuple[str, ...]:
-    return (f"variants.{name}.", f"variants.{name}: ")
+    return (f"variants.{name}: ",)
 
 
 def idx(dims: tuple[int, ...], body: bytes = b"") -> bytes:

@@ -437,7 +437,7 @@ def hostile_cases(draw: st.DrawFn) -> Generated:
     else:
         doc["variants"] = {variant: {mutation.path: None if mutation.value is DELETE else mutation.value}}
         if not mutation.structural:
-            prefixes = (f"variants.{variant}.", f"variants.{variant}: ")
+            prefixes = (f"variants.{variant}: ",)
     expected = mutation.expected
     if delivery == "set" and mutation.structural:
         expected = (mutation.path,)
