@@ -230,10 +230,12 @@ def check_plain(data: Any, path: str, source: str) -> None:
         pending.add(key)
         total = 1
         if isinstance(value, Mapping):
+            # Inside a variant, fields are named as everywhere else: `variants.NAME: field.path`.
+            sep = ": " if depth == 2 and not path and p.startswith("variants.") else "."
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise ScenarioError(f"{where(p)}: keys must be strings, got {shorten(k)}")
-                total += walk(v, f"{p}.{shorten_key(k)}" if p else shorten_key(k), depth + 1)
+                total += walk(v, f"{p}{sep}{shorten_key(k)}" if p else shorten_key(k), depth + 1)
         else:
             total += sum(walk(v, f"{p}[{i}]", depth + 1) for i, v in enumerate(value))
         pending.discard(key)

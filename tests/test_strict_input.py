@@ -138,3 +138,8 @@ def test_echoed_values_are_shortened():
 ])
 def test_core_tags_on_values_that_do_not_fit_are_one_line_errors(text, message):
     assert error_of(text) == f"s.yaml: line 1: {message}"
+
+
+def test_errors_inside_a_variant_use_the_variant_prefix():
+    message = error_of("variants: {mu_0.5: {data.sample_scale: 18446744073709551616}}")
+    assert message.startswith("variants.mu_0.5: data.sample_scale: 18446744073709551616 is too large")

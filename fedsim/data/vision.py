@@ -3,29 +3,40 @@
 Files may lie directly in `root` or where torchvision puts them (`root/MNIST/raw`, `root/FashionMNIST/raw`,
 `root/cifar-10-batches-py`). Train and test parts are pooled; the partitioner and the per-client split decide
 what each client trains and tests on.
+
+The files are not trusted. They are read by `fedsim.data.idx` (IDX headers checked against the file's size and the
+memory available before any body is read, gzip streams inflated no further than their header justifies) and
+`fedsim.data.cifar_pickle` (CIFAR-10's pickles through an unpickler that builds nothing but plain containers and
+numeric arrays); every problem is one DataError line. This module registers the data sets and their footprints.
 """
 
 from __future__ import annotations
 
-import gzip
-import pickle
-import zlib
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
-from fedsim.data.base import DATASETS, CentralDataset, DataParams
-from fedsim.errors import DataError
-
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
+from fedsim.data.base import DATASETS, CentralDataset, DataParams, Footprint
+from fedsim.data.cifar_pickle import (
+    CIFAR_ROW_BYTES,
+    UNPICKLE_BYTES_PER_FILE_BYTE,
+    batch_size,
+    read_cifar_batch,
+    scan_batch,
 )
+from fedsim.data.files import NUM_CLASSES, locate, rows_wanted
+from fedsim.data.idx import idx_files, read_idx, read_idx_headers
+
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
-IDX_UBYTE = 0x08
+
+PIXEL_PEAK_BYTES = 9
+"""Peak bytes per pixel of building a data set: 8 while the per-client float32 train and test tensors are gathered
+from the pooled float32 images (the measured peak; the loaders' own, uint8 plus float32, is lower), plus 1 of
+headroom."""
+SAMPLE_PEAK_BYTES = 96
+"""Peak bytes per sample for labels and indices: int64 labels pooled and gathered, the partition's index arrays,
+their shuffles and concatenations."""
 
 
 class VisionParams(DataParams):
@@ -35,56 +46,14 @@ class VisionParams(DataParams):
     max_samples: int | None = Field(default=None, gt=0)
 
 
-def _find(directory: Path, name: str, suffixes: tuple[str, ...]) -> Path | None:
-    for suffix in suffixes:
-        if (directory / (name + suffix)).is_file():
-            return directory / (name + suffix)
-    return None
+def _memory_field(params: VisionParams) -> str:
+    """The field to change when the data do not fit: max_samples when it is set, else the root that holds them."""
+    return "data.max_samples" if params.max_samples is not None else "data.root"
 
 
-def locate(
-    root: Path, subdir: str, names: tuple[str, ...], label: str, suffixes: tuple[str, ...]
-) -> list[Path]:
-    """The files `names` in `root` or else `root/subdir` (the first holding any of them), or a DataError."""
-    shown = ", ".join(n + ("[.gz]" if ".gz" in suffixes else "") for n in names)
-    for directory in (root, root / subdir):
-        found = [_find(directory, n, suffixes) for n in names]
-        if all(found):
-            return found
-        if any(found):
-            missing = ", ".join(n for n, f in zip(names, found, strict=True) if f is None)
-            raise DataError(f"data.root: {label} files incomplete in {directory}: missing {missing}")
-    raise DataError(f"data.root: no {label} files in {root} or {root / subdir} (expected {shown})")
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"data.root: cannot read {path}: {exc}") from None
-
-
-def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """An IDX array of unsigned bytes with `ndim` dimensions; a wrong magic number or size is a DataError."""
-    raw = _read_bytes(path)
-    header = 4 + 4 * ndim
-    if len(raw) < header or raw[:4] != bytes([0, 0, IDX_UBYTE, ndim]):
-        raise DataError(
-            f"data.root: {path} is not an IDX file of {ndim}-D unsigned bytes "
-            f"(magic number 0x{raw[:4].hex()})"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    body = np.frombuffer(raw, np.uint8, offset=header)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"data.root: {path} is corrupt: header says {dims}, found {body.size} data bytes")
-    return body.reshape(dims)
-
-
-def _idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    x, y = read_idx(images, 3), read_idx(labels, 1)
-    if len(x) != len(y):
-        raise DataError(f"data.root: {images} has {len(x)} images but {labels} has {len(y)} labels")
-    return x, y
+def _peak_bytes(samples: int, pixels: int) -> int:
+    """Estimated peak memory of building a data set of `samples` images of `pixels` bytes each."""
+    return samples * (pixels * PIXEL_PEAK_BYTES + SAMPLE_PEAK_BYTES)
 
 
 def _central(x: np.ndarray, y: np.ndarray, max_samples: int | None, num_classes: int = 10) -> CentralDataset:
@@ -95,60 +64,63 @@ def _central(x: np.ndarray, y: np.ndarray, max_samples: int | None, num_classes:
 
 
 def load_idx_dataset(params: VisionParams, subdir: str, label: str) -> CentralDataset:
-    """Pooled train + t10k parts of an MNIST-format data set as x (n, 1, rows, cols)."""
-    paths = locate(Path(params.root).expanduser(), subdir, IDX_FILES, label, ("", ".gz"))
-    x_train, y_train = _idx_pair(paths[0], paths[1])
-    x_test, y_test = _idx_pair(paths[2], paths[3])
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(
-            f"data.root: image sizes differ: {paths[0]} {x_train.shape[1:]}, {paths[2]} {x_test.shape[1:]}"
-        )
-    x = np.concatenate([x_train, x_test])[:, None]
-    return _central(x, np.concatenate([y_train, y_test]), params.max_samples)
+    """Pooled train + t10k parts of an MNIST-format data set as x (n, 1, rows, cols); only the rows kept are read."""
+    paths = idx_files(Path(params.root).expanduser(), subdir, label)
+    x, y = read_idx(paths, params.max_samples, _memory_field(params))
+    return _central(x[:, None], y, None)
 
 
-@DATASETS.register("mnist", VisionParams)
+def idx_footprint(params: VisionParams, subdir: str, label: str) -> Footprint:
+    """Peak bytes and image shape of an MNIST-format data set, from the files' checked headers alone."""
+    heads = read_idx_headers(idx_files(Path(params.root).expanduser(), subdir, label))
+    samples = sum(rows_wanted((heads[0].rows, heads[2].rows), params.max_samples))
+    return Footprint(_peak_bytes(samples, heads[0].row_bytes), (1, *heads[0].dims[1:]), NUM_CLASSES)
+
+
+def mnist_footprint(params: VisionParams, num_clients: int) -> Footprint:
+    """What building MNIST from the files under `params.root` takes and gives."""
+    return idx_footprint(params, "MNIST/raw", "MNIST")
+
+
+def fashion_mnist_footprint(params: VisionParams, num_clients: int) -> Footprint:
+    """What building Fashion-MNIST from the files under `params.root` takes and gives."""
+    return idx_footprint(params, "FashionMNIST/raw", "Fashion-MNIST")
+
+
+@DATASETS.register("mnist", VisionParams, footprint=mnist_footprint)
 def mnist(params: VisionParams, num_clients: int, rng: np.random.Generator) -> CentralDataset:
     """MNIST handwritten digits from IDX files: x (n, 1, 28, 28) in [0, 1], 10 classes."""
     return load_idx_dataset(params, "MNIST/raw", "MNIST")
 
 
-@DATASETS.register("fashion_mnist", VisionParams)
+@DATASETS.register("fashion_mnist", VisionParams, footprint=fashion_mnist_footprint)
 def fashion_mnist(params: VisionParams, num_clients: int, rng: np.random.Generator) -> CentralDataset:
     """Fashion-MNIST clothing images from IDX files: x (n, 1, 28, 28) in [0, 1], 10 classes."""
     return load_idx_dataset(params, "FashionMNIST/raw", "Fashion-MNIST")
 
 
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled CIFAR-10 batch as x (n, 3, 32, 32) uint8 and labels; a corrupt batch is a DataError."""
-    try:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8)
-        labels = np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64)
-        x = data.reshape(len(data), 3, 32, 32)
-    except (
-        OSError,
-        EOFError,
-        pickle.UnpicklingError,
-        AttributeError,
-        ImportError,
-        IndexError,
-        KeyError,
-        TypeError,
-        ValueError,
-    ) as exc:
-        raise DataError(f"data.root: {path} is not a CIFAR-10 batch: {exc}") from None
-    if len(x) != len(labels):
-        raise DataError(f"data.root: {path} has {len(x)} images but {len(labels)} labels")
-    return x, labels
+def cifar10_footprint(params: VisionParams, num_clients: int) -> Footprint:
+    """What building CIFAR-10 takes and gives: peak bytes from the batch files' sizes (each row takes 3072 bytes of
+    its file) plus the transient cost of unpickling the largest batch. Each batch's pickle is scanned (its images
+    skipped), so a hostile or malformed batch is refused here already."""
+    paths = locate(Path(params.root).expanduser(), "cifar-10-batches-py", CIFAR_FILES, "CIFAR-10", ("",))
+    sizes = [batch_size(p) for p in paths]
+    for path, size in zip(paths, sizes, strict=True):
+        scan_batch(path, size)
+    samples = sum(rows_wanted([s // CIFAR_ROW_BYTES for s in sizes], params.max_samples))
+    nbytes = _peak_bytes(samples, CIFAR_ROW_BYTES) + UNPICKLE_BYTES_PER_FILE_BYTE * max(sizes)
+    return Footprint(nbytes, (3, 32, 32), NUM_CLASSES)
 
 
-@DATASETS.register("cifar10", VisionParams)
+@DATASETS.register("cifar10", VisionParams, footprint=cifar10_footprint)
 def cifar10(params: VisionParams, num_clients: int, rng: np.random.Generator) -> CentralDataset:
     """CIFAR-10 from the python pickle batches: x (n, 3, 32, 32) in [0, 1], 10 classes."""
     paths = locate(Path(params.root).expanduser(), "cifar-10-batches-py", CIFAR_FILES, "CIFAR-10", ("",))
-    batches = [read_cifar_batch(p) for p in paths]
+    batches: list[tuple[np.ndarray, np.ndarray]] = []
+    for path in paths:
+        if params.max_samples is not None and sum(len(b[1]) for b in batches) >= params.max_samples:
+            break
+        batches.append(read_cifar_batch(path, _memory_field(params)))
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
     return _central(x, y, params.max_samples)
