@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedsim.clock import Clock
+from fedsim.errors import FedsimError
 from fedsim.metrics_table import MetricsTable
 from fedsim.outputs import RunDirectory, choose_run_dir
 from fedsim.preflight import check_scenario
@@ -95,7 +96,10 @@ def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
     for s in scenarios:
         key = json.dumps([s.spec.seed, s.spec.num_clients, s.components["data"].as_dict(),
                           s.components["partition"].as_dict()], sort_keys=True)
-        sims.append(build_simulation(s, data=cache[key].data if key in cache else None))
+        try:
+            sims.append(build_simulation(s, data=cache[key].data if key in cache else None))
+        except FedsimError as exc:
+            raise type(exc)(s.field_prefix + str(exc)) from None
         cache.setdefault(key, sims[-1])
     return sims
 

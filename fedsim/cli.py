@@ -71,18 +71,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import yaml
-
     from fedsim.api import check
     from fedsim.outputs import scenario_document
     from fedsim.scenario import parse_overrides
+    from fedsim.strict_input import dump_yaml
 
     scenarios, notices, out = check(args.scenario, overrides=parse_overrides(args.overrides),
                                     variants=args.variants, out=args.out, overwrite=args.overwrite)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     document = scenario_document([s.to_dict() for s in scenarios], [s.variant for s in scenarios])
-    print(yaml.safe_dump(document, sort_keys=False), end="")
+    print(dump_yaml(document), end="")
     print(f"# ok: {len(scenarios)} variant(s) valid; a run would write {out}", file=sys.stderr)
     return 0
 

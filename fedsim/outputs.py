@@ -10,9 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedsim.errors import FedsimError, ScenarioError
+from fedsim.strict_input import dump_yaml, shorten_key
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -49,14 +48,14 @@ def check_output_location(location: str | Path, setting: str) -> None:
     while not _exists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if ancestor == path and not path.is_dir():
-        raise ScenarioError(f"{setting}: {_short(text)} exists and is not a directory")
+        raise ScenarioError(f"{setting}: {shorten_key(text)} exists and is not a directory")
     if not ancestor.is_dir():
-        raise ScenarioError(f"{setting}: {_short(str(ancestor))} is a file, so {_short(text)} cannot be created "
-                            f"under it")
+        raise ScenarioError(f"{setting}: {shorten_key(str(ancestor))} is a file, so {shorten_key(text)} cannot be "
+                            f"created under it")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".fedsim-probe-", dir=ancestor))
     except OSError as exc:
-        raise ScenarioError(f"{setting}: cannot create a directory in {_short(str(ancestor))} "
+        raise ScenarioError(f"{setting}: cannot create a directory in {shorten_key(str(ancestor))} "
                             f"({exc.strerror or type(exc).__name__})") from None
 
 
@@ -76,10 +75,6 @@ def _path_limit(directory: Path, name: str, default: int) -> int:
         return default
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def choose_run_dir(requested: str | Path | None, default_name: str, overwrite: bool,
                    setting: str = "--out") -> Path:
     """The explicit directory (refusing to replace an earlier run unless told to), or the first free
@@ -88,7 +83,7 @@ def choose_run_dir(requested: str | Path | None, default_name: str, overwrite: b
         check_output_location(requested, setting)
         path = Path(requested)
         if (path / "metrics.jsonl").exists() and not overwrite:
-            raise ScenarioError(f"{setting}: {_short(str(path))} already holds a run; pass --overwrite or choose "
+            raise ScenarioError(f"{setting}: {shorten_key(str(path))} already holds a run; pass --overwrite or choose "
                                 f"another")
         return path
     path, n = Path("runs") / default_name, 1
@@ -114,7 +109,7 @@ def make_dirs(path: Path) -> None:
         for directory in missing:
             if directory.is_dir():
                 directory.rmdir()
-        raise FedsimError(f"cannot create the run directory {_short(str(path))}: {exc.strerror or exc}") from None
+        raise FedsimError(f"cannot create the run directory {shorten_key(str(path))}: {exc.strerror or exc}") from None
 
 
 def scenario_document(resolved: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -134,7 +129,7 @@ class RunDirectory:
 
     def write_scenario(self, resolved: list[dict[str, Any]], names: list[str]) -> None:
         """The resolved scenario, re-runnable as it stands (`scenario_document`)."""
-        write_atomic(self.path / "scenario.yaml", yaml.safe_dump(scenario_document(resolved, names), sort_keys=False))
+        write_atomic(self.path / "scenario.yaml", dump_yaml(scenario_document(resolved, names)))
 
     def write_json(self, name: str, payload: Any) -> None:
         write_atomic(self.path / name, json.dumps(payload, indent=2) + "\n")

@@ -2,12 +2,12 @@
 need (sized from parameters and file headers, never by allocating), and the places it will write.
 
 `fedsim run` calls these before any work and `fedsim check` calls nothing else, so a sweep can be linted on a login
-node: a scenario `check` accepts fails later only for what cannot be known without running it (divergence).
+node: a scenario `check` accepts fails later only for what needs its data built (a partition that cannot be made,
+a client left without training samples) or its training run (divergence).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from fedsim.data.base import Footprint
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.outputs import check_output_location
 from fedsim.resources import check_fits
+from fedsim.runtime.placement import resolve_devices
 from fedsim.scenario import Component, ResolvedScenario
 from fedsim.strict_input import shorten
 
@@ -66,17 +67,20 @@ def check_memory(scenario: ResolvedScenario) -> None:
                f"({count} parameters)")
 
 
-def check_locations(scenario: ResolvedScenario) -> None:
-    """Places a run writes besides its run directory (the spill directory of client states) must be writable."""
+def check_runtime(scenario: ResolvedScenario) -> None:
+    """The devices a runtime names must exist here, and the places it writes besides the run directory (the spill
+    directory of client states) must be writable."""
     runtime = scenario.components["runtime"].params
+    if hasattr(runtime, "devices"):
+        resolve_devices(runtime.devices)
     if getattr(runtime, "state_memory", None) is not None and runtime.spill_dir is not None:
-        check_output_location(Path(runtime.spill_dir), "runtime.spill_dir")
+        check_output_location(runtime.spill_dir, "runtime.spill_dir")
 
 
 def check_scenario(scenario: ResolvedScenario) -> None:
     """Everything knowable about a scenario without building it, with the variant named in any error."""
     try:
         check_memory(scenario)
-        check_locations(scenario)
+        check_runtime(scenario)
     except FedsimError as exc:
         raise type(exc)(scenario.field_prefix + str(exc)) from None

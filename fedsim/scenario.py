@@ -28,7 +28,7 @@ from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
 from fedsim.sampling import active_count
 from fedsim.servers import SERVERS
-from fedsim.strict_input import MAX_DEPTH, check_plain, parse_yaml, read_yaml_file, shorten, shorten_key
+from fedsim.strict_input import MAX_DEPTH, parse_yaml, plain_data, read_yaml_file, shorten, shorten_key
 from fedsim.systems import SYSTEMS
 from fedsim.topologies import TOPOLOGIES
 
@@ -154,7 +154,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ScenarioError(f"--set {shorten_key(text)}: expected KEY=VALUE, e.g. algorithm.mu=0.1")
     check_dotted_key(key, f"--set {shorten_key(key)}")
-    return key, parse_yaml(value, f"--set {shorten_key(key)}")
+    return key, parse_yaml(value, f"--set {shorten_key(key)}", key)
 
 
 def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
@@ -185,8 +185,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
             node.pop(parts[-1], None)
         else:
             node[parts[-1]] = copy.deepcopy(value)
-    check_plain(out, "", "scenario")
-    return out
+    return plain_data(out, "", "scenario")
 
 
 def load_scenarios(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -195,10 +194,13 @@ def load_scenarios(source: str | Path | Mapping[str, Any], overrides: Mapping[st
     if isinstance(source, (str, Path)):
         raw = read_scenario_file(source)
     else:
-        check_plain(source, "", "scenario")
-        raw = dict(source)
-    overrides = dict(overrides or {})
-    check_plain(overrides, "", "overrides")
+        raw = plain_data(source, "", "scenario")
+        if not isinstance(raw, dict):
+            raise ScenarioError(f"scenario: a scenario must be a mapping of fields, got {shorten(raw)}")
+    bad_key = next((k for k in overrides or {} if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise ScenarioError(f"overrides: keys must be dotted field names (strings), got {shorten(bad_key)}")
+    overrides = {key: plain_data(value, key, key) for key, value in (overrides or {}).items()}
     base = apply_overrides(raw, overrides)
     declared = base.pop("variants", None) or {}
     if not isinstance(declared, dict):

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -27,8 +28,12 @@ MAX_DEPTH = 64
 MAX_NODES = 100_000
 """Most nodes a document may hold once its aliases are expanded."""
 INT64 = 2**63
+MAX_NUMBER_CHARS = 100
+"""Longest number read: converting longer ones costs time (quadratic for YAML 1.1's base-60 integers) for values
+no scenario field can hold."""
 
 _TAG = "tag:yaml.org,2002:"
+NUMBER_TAGS = frozenset(_TAG + t for t in ("int", "float"))
 ALLOWED_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge"))
 _TAG_NAMES = {"binary": "binary data", "timestamp": "a date", "set": "a set", "omap": "an ordered map",
               "pairs": "pairs"}
@@ -39,6 +44,8 @@ _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlev
 
 def shorten(value: Any) -> str:
     """A repr of `value` bounded in length (about 200 characters whatever its size), for error messages."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
     text = _short.repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -74,13 +81,20 @@ class StrictLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         self._depth += 1
+        self._nodes += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _Refused(f"nested more than {MAX_DEPTH} levels deep", None)
-            return super().compose_node(parent, index)
+            if self._nodes > MAX_NODES:
+                raise _Refused(f"the document holds more than {MAX_NODES} values", None)
+            node = super().compose_node(parent, index)
+            if node.tag in NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+                raise _Refused(f"a number written with more than {MAX_NUMBER_CHARS} characters is too large", node)
+            return node
         finally:
             self._depth -= 1
 
@@ -134,7 +148,8 @@ def _expanded_size(root: Node) -> int:
         pending.discard(key)
         sizes[key] = total
         if total > MAX_NODES:
-            raise _Refused(f"the document expands to more than {MAX_NODES} nodes (through its aliases)", node)
+            raise _Refused(f"the document expands to more than {MAX_NODES} values once its aliases are expanded",
+                           node)
         return total
 
     size(root)
@@ -157,8 +172,9 @@ def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
     return f"{_where(source, getattr(exc, 'problem_mark', None))}: not valid YAML: {' '.join(str(problem).split())}"
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """Strict YAML `text` to plain data; `source` names it in errors (a file, or `--set KEY`)."""
+def parse_yaml(text: str, source: str, path: str = "") -> Any:
+    """Strict YAML `text` to plain data; `source` names it in errors (a file, or `--set KEY`), and `path` is the
+    field it is the value of (errors inside it name `path.sub.field`)."""
     try:
         loader = StrictLoader(text)
     except yaml.YAMLError as exc:
@@ -175,24 +191,36 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ScenarioError(_yaml_error(source, exc)) from None
     finally:
         loader.dispose()
-    check_plain(data, "", source)
-    return data
+    return plain_data(data, path, source)
+
+
+class _ScenarioDumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings StrictLoader would read as numbers (such as "1e-3"), so what fedsim writes
+    loads back as written."""
+
+
+_ScenarioDumper.add_implicit_resolver(_TAG + "float", EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def dump_yaml(data: Any) -> str:
+    """Plain data as YAML text that `parse_yaml` reads back to the same data, keys in their given order."""
+    return yaml.dump(data, Dumper=_ScenarioDumper, sort_keys=False)
 
 
 def read_yaml_file(path: str | Path) -> Any:
     """A YAML file's plain data: a regular file of at most MAX_FILE_BYTES, UTF-8 text, strict YAML."""
     p = Path(path)
-    if p.is_dir():
-        raise ScenarioError(f"{p}: is a directory; expected a scenario YAML file")
-    if not p.exists():
-        raise ScenarioError(f"scenario file not found: {p}")
-    if not p.is_file():
-        raise ScenarioError(f"{p}: not a regular file; expected a scenario YAML file")
     try:
+        if p.is_dir():
+            raise ScenarioError(f"{p}: is a directory; expected a scenario YAML file")
+        if not p.exists():
+            raise ScenarioError(f"scenario file not found: {p}")
+        if not p.is_file():
+            raise ScenarioError(f"{p}: not a regular file; expected a scenario YAML file")
         with p.open("rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ScenarioError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(f"{shorten_key(str(p))}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise ScenarioError(f"{p}: larger than {MAX_FILE_BYTES >> 20} MiB; a scenario file is a few KiB of YAML")
     try:
@@ -202,49 +230,58 @@ def read_yaml_file(path: str | Path) -> Any:
     return parse_yaml(text, str(p))
 
 
-def check_plain(data: Any, path: str, source: str) -> None:
-    """Check that `data` is plain scenario data: dicts with string keys, lists, str, int (64-bit), float, bool,
-    None; at most MAX_DEPTH deep and MAX_NODES nodes counting shared references each time; no cycles."""
+def plain_data(data: Any, path: str, source: str) -> Any:
+    """`data` checked and copied as plain scenario data: dicts with string keys, lists, str, int (64-bit), float,
+    bool, None; at most MAX_DEPTH deep and MAX_NODES values, counting shared references each time; no cycles.
+    NumPy scalars become Python numbers and tuples lists, so a mapping built in Python validates as its YAML
+    would. `path` is the field `data` is the value of; `source` names it in errors when it is the whole input."""
+    copies: dict[int, Any] = {}
     sizes: dict[int, int] = {}
     pending: set[int] = set()
 
-    def where(p: str) -> str:
-        return p or source
+    def where(parts: tuple) -> str:
+        if len(parts) > 2 and parts[0] == "variants":  # inside a variant, fields are named as everywhere else
+            return f"variants.{parts[1]}: {where(parts[2:])}"
+        text = "".join(f"[{p}]" if isinstance(p, int) else f".{shorten_key(p)}" for p in parts).lstrip(".")
+        return text or source
 
-    def walk(value: Any, p: str, depth: int) -> int:
+    def walk(value: Any, parts: tuple, depth: int) -> tuple[Any, int]:
         if depth > MAX_DEPTH:
-            raise ScenarioError(f"{where(p)}: nested more than {MAX_DEPTH} levels deep")
+            raise ScenarioError(f"{where(parts)}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, np.generic) and isinstance(value, (np.bool_, np.integer, np.floating)):
+            value = value.item()
         if value is None or isinstance(value, (bool, float, str)):
-            return 1
+            return value, 1
         if isinstance(value, int):
             if not -INT64 <= value < INT64:
-                raise ScenarioError(f"{where(p)}: {shorten(value)} is too large (integers must fit in 64 bits)")
-            return 1
+                raise ScenarioError(f"{where(parts)}: {shorten(value)} is too large (integers must fit in 64 bits)")
+            return value, 1
         if not isinstance(value, (Mapping, list, tuple)):
-            raise ScenarioError(f"{where(p)}: {type(value).__name__} values are not allowed in a scenario")
+            raise ScenarioError(f"{where(parts)}: {type(value).__name__} values are not allowed in a scenario")
         key = id(value)
         if key in sizes:
-            return sizes[key]
+            return copies[key], sizes[key]
         if key in pending:
-            raise ScenarioError(f"{where(p)}: contains itself (a recursive structure)")
+            raise ScenarioError(f"{where(parts)}: contains itself (a recursive structure)")
         pending.add(key)
-        total = 1
-        if isinstance(value, Mapping):
-            # Inside a variant, fields are named as everywhere else: `variants.NAME: field.path`.
-            sep = ": " if depth == 2 and not path and p.startswith("variants.") else "."
-            for k, v in value.items():
-                if not isinstance(k, str):
-                    raise ScenarioError(f"{where(p)}: keys must be strings, got {shorten(k)}")
-                total += walk(v, f"{p}{sep}{shorten_key(k)}" if p else shorten_key(k), depth + 1)
-        else:
-            total += sum(walk(v, f"{p}[{i}]", depth + 1) for i, v in enumerate(value))
+        total, out = 1, {} if isinstance(value, Mapping) else []
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for k, v in items:
+            if isinstance(value, Mapping) and not isinstance(k, str):
+                raise ScenarioError(f"{where(parts)}: keys must be strings, got {shorten(k)}")
+            copy, size = walk(v, (*parts, k), depth + 1)
+            total += size
+            if total > MAX_NODES:
+                raise ScenarioError(f"{where(parts)}: more than {MAX_NODES} values (counting shared references)")
+            if isinstance(out, dict):
+                out[k] = copy
+            else:
+                out.append(copy)
         pending.discard(key)
-        sizes[key] = total
-        if total > MAX_NODES:
-            raise ScenarioError(f"{where(p)}: more than {MAX_NODES} values (through shared references)")
-        return total
+        copies[key], sizes[key] = out, total
+        return out, total
 
-    walk(data, path, 0)
+    return walk(data, tuple(path.split(".")) if path else (), 0)[0]
 
 
 def shorten_key(key: str) -> str:

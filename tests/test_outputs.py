@@ -123,7 +123,7 @@ def test_a_run_directory_that_cannot_be_created_leaves_no_parents_behind(tmp_pat
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir_fails_at_the_leaf)
-    with pytest.raises(FedsimError, match="cannot create the run directory .*leaf: Permission denied"):
+    with pytest.raises(FedsimError, match="^cannot create the run directory .*: Permission denied$"):
         make_dirs(tmp_path / "runs" / "mid" / "leaf")
     assert list(tmp_path.iterdir()) == []
 
@@ -138,3 +138,10 @@ def test_output_dir_setting_is_checked_like_out(tiny, tmp_path: Path, monkeypatc
     with pytest.raises(ScenarioError, match=r"^output\.dir: taken exists and is not a directory"):
         fedsim.run({**tiny, "output": {"dir": "taken"}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_errors_while_building_a_variant_name_the_variant(tiny, tmp_path: Path):
+    tiny["variants"] = {"ok": {}, "crowded": {"num_clients": 5000, "clients_per_round": 4}}
+    with pytest.raises(FedsimError, match=r"^variants\.crowded: num_clients: 5000 clients but only 1797 samples"):
+        fedsim.run(tiny, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 
 from fedsim.data.base import DATASETS
-from fedsim.errors import ScenarioError
+from fedsim.errors import DataError, ScenarioError
 from fedsim.preflight import check_scenario, data_footprint, model_parameters
 from fedsim.resources import available_memory, check_fits, format_bytes
 from fedsim.scenario import load_scenarios
@@ -84,3 +84,15 @@ def test_check_fits_respects_the_process_limits():
     check_fits("x", 1, "one byte")
     with pytest.raises(ScenarioError, match=r"^x: too large: everything needs about .* more than the"):
         check_fits("x", 2**62, "everything")
+
+
+def test_devices_are_checked_before_any_work_naming_the_variant(tiny):
+    tiny["variants"] = {"gpu": {"runtime": {"name": "vectorized", "devices": ["cuda:9"]}}}
+    with pytest.raises(ScenarioError, match=r"^variants\.gpu: runtime\.devices: cuda:9 does not exist here"):
+        check_scenario(one(tiny))
+
+
+@pytest.mark.parametrize("root, reason", [("x" * 300, "File name too long"), ("~nosuchuser-fedsim/x", "")])
+def test_data_roots_that_cannot_be_looked_up_are_one_line(tiny, root, reason):
+    with pytest.raises(DataError, match=rf"^data\.root: cannot look for MNIST files in .*{reason}"):
+        check_scenario(one({**tiny, "data": {"name": "mnist", "root": root}}))

@@ -9,6 +9,7 @@ import yaml
 
 from fedsim.errors import ScenarioError
 from fedsim.scenario import apply_overrides, load_scenarios, parse_override
+from fedsim.strict_input import dump_yaml
 
 
 def load_one(raw, **overrides):
@@ -151,3 +152,21 @@ def test_resolved_scenario_loads_again_to_the_same_scenario(tiny, tmp_path: Path
     path = tmp_path / "resolved.yaml"
     path.write_text(yaml.safe_dump(first.to_dict()))
     assert load_one(path).to_dict() == first.to_dict()
+
+
+def test_values_users_write_are_read_as_meant(tiny):
+    s = load_one({**tiny, "runtime": {"name": "vectorized", "memory_budget": 2e9, "state_memory": 1e6,
+                                      "devices": "auto", "placement": {"policy": "map", "map": {"0": "cpu"}}}})
+    runtime = s.components["runtime"].params
+    assert runtime.memory_budget == 2 * 10**9 and runtime.state_memory == 10**6
+    assert runtime.placement.map == {0: "cpu"}
+    assert error_of(tiny, **{"runtime.threads": 10**8, "runtime.name": "sequential"}).startswith(
+        "runtime.threads: Input should be less than or equal to 1024")
+
+
+def test_resolved_scenarios_with_number_like_names_load_back(tiny, tmp_path: Path):
+    tiny["variants"] = {"1e-3": {"algorithm.lr": 0.001}, "2020-01-01": {}}
+    scenarios, _ = load_scenarios(tiny)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml({"variants": {s.variant: s.to_dict() for s in scenarios}}))
+    assert [s.variant for s in load_scenarios(path)[0]] == ["1e-3", "2020-01-01"]

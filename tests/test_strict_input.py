@@ -6,10 +6,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsim.errors import ScenarioError
-from fedsim.strict_input import MAX_DEPTH, MAX_NODES, check_plain, parse_yaml, read_yaml_file, shorten
+from fedsim.strict_input import MAX_DEPTH, MAX_NODES, parse_yaml, plain_data, read_yaml_file, shorten
 
 
 def error_of(text: str) -> str:
@@ -54,7 +55,7 @@ def test_alias_bombs_are_refused_quickly_in_bounded_memory():
     message = error_of(billion_laughs())
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert f"expands to more than {MAX_NODES} nodes" in message
+    assert f"expands to more than {MAX_NODES} values once its aliases are expanded" in message
     assert time.perf_counter() - started < 5 and peak < 50 * 2**20
 
 
@@ -110,18 +111,25 @@ def test_files_must_be_utf8_regular_and_small(tmp_path: Path):
         read_yaml_file(big)
 
 
+def test_mappings_from_python_become_plain_data():
+    data = plain_data({"seed": np.int64(3), "lr": np.float32(0.5), "hidden": (32, 16), "plot": np.bool_(True)}, "",
+                      "scenario")
+    assert data == {"seed": 3, "lr": 0.5, "hidden": [32, 16], "plot": True}
+    assert type(data["seed"]) is int and type(data["lr"]) is float and type(data["plot"]) is bool
+
+
 def test_plain_data_checks_apply_to_mappings_given_from_python():
     shared = [1] * 1000
     with pytest.raises(ScenarioError, match=r"^a\.b: more than 100000 values"):
-        check_plain({"a": {"b": [shared] * 200}}, "", "scenario")
+        plain_data({"a": {"b": [shared] * 200}}, "", "scenario")
     loop: list = []
     loop.append(loop)
     with pytest.raises(ScenarioError, match="contains itself"):
-        check_plain({"a": loop}, "", "scenario")
+        plain_data({"a": loop}, "", "scenario")
     with pytest.raises(ScenarioError, match=r"^a: bytes values are not allowed"):
-        check_plain({"a": b"x"}, "", "scenario")
+        plain_data({"a": b"x"}, "", "scenario")
     with pytest.raises(ScenarioError, match=r"^scenario: keys must be strings, got 1"):
-        check_plain({1: 2}, "", "scenario")
+        plain_data({1: 2}, "", "scenario")
 
 
 def test_echoed_values_are_shortened():
@@ -143,3 +151,23 @@ def test_core_tags_on_values_that_do_not_fit_are_one_line_errors(text, message):
 def test_errors_inside_a_variant_use_the_variant_prefix():
     message = error_of("variants: {mu_0.5: {data.sample_scale: 18446744073709551616}}")
     assert message.startswith("variants.mu_0.5: data.sample_scale: 18446744073709551616 is too large")
+
+
+def test_numbers_too_long_to_convert_are_refused_before_conversion():
+    assert error_of("seed: 0x" + "f" * 5000).endswith("a number written with more than 100 characters is too large")
+    assert "more than 100 characters" in error_of("a: " + ":".join(["1"] * 80000))
+    assert shorten(2**20000) == "an integer of 20001 bits"
+
+
+def test_large_documents_are_refused_while_parsing():
+    started = time.perf_counter()
+    message = error_of("a: [" + "1," * 2_000_000 + "1]")
+    assert message.endswith(f"the document holds more than {MAX_NODES} values")
+    assert time.perf_counter() - started < 30
+
+
+def test_override_values_are_named_by_their_key():
+    with pytest.raises(ScenarioError, match=r"^model\.hidden\[0\]: .* is too large"):
+        parse_yaml("[99999999999999999999]", "--set model.hidden", "model.hidden")
+    with pytest.raises(ScenarioError, match=r"^variants\.a: rounds: .* is too large"):
+        parse_yaml("{a: {rounds: 99999999999999999999}}", "--set variants", "variants")

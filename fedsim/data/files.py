@@ -42,9 +42,20 @@ def _find(directory: Path, name: str, suffixes: tuple[str, ...]) -> Path | None:
 
 
 def locate(
+    root: str, subdir: str, names: tuple[str, ...], label: str, suffixes: tuple[str, ...]
+) -> list[Path]:
+    """The files `names` in `root` (`~` expanded) or else `root/subdir` (the first holding any of them), or a
+    DataError; a root that cannot even be looked up (too long, an unknown `~user`) is one too."""
+    try:
+        return _locate(Path(root).expanduser(), subdir, names, label, suffixes)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"data.root: cannot look for {label} files in {clip(root)}: "
+                        f"{_unreadable_reason(exc)}") from None
+
+
+def _locate(
     root: Path, subdir: str, names: tuple[str, ...], label: str, suffixes: tuple[str, ...]
 ) -> list[Path]:
-    """The files `names` in `root` or else `root/subdir` (the first holding any of them), or a DataError."""
     expected = ", ".join(n + ("[.gz]" if ".gz" in suffixes else "") for n in names)
     for directory in (root, root / subdir):
         found = [_find(directory, n, suffixes) for n in names]
@@ -76,7 +87,7 @@ def _unreadable_reason(exc: BaseException) -> str:
         return "the gzip stream is truncated"
     if isinstance(exc, zlib.error):
         return "corrupt gzip data"
-    return getattr(exc, "strerror", None) or type(exc).__name__
+    return getattr(exc, "strerror", None) or clip(str(exc)) or type(exc).__name__
 
 
 @contextmanager

@@ -146,7 +146,7 @@ def _allocate_idx(heads: list[IdxHeader], rows: list[int], field: str) -> tuple[
     return np.empty((total, *heads[0].dims[1:]), np.uint8), np.empty(total, np.uint8)
 
 
-def idx_files(root: Path, subdir: str, label: str) -> list[Path]:
+def idx_files(root: str, subdir: str, label: str) -> list[Path]:
     """The four IDX files of an MNIST-format data set, plain or gzipped, in `root` or else `root/subdir`."""
     return locate(root, subdir, IDX_FILES, label, ("", ".gz"))
 

@@ -12,8 +12,6 @@ numeric arrays); every problem is one DataError line. This module registers the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from pydantic import Field
 
@@ -65,14 +63,14 @@ def _central(x: np.ndarray, y: np.ndarray, max_samples: int | None, num_classes:
 
 def load_idx_dataset(params: VisionParams, subdir: str, label: str) -> CentralDataset:
     """Pooled train + t10k parts of an MNIST-format data set as x (n, 1, rows, cols); only the rows kept are read."""
-    paths = idx_files(Path(params.root).expanduser(), subdir, label)
+    paths = idx_files(params.root, subdir, label)
     x, y = read_idx(paths, params.max_samples, _memory_field(params))
     return _central(x[:, None], y, None)
 
 
 def idx_footprint(params: VisionParams, subdir: str, label: str) -> Footprint:
     """Peak bytes and image shape of an MNIST-format data set, from the files' checked headers alone."""
-    heads = read_idx_headers(idx_files(Path(params.root).expanduser(), subdir, label))
+    heads = read_idx_headers(idx_files(params.root, subdir, label))
     samples = sum(rows_wanted((heads[0].rows, heads[2].rows), params.max_samples))
     return Footprint(_peak_bytes(samples, heads[0].row_bytes), (1, *heads[0].dims[1:]), NUM_CLASSES)
 
@@ -103,7 +101,7 @@ def cifar10_footprint(params: VisionParams, num_clients: int) -> Footprint:
     """What building CIFAR-10 takes and gives: peak bytes from the batch files' sizes (each row takes 3072 bytes of
     its file) plus the transient cost of unpickling the largest batch. Each batch's pickle is scanned (its images
     skipped), so a hostile or malformed batch is refused here already."""
-    paths = locate(Path(params.root).expanduser(), "cifar-10-batches-py", CIFAR_FILES, "CIFAR-10", ("",))
+    paths = locate(params.root, "cifar-10-batches-py", CIFAR_FILES, "CIFAR-10", ("",))
     sizes = [batch_size(p) for p in paths]
     for path, size in zip(paths, sizes, strict=True):
         scan_batch(path, size)
@@ -115,7 +113,7 @@ def cifar10_footprint(params: VisionParams, num_clients: int) -> Footprint:
 @DATASETS.register("cifar10", VisionParams, footprint=cifar10_footprint)
 def cifar10(params: VisionParams, num_clients: int, rng: np.random.Generator) -> CentralDataset:
     """CIFAR-10 from the python pickle batches: x (n, 3, 32, 32) in [0, 1], 10 classes."""
-    paths = locate(Path(params.root).expanduser(), "cifar-10-batches-py", CIFAR_FILES, "CIFAR-10", ("",))
+    paths = locate(params.root, "cifar-10-batches-py", CIFAR_FILES, "CIFAR-10", ("",))
     batches: list[tuple[np.ndarray, np.ndarray]] = []
     for path in paths:
         if params.max_samples is not None and sum(len(b[1]) for b in batches) >= params.max_samples:

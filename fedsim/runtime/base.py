@@ -22,16 +22,16 @@ Outcome = tuple[JobResult, Pytree | None]
 
 
 class RuntimeParams(Params):
-    threads: int = Field(1, ge=1, description="torch intra-op threads; small models run fastest on one")
+    threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads; small models run fastest on one")
     devices: list[str] | Literal["auto"] = Field(default_factory=lambda: ["cpu"])
     placement: PlacementParams = PlacementParams()
-    state_memory: int | str | None = Field(
+    state_memory: int | float | str | None = Field(
         None, description="bytes of client state kept in memory; the rest spills to disk (default: keep all)")
     spill_dir: str | None = None
 
     @field_validator("state_memory")
     @classmethod
-    def _state_memory_size(cls, value: int | str | None) -> int | None:
+    def _state_memory_size(cls, value: int | float | str | None) -> int | None:
         return None if value is None else parse_bytes(value)
 
 

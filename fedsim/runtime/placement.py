@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fedsim.errors import ScenarioError
 from fedsim.registry import Params
@@ -27,6 +27,14 @@ T = TypeVar("T")
 class PlacementParams(Params):
     policy: Literal["round_robin", "by_client", "map"] = "round_robin"
     map: dict[int, str] = Field(default_factory=dict, description="client id -> device, for policy 'map'")
+
+    @field_validator("map", mode="before")
+    @classmethod
+    def _client_ids(cls, value: Any) -> Any:
+        """Client ids as YAML keys are strings ('0': cuda:0, since scenario keys must be strings): read them back."""
+        if not isinstance(value, dict):
+            return value
+        return {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v for k, v in value.items()}
 
 
 def _parse(name: str, setting: str) -> torch.device:

@@ -46,7 +46,7 @@ from fedsim.sizes import parse_bytes
 
 
 class VectorizedParams(RuntimeParams):
-    memory_budget: int | str = Field("2GiB", validate_default=True,
+    memory_budget: int | float | str = Field("2GiB", validate_default=True,
                                      description="memory for one chunk of clients in flight, per device")
     chunk_size: int | None = Field(None, ge=1, description="clients per chunk; default: as many as the budget fits")
     compile: bool = Field(False, description="torch.compile the vmapped step: faster steps after a one-off "
@@ -56,7 +56,7 @@ class VectorizedParams(RuntimeParams):
 
     @field_validator("memory_budget")
     @classmethod
-    def _memory_budget_size(cls, value: int | str) -> int:
+    def _memory_budget_size(cls, value: int | float | str) -> int:
         return parse_bytes(value)
 
 
