@@ -48,8 +48,8 @@ def test_user_mistake_is_one_line_and_exit_status_2(tiny, tmp_path, capsys):
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ["fedavg", "fedprox", "synthetic", "digits", "mnist1d", "cifar10", "dirichlet", "shards",
-                 "logreg", "cnn", "star", "fedadam", "fedavgm", "sequential", "homogeneous"]:
+    for name in ["fedavg", "fedprox", "synthetic", "digits", "mnist1d", "cifar10", "labeldir", "hsu_dirichlet",
+                 "shards", "logreg", "cnn", "star", "fedadam", "fedavgm", "sequential", "homogeneous"]:
         assert f"  {name} " in out, name
     for kind in ["algorithm", "data set", "partitioner", "model", "topology", "server rule"]:
         assert f"({kind})" in out

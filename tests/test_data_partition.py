@@ -1,4 +1,4 @@
-"""Partitioners (iid, dirichlet, shards, quantity, natural) and the builder's central-data path."""
+"""Partitioners (iid, labeldir, hsu_dirichlet, shards, quantity, natural) and the builder's central-data path."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from fedsim.data import DATASETS, PARTITIONERS, build_federated_data
 from fedsim.data.build import data_rng, split_train_test
 from fedsim.data.partition import (
     DirichletParams,
+    HsuDirichletParams,
     QuantityParams,
     ShardsParams,
     apportion,
-    dirichlet,
+    hsu_dirichlet,
     iid,
+    labeldir,
     quantity,
     shards,
 )
@@ -39,8 +41,10 @@ def _size_cv(parts: list[np.ndarray]) -> float:
 
 CASES = [
     ("iid", {}),
-    ("dirichlet", {"alpha": 0.3}),
-    ("dirichlet", {"alpha": 100.0, "min_size": 10}),
+    ("labeldir", {"alpha": 0.3}),
+    ("labeldir", {"alpha": 100.0, "min_size": 10}),
+    ("hsu_dirichlet", {"alpha": 0.1}),
+    ("hsu_dirichlet", {"alpha": 100.0}),
     ("shards", {"shards_per_client": 3}),
     ("quantity", {"distribution": "lognormal", "sigma": 1.5}),
     ("quantity", {"distribution": "powerlaw", "exponent": 1.2}),
@@ -72,33 +76,53 @@ def test_iid_sizes_differ_by_at_most_one_and_mix_all_classes():
     assert _classes_per_client(parts, LABELS).min() >= 9
 
 
-def test_dirichlet_small_alpha_gives_fewer_classes_per_client_than_large_alpha():
-    skewed = dirichlet(LABELS, 20, np.random.default_rng(0), DirichletParams(alpha=0.1))
-    uniform = dirichlet(LABELS, 20, np.random.default_rng(0), DirichletParams(alpha=100.0))
+def test_labeldir_small_alpha_gives_fewer_classes_per_client_than_large_alpha():
+    skewed = labeldir(LABELS, 20, np.random.default_rng(0), DirichletParams(alpha=0.1))
+    uniform = labeldir(LABELS, 20, np.random.default_rng(0), DirichletParams(alpha=100.0))
     assert _classes_per_client(skewed, LABELS).mean() < 5
     assert _classes_per_client(uniform, LABELS).min() == 10
 
 
-def test_dirichlet_large_alpha_gives_each_client_about_an_equal_share_of_every_class():
-    parts = dirichlet(LABELS, 10, np.random.default_rng(0), DirichletParams(alpha=1000.0))
+def test_labeldir_large_alpha_gives_each_client_about_an_equal_share_of_every_class():
+    parts = labeldir(LABELS, 10, np.random.default_rng(0), DirichletParams(alpha=1000.0))
     counts = np.array([np.bincount(LABELS[p], minlength=10) for p in parts])
     assert np.abs(counts - 10).max() <= 4
 
 
-def test_dirichlet_gives_every_client_at_least_min_size_samples():
+def test_labeldir_gives_every_client_at_least_min_size_samples():
     for seed in range(5):
-        parts = dirichlet(LABELS, 40, np.random.default_rng(seed), DirichletParams(alpha=0.2, min_size=8))
+        parts = labeldir(LABELS, 40, np.random.default_rng(seed), DirichletParams(alpha=0.2, min_size=8))
         assert min(len(p) for p in parts) >= 8
 
 
-def test_dirichlet_that_cannot_reach_min_size_raises_naming_alpha():
+def test_labeldir_that_cannot_reach_min_size_raises_naming_alpha():
     with pytest.raises(DataError, match=r"^partition\.alpha: .*100 clients >= 5 samples"):
-        dirichlet(LABELS, 100, np.random.default_rng(0), DirichletParams(alpha=0.001, min_size=5))
+        labeldir(LABELS, 100, np.random.default_rng(0), DirichletParams(alpha=0.001, min_size=5))
 
 
-def test_dirichlet_with_fewer_samples_than_clients_times_min_size_raises_naming_num_clients():
+def test_hsu_dirichlet_keeps_client_sizes_equal_while_labeldir_sizes_swing_with_alpha():
+    skewed = np.random.default_rng(5).permutation(np.repeat(np.arange(10), [40, 60, 80, 100, 120] * 2))
+    for alpha in (0.05, 0.5, 5.0):
+        sizes = [len(p) for p in hsu_dirichlet(skewed, 30, np.random.default_rng(1), HsuDirichletParams(alpha=alpha))]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(skewed)
+    swing = [_size_cv(labeldir(skewed, 30, np.random.default_rng(1), DirichletParams(alpha=a))) for a in (0.1, 100.0)]
+    assert swing[0] > 0.5 > 0.1 > swing[1]
+
+
+def test_hsu_dirichlet_small_alpha_concentrates_classes_and_large_alpha_follows_the_global_mix():
+    skewed = hsu_dirichlet(LABELS, 20, np.random.default_rng(0), HsuDirichletParams(alpha=0.05))
+    mixed = hsu_dirichlet(LABELS, 20, np.random.default_rng(0), HsuDirichletParams(alpha=1000.0))
+    assert _classes_per_client(skewed, LABELS).mean() < 5 < 9.5 < _classes_per_client(mixed, LABELS).mean()
+
+    def mean_share_gap(parts: list[np.ndarray]) -> float:  # against the global mix, 0.1 per class
+        return float(np.mean([np.abs(np.bincount(LABELS[p], minlength=10) / len(p) - 0.1) for p in parts]))
+
+    assert mean_share_gap(mixed) < 0.05 < 0.1 < mean_share_gap(skewed)
+
+
+def test_labeldir_with_fewer_samples_than_clients_times_min_size_raises_naming_num_clients():
     with pytest.raises(DataError, match=r"^num_clients: 600 clients but only 1000 samples .*min_size 2"):
-        dirichlet(LABELS, 600, np.random.default_rng(0), DirichletParams(alpha=1.0))
+        labeldir(LABELS, 600, np.random.default_rng(0), DirichletParams(alpha=1.0))
 
 
 def test_shards_give_each_client_at_most_shards_per_client_classes_and_equal_sizes():
@@ -161,8 +185,8 @@ def test_natural_partitioner_is_a_marker_that_refuses_central_data():
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
-        ({"name": "dirichlet"}, r"partition\.alpha: missing"),
-        ({"name": "dirichlet", "alpha": 0}, r"partition\.alpha: "),
+        ({"name": "labeldir"}, r"partition\.alpha: missing"),
+        ({"name": "labeldir", "alpha": 0}, r"partition\.alpha: "),
         ({"name": "shards", "shards_per_client": 0}, r"partition\.shards_per_client: "),
         ({"name": "quantity", "distribution": "zipf"}, r"partition\.distribution: "),
         ({"name": "iid", "alpha": 1}, r"partition\.alpha: unknown field"),
@@ -185,16 +209,16 @@ def test_builder_partitions_digits_then_splits_each_client_from_the_data_stream(
 
 
 def test_builder_train_share_is_int_of_one_minus_test_fraction_per_client():
-    built = build_federated_data("digits", {"test_fraction": 0.3}, "dirichlet", {"alpha": 0.5}, 12, seed=0)
+    built = build_federated_data("digits", {"test_fraction": 0.3}, "labeldir", {"alpha": 0.5}, 12, seed=0)
     total = built.train_sizes + built.test_sizes
     assert total.sum() == 1797
     np.testing.assert_array_equal(built.train_sizes, [int(0.7 * n) for n in total])
 
 
 def test_builder_is_deterministic_for_a_seed_and_changes_with_it():
-    a = build_federated_data("digits", {}, "dirichlet", {"alpha": 0.5}, 10, seed=3)
-    b = build_federated_data("digits", {}, "dirichlet", {"alpha": 0.5}, 10, seed=3)
-    c = build_federated_data("digits", {}, "dirichlet", {"alpha": 0.5}, 10, seed=4)
+    a = build_federated_data("digits", {}, "labeldir", {"alpha": 0.5}, 10, seed=3)
+    b = build_federated_data("digits", {}, "labeldir", {"alpha": 0.5}, 10, seed=3)
+    c = build_federated_data("digits", {}, "labeldir", {"alpha": 0.5}, 10, seed=4)
     assert np.array_equal(a.y_train.numpy(), b.y_train.numpy())
     np.testing.assert_array_equal(a.train_sizes, b.train_sizes)
     assert not np.array_equal(a.train_sizes, c.train_sizes)
@@ -219,7 +243,7 @@ def test_builder_validates_names_and_params_with_fields_named():
     with pytest.raises(ScenarioError, match=r"^data\.name: unknown data set 'nope'"):
         build_federated_data("nope", {}, "iid", {}, 10, seed=0)
     with pytest.raises(ScenarioError, match=r"^partition\.alpha: "):
-        build_federated_data("digits", {}, "dirichlet", {"alpha": -1}, 10, seed=0)
+        build_federated_data("digits", {}, "labeldir", {"alpha": -1}, 10, seed=0)
     with pytest.raises(ScenarioError, match=r"^data\.test_fraction: Input should be less than 1"):
         build_federated_data("digits", {"test_fraction": 1.0}, "iid", {}, 10, seed=0)
     with pytest.raises(ScenarioError, match=r"^num_clients: must be >= 1"):

@@ -26,6 +26,12 @@ class DirichletParams(Params):
     min_size: int = Field(default=2, ge=1)
 
 
+class HsuDirichletParams(Params):
+    """Label skew at equal client sizes: each client's class mix ~ Dir(alpha p), p the data set's class mix."""
+
+    alpha: float = Field(gt=0)
+
+
 class ShardsParams(Params):
     """McMahan's pathological split: each client gets `shards_per_client` shards of label-sorted data."""
 
@@ -72,11 +78,13 @@ def _dirichlet_counts(
     return np.diff(cuts, axis=1, prepend=0)
 
 
-@PARTITIONERS.register("dirichlet", DirichletParams)
-def dirichlet(
+@PARTITIONERS.register("labeldir", DirichletParams)
+def labeldir(
     labels: np.ndarray, num_clients: int, rng: np.random.Generator, params: DirichletParams
 ) -> list[np.ndarray]:
-    """Label skew (Hsu et al. 2019): redraw the proportions until every client has `min_size` samples."""
+    """Label skew per class, NIID-Bench's `noniid-labeldir` (Li et al., ICDE 2022): each class is spread over the
+    clients by Dir(alpha) proportions, so client sizes swing with alpha; proportions are redrawn until every client
+    has `min_size` samples."""
     check_enough_samples(len(labels), num_clients, params.min_size)
     classes, class_sizes = np.unique(labels, return_counts=True)
     for _ in range(MAX_DIRICHLET_TRIES):
@@ -93,6 +101,46 @@ def dirichlet(
         split_by_sizes(rng.permutation(np.flatnonzero(labels == c)), row)
         for c, row in zip(classes, counts, strict=True)
     ]
+    return [np.sort(np.concatenate(chunks)) for chunks in zip(*per_class, strict=True)]
+
+
+def _hsu_counts(class_sizes: np.ndarray, sizes: np.ndarray, rng: np.random.Generator, alpha: float) -> np.ndarray:
+    """Samples of each class (columns) per client (rows). Client k's mix is q_k ~ Dir(alpha p); the pool is finite,
+    so clients take one sample each per turn, every one drawing a class from its q_k among the classes not used up
+    (a class asked for more than it has left goes to a random subset of the askers, the others ask again): a used-up
+    class costs every client alike, not whichever clients happen to come last."""
+    p = class_sizes / class_sizes.sum()
+    mixes = np.nan_to_num(rng.dirichlet(alpha * p, size=len(sizes)))
+    left, need = class_sizes.astype(np.int64), sizes.astype(np.int64)
+    counts = np.zeros((len(sizes), len(class_sizes)), dtype=np.int64)
+    while need.any():
+        askers = rng.permutation(np.flatnonzero(need > 0))
+        weights = mixes[askers] * (left > 0)
+        weights[weights.sum(axis=1) <= 0] = left > 0
+        cumulative = np.cumsum(weights, axis=1)
+        draws = rng.random(len(askers)) * cumulative[:, -1]
+        asked = np.minimum((cumulative <= draws[:, None]).sum(axis=1), len(left) - 1)
+        order = np.argsort(asked, kind="stable")
+        starts = np.searchsorted(asked[order], asked[order])
+        granted = order[np.arange(len(order)) - starts < left[asked[order]]]
+        np.add.at(counts, (askers[granted], asked[granted]), 1)
+        left -= np.bincount(asked[granted], minlength=len(left))
+        need[askers[granted]] -= 1
+    return counts
+
+
+@PARTITIONERS.register("hsu_dirichlet", HsuDirichletParams)
+def hsu_dirichlet(
+    labels: np.ndarray, num_clients: int, rng: np.random.Generator, params: HsuDirichletParams
+) -> list[np.ndarray]:
+    """Label skew at equal sizes (Hsu, Qi and Brown 2019, Sec. 3): client k's class proportions q_k ~ Dir(alpha p),
+    with p the class distribution of the whole data set; sizes differ by at most one sample."""
+    check_enough_samples(len(labels), num_clients)
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    sizes = np.array([len(part) for part in np.array_split(np.arange(len(labels)), num_clients)])
+    counts = _hsu_counts(class_sizes, sizes, rng, params.alpha)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    per_class = [split_by_sizes(pool, counts[:, j]) for j, pool in enumerate(pools)]
     return [np.sort(np.concatenate(chunks)) for chunks in zip(*per_class, strict=True)]
 
 
