@@ -59,8 +59,9 @@ def test_more_clients_per_round_than_clients_is_rejected(tiny):
     assert msg == "clients_per_round: 11 is more than num_clients (10)"
 
 
-def test_dirichlet_alpha_must_be_positive(tiny):
-    msg = error_of(tiny, partition={"name": "dirichlet", "alpha": 0})
+@pytest.mark.parametrize("name", ["labeldir", "hsu_dirichlet"])
+def test_dirichlet_alpha_must_be_positive(tiny, name):
+    msg = error_of(tiny, partition={"name": name, "alpha": 0})
     assert msg.startswith("partition.alpha:")
 
 
