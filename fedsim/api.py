@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from fedsim.clock import Clock
-from fedsim.errors import FedsimError
 from fedsim.metrics_table import MetricsTable
 from fedsim.outputs import RunDirectory, choose_run_dir
 from fedsim.preflight import check_scenario
@@ -21,7 +20,7 @@ from fedsim.progress import make_progress
 from fedsim.recording import Recorder
 from fedsim.report import final_rows, format_table, write_plot
 from fedsim.runtime import mpi
-from fedsim.scenario import ResolvedScenario, load_scenarios
+from fedsim.scenario import ResolvedScenario, load_scenarios, naming_variant
 from fedsim.servers.synchronous import SynchronousRounds
 from fedsim.simulation import Simulation, build_simulation
 
@@ -96,10 +95,8 @@ def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
     for s in scenarios:
         key = json.dumps([s.spec.seed, s.spec.num_clients, s.components["data"].as_dict(),
                           s.components["partition"].as_dict()], sort_keys=True)
-        try:
+        with naming_variant(s.declared_name):
             sims.append(build_simulation(s, data=cache[key].data if key in cache else None))
-        except FedsimError as exc:
-            raise type(exc)(s.field_prefix + str(exc)) from None
         cache.setdefault(key, sims[-1])
     return sims
 

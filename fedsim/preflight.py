@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from fedsim.data.base import Footprint
-from fedsim.errors import FedsimError, ScenarioError
+from fedsim.errors import ScenarioError
 from fedsim.outputs import check_output_location
 from fedsim.resources import check_fits
 from fedsim.runtime.placement import resolve_devices
-from fedsim.scenario import Component, ResolvedScenario
+from fedsim.scenario import Component, ResolvedScenario, naming_variant
 from fedsim.strict_input import shorten
 
 PER_CLIENT_BYTES = 256
@@ -79,8 +79,6 @@ def check_runtime(scenario: ResolvedScenario) -> None:
 
 def check_scenario(scenario: ResolvedScenario) -> None:
     """Everything knowable about a scenario without building it, with the variant named in any error."""
-    try:
+    with naming_variant(scenario.declared_name):
         check_memory(scenario)
         check_runtime(scenario)
-    except FedsimError as exc:
-        raise type(exc)(scenario.field_prefix + str(exc)) from None

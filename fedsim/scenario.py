@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from pydantic import Field
 import fedsim.data  # noqa: F401  (fill the data registries)
 from fedsim.clients import ALGORITHMS
 from fedsim.data.base import DATASETS, PARTITIONERS
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import MODELS
 from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
@@ -107,9 +108,9 @@ class ResolvedScenario:
     declared_variant: bool = False
 
     @property
-    def field_prefix(self) -> str:
-        """What errors about this scenario's fields start with: `variants.NAME: ` inside a variant."""
-        return f"variants.{self.variant}: " if self.declared_variant else ""
+    def declared_name(self) -> str | None:
+        """The variant's name when the scenario file declares variants, else None (for `naming_variant`)."""
+        return self.variant if self.declared_variant else None
 
     @property
     def straggler_handling(self) -> str:
@@ -120,6 +121,18 @@ class ResolvedScenario:
         out = self.spec.model_dump(mode="json")
         out.update({k: c.as_dict() for k, c in self.components.items()})
         return out
+
+
+@contextmanager
+def naming_variant(variant: str | None) -> Iterator[None]:
+    """Errors raised inside start with `variants.NAME: ` when `variant` names a declared variant, so every error
+    about a variant's fields, memory, files or data says which variant it is."""
+    try:
+        yield
+    except FedsimError as exc:
+        if variant is None:
+            raise
+        raise type(exc)(f"variants.{variant}: {exc}") from None
 
 
 def read_scenario_file(path: str | Path) -> dict[str, Any]:
@@ -227,24 +240,19 @@ def load_scenarios(source: str | Path | Mapping[str, Any], overrides: Mapping[st
             if key in delta:
                 notices.append(f"variant {name} sets {key}={shorten(delta[key])} itself; --set {key} does not "
                                f"apply to it")
-        try:
+        with naming_variant(name):
             merged = apply_overrides(base, delta)
-        except ScenarioError as exc:
-            raise ScenarioError(f"variants.{name}: {exc}") from None
         resolved.append(resolve(merged, variant=name))
     return resolved, notices
 
 
 def resolve(raw: Mapping[str, Any], variant: str | None) -> ResolvedScenario:
     """Validate one scenario mapping and resolve its components; errors name the field."""
-    prefix = f"variants.{variant}: " if variant else ""
-    try:
+    with naming_variant(variant):
         spec = validate_params(ScenarioSchema, dict(raw), "", "scenario")
         assert isinstance(spec, ScenarioSchema)
         components = _resolve_components(spec)
         _check_consistency(spec, components)
-    except ScenarioError as exc:
-        raise ScenarioError(prefix + str(exc)) from None
     return ResolvedScenario(variant or spec.name, spec, components, declared_variant=variant is not None)
 
 

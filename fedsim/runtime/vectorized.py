@@ -164,8 +164,9 @@ class VectorizedRuntime(PlacedRuntime):
         self.sizes_compiled: list[set[int]] = [set() for _ in self.models]
         self.alone_grads = [autograd_grad(model) for model in self.models]
         # A batch larger than every client's data is each client's full data: the same minibatches, less padding.
-        self.batch_size = min(context.rule.hp.batch_size, max(1, int(context.data.train_sizes.max())))
-        steps = context.rule.hp.local_epochs * -(-int(context.data.train_sizes.max()) // self.batch_size)
+        largest = max(1, int(context.data.train_sizes.max()))
+        self.batch_size = min(context.rule.hp.batch_size, largest)
+        steps = context.rule.hp.local_epochs * -(-largest // self.batch_size)
         check_fits("algorithm.local_epochs", SCHEDULE_BYTES * steps * self.batch_size,
                    f"the minibatch schedule of one client ({steps} steps of {self.batch_size} samples)")
         self.per_client_bytes = self._client_bytes()
