@@ -54,6 +54,7 @@ import fedsim
 from fedsim.clock import Clock
 from fedsim.data import FederatedData, build_federated_data
 from fedsim.recording import Recorder
+from fedsim.registry import NoParams
 from fedsim.sampling import plan_round
 from fedsim.scenario import load_scenarios
 from fedsim.seeding import Stream, torch_generator
@@ -143,7 +144,7 @@ def build(config: Config, rounds: int, test_fraction: float) -> Simulation:
 
 def fedsim_global_model(sim: Simulation) -> list[torch.Tensor]:
     """Run the simulation's rounds through the protocol `fedsim.run` drives, and return the global parameters."""
-    protocol = SynchronousRounds(sim, Recorder("check", sim.evaluator))
+    protocol = SynchronousRounds(NoParams(), sim, Recorder("check", sim.evaluator))
     clock = Clock()
     protocol.start(clock)
     clock.run(protocol)

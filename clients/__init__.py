@@ -1,15 +1,16 @@
-"""Node-side rules: what a client computes from its own data, as pure functions of tensors.
+"""Node-side rules: what a client or peer computes from its own data, as pure functions of tensors.
 
 A rule is split the way FedJAX splits it (`fedjax/core/for_each_client.py`): `init` builds the step state from the
-server's parameters and the client's persistent state, `step` consumes one minibatch, `final` returns the message
-for the server and the client's new persistent state. The runtime owns the loops, so it can run clients one after
-another, batch them on a vmap axis, mask clients that take fewer steps, and count their work for the clock.
+server's broadcast message, the client's persistent state and facts about its job; `step` consumes one minibatch
+with the runtime's oracle; `final` returns the message for the server and the client's new persistent state. The
+runtime owns the loops, so it can run clients one after another, batch them on a vmap axis, mask clients that
+take fewer steps, and count their work for the clock. A rule declares what one step costs (`step_cost`, in
+gradient evaluations of a minibatch) so the clock charges it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from pydantic import Field
@@ -17,10 +18,44 @@ from pydantic import Field
 from fedsim.params import Pytree
 from fedsim.registry import Params, Registry, import_submodules
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-GradFn = Callable[[Pytree, torch.Tensor, torch.Tensor], Pytree]
-"""`grad(params, x, y)`: gradient of the model's mean minibatch loss; supplied by the runtime."""
 StepState = dict[str, Any]
+JobInfo = dict[str, torch.Tensor]
+"""Facts about a job a rule may read in `init`, as 0-d tensors (batched under vmap): `num_samples` (the client's
+training samples) and `steps` (the local steps it will take)."""
+
+
+class Batch(NamedTuple):
+    """One minibatch, the same type in every runtime: inputs, targets, per-sample weights (1 for a sample, 0 on
+    padding), the job's random key (int64 words, see `fedsim.keyed_random`) and the step's index (0-d int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor
+    key: torch.Tensor
+    step: torch.Tensor
+
+
+class Oracle(Protocol):
+    """What a step may ask of the task, supplied by the runtime; it behaves the same in every runtime and under
+    vmap. Losses are the task's weighted mean over the batch (padding excluded) plus its penalty."""
+
+    def grad(self, params: Pytree, batch: Batch) -> Pytree: ...
+
+    def value_and_grad(self, params: Pytree, batch: Batch) -> tuple[torch.Tensor, Pytree]: ...
+
+    def per_sample_grads(self, params: Pytree, batch: Batch) -> Pytree:
+        """Each sample's loss gradient, leaves with a leading batch axis (padding rows included: weight them by
+        `batch.w`)."""
+        ...
+
+    def normal(self, batch: Batch, like: Pytree, stream: int = 0) -> Pytree:
+        """Standard normals shaped like `like`, keyed by (seed, job, step, stream): the same draws in every
+        runtime."""
+        ...
+
+    def uniform(self, batch: Batch, like: Pytree, stream: int = 0) -> Pytree:
+        """Uniforms in (0, 1) shaped like `like`, keyed like `normal`."""
+        ...
 
 
 class LocalTrainingParams(Params):
@@ -32,18 +67,20 @@ class LocalTrainingParams(Params):
 
 
 class ClientRule(Protocol):
-    """The three pure functions an algorithm's client side consists of, with its hyperparameters bound."""
+    """The pure functions an algorithm's client side consists of, with its hyperparameters bound."""
 
     hp: LocalTrainingParams
+    step_cost: int
+    """Minibatch gradient evaluations per step (SGD 1, SAM 2, pFedMe K + 1): the clock charges work by it."""
 
-    def initial_state(self, global_params: Pytree) -> Pytree | None:
-        """A client's persistent state before its first round (control variates, personal model ...); None for
+    def initial_state(self, server_message: Pytree) -> Pytree | None:
+        """A client's persistent state before its first job (control variates, personal model ...); None for
         stateless rules. Runtimes pass it to `init` for clients they have no state for."""
         ...
 
-    def init(self, global_params: Pytree, client_state: Pytree | None) -> StepState: ...
+    def init(self, server_message: Pytree, client_state: Pytree | None, info: JobInfo) -> StepState: ...
 
-    def step(self, state: StepState, batch: Batch, grad: GradFn) -> StepState: ...
+    def step(self, state: StepState, batch: Batch, oracle: Oracle) -> StepState: ...
 
     def final(self, state: StepState) -> tuple[Pytree, Pytree | None]: ...
 
@@ -52,8 +89,9 @@ ALGORITHMS: Registry = Registry("algorithm")
 """Entries: a ClientRule class constructed with its validated hyperparameters.
 
 Metadata: `stragglers` ("drop": stragglers' work is discarded, as FedAvg in the FedProx paper; "keep": partial
-work is aggregated), `server` (the default server rule's name) and `vectorizable` (default True; a rule whose
-step cannot run under `torch.func.vmap` sets it False and runs sequentially, with a notice).
+work is aggregated), `server` (the default server rule's name), `protocol` (the default protocol's name,
+"synchronous" when not given) and `vectorizable` (default True; a rule whose step cannot run under
+`torch.func.vmap` sets it False and runs sequentially, with a notice).
 """
 
 import_submodules(__name__, __path__)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedsim.clock import Clock
+from fedsim.errors import FedsimError
 from fedsim.metrics_table import MetricsTable
 from fedsim.outputs import RunDirectory, choose_run_dir
 from fedsim.preflight import check_scenario
@@ -21,7 +22,6 @@ from fedsim.recording import Recorder
 from fedsim.report import final_rows, format_table, write_plot
 from fedsim.runtime import mpi
 from fedsim.scenario import ResolvedScenario, load_scenarios, naming_variant
-from fedsim.servers.synchronous import SynchronousRounds
 from fedsim.simulation import Simulation, build_simulation
 
 
@@ -106,16 +106,20 @@ def _run_one(sim: Simulation, run_dir: RunDirectory | None, progress: bool) -> l
     recorder = Recorder(sim.scenario.variant, sim.evaluator,
                         sink=(lambda row: run_dir.append_metrics([row])) if run_dir else (lambda row: None),
                         progress=make_progress(progress, sim.scenario.variant, spec.rounds))
-    protocol = SynchronousRounds(sim, recorder)
+    component = sim.scenario.components["protocol"]
     clock = Clock()
-    protocol.start(clock)
     threads = torch.get_num_threads()
     torch.set_num_threads(sim.runtime.threads)
     try:
+        protocol = component.entry.obj(component.params, sim, recorder)
+        protocol.start(clock)
         clock.run(protocol)
     finally:
         torch.set_num_threads(threads)
         recorder.progress.close()
+    if not clock.stopped:
+        raise FedsimError(f"variant {sim.scenario.variant}: protocol {component.name!r} ran out of events at "
+                          f"simulated time {clock.now:.6g} s before its budget was spent; its metrics so far are kept")
     return recorder.rows
 
 

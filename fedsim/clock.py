@@ -46,6 +46,11 @@ class Clock:
         """End the run after the event being handled."""
         self._stopped = True
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the handler stopped the clock (false when the queue simply emptied)."""
+        return self._stopped
+
     def run(self, handler: EventHandler) -> None:
         """Deliver events in time order until the queue is empty or the handler stops the clock."""
         while self._queue and not self._stopped:

@@ -1,6 +1,7 @@
 """Evaluation of the global model with the FedProx paper's conventions (`flearn/trainers/fedbase.py`): test
-accuracy = sum of correct / sum of test samples over the evaluated clients (sample-weighted); training loss =
-sample-weighted mean of their full-data losses; dissimilarity = (1/N) sum_k ||grad f - grad F_k||^2 with
+metrics (accuracy for classification) = sums over the evaluated clients' test samples / their count
+(sample-weighted); training loss = sample-weighted mean of their full-data losses (the task's loss, plus its penalty
+for the objective a regression with ridge minimises); dissimilarity = (1/N) sum_k ||grad f - grad F_k||^2 with
 grad f = sum_k n_k grad F_k / sum_k n_k, from full-batch local gradients (the paper's "variance of local
 gradients").
 
@@ -14,12 +15,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
+from fedsim.clients import Batch
 from fedsim.data.base import ClientDataSource, FederatedData
-from fedsim.models import Model
+from fedsim.oracle import AutogradOracle
 from fedsim.params import Pytree
-from fedsim.runtime.sequential import autograd_grad
+from fedsim.tasks import Objective
 
 CHUNK_ROWS = 8192
 Sums = dict[str, torch.Tensor]
@@ -30,53 +31,55 @@ def no_reduce(sums: Sums) -> Sums:
 
 
 class Evaluator:
-    """Computes accuracy, losses and (optionally) gradient dissimilarity of a global model."""
+    """Computes the task's test metrics, losses and (optionally) gradient dissimilarity of a global model."""
 
-    def __init__(self, model: Model, data: ClientDataSource, dissimilarity: bool,
+    def __init__(self, objective: Objective, data: ClientDataSource, dissimilarity: bool,
                  clients: Sequence[int] | None = None, reduce: Callable[[Sums], Sums] = no_reduce) -> None:
-        self.model, self.data, self.dissimilarity, self.reduce = model, data, dissimilarity, reduce
+        self.objective, self.data, self.dissimilarity, self.reduce = objective, data, dissimilarity, reduce
         self.clients = list(range(data.num_clients)) if clients is None else list(clients)
         self.whole = clients is None and isinstance(data, FederatedData)
-        self.grad = autograd_grad(model)
+        self.oracle = AutogradOracle(objective)
+        self.metrics = objective.task.metrics
 
     def __call__(self, params: Pytree) -> dict[str, float]:
         sums = self.reduce(self.local_sums(params))
-        metrics = {
-            "accuracy": float(sums["correct"] / sums["test_count"].clamp_min(1)),
-            "loss": float(sums["train_loss"] / sums["train_count"].clamp_min(1)),
-            "test_loss": float(sums["test_loss"] / sums["test_count"].clamp_min(1)),
-        }
+        penalty = float(self.objective.task.penalty(params))
+        metrics = {m: float(sums[f"test_{m}"] / sums["test_count"].clamp_min(1)) for m in self.metrics}
+        metrics["loss"] = float(sums["train_loss"] / sums["train_count"].clamp_min(1)) + penalty
+        metrics["test_loss"] = float(sums["test_loss"] / sums["test_count"].clamp_min(1)) + penalty
         if self.dissimilarity:
             metrics["dissimilarity"] = dissimilarity_from_sums(sums)
         return metrics
 
     def local_sums(self, params: Pytree) -> Sums:
-        """Sums over this evaluator's clients, in float64: losses, correct predictions, sample counts."""
+        """Sums over this evaluator's clients, in float64: losses, test metrics, sample counts."""
         with torch.no_grad():
             if self.whole:
                 d = self.data
-                train = self._loss_and_correct(params, d.x_train, d.y_train)
-                test = self._loss_and_correct(params, d.x_test, d.y_test)
+                train = self._split_sums(params, d.x_train, d.y_train)
+                test = self._split_sums(params, d.x_test, d.y_test)
             else:
-                train, test = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+                train, test = self._zero_sums(), self._zero_sums()
                 for k in self.clients:
-                    train += self._loss_and_correct(params, *self.data.client_train(k))
-                    test += self._loss_and_correct(params, *self.data.client_test(k))
-        sums = {"train_loss": train[0], "train_count": train[2], "test_loss": test[0], "correct": test[1],
-                "test_count": test[2]}
+                    train = _add(train, self._split_sums(params, *self.data.client_train(k)))
+                    test = _add(test, self._split_sums(params, *self.data.client_test(k)))
+        sums = {"train_loss": train["loss"], "train_count": train["count"], "test_loss": test["loss"],
+                "test_count": test["count"], **{f"test_{m}": test[m] for m in self.metrics}}
         if self.dissimilarity:
             sums.update(self._gradient_sums(params))
         return sums
 
-    def _loss_and_correct(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[summed cross-entropy, correct predictions, samples], chunked to bound memory."""
-        out = torch.zeros(3, dtype=torch.float64)
+    def _zero_sums(self) -> Sums:
+        return {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "count", *self.metrics)}
+
+    def _split_sums(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> Sums:
+        """The task's sums over (x, y) and the row count, chunked to bound memory."""
+        out = self._zero_sums()
         for start in range(0, len(y), CHUNK_ROWS):
-            logits = self.model.forward(params, x[start : start + CHUNK_ROWS])
-            target = y[start : start + CHUNK_ROWS]
-            out[0] += nn.functional.cross_entropy(logits.double(), target, reduction="sum")
-            out[1] += (logits.argmax(1) == target).sum()
-            out[2] += len(target)
+            outputs = self.objective.model.forward(params, x[start : start + CHUNK_ROWS])
+            chunk = self.objective.task.eval_sums(outputs, y[start : start + CHUNK_ROWS])
+            out = _add(out, {**chunk, "count": torch.tensor(float(len(y[start : start + CHUNK_ROWS])),
+                                                            dtype=torch.float64)})
         return out
 
     def _gradient_sums(self, params: Pytree) -> Sums:
@@ -95,7 +98,9 @@ class Evaluator:
 
     def _client_gradient(self, params: Pytree, client: int) -> torch.Tensor:
         """Full-batch gradient of client `client`'s mean training loss, flattened, in float64."""
-        grads = self.grad(params, *self.data.client_train(client))
+        x, y = self.data.client_train(client)
+        no_key = torch.zeros(2, dtype=torch.int64)
+        grads = self.oracle.grad(params, Batch(x, y, torch.ones(len(y)), no_key, torch.zeros((), dtype=torch.int64)))
         return torch.cat([g.reshape(-1) for g in grads.values()]).double()
 
 
@@ -103,3 +108,7 @@ def dissimilarity_from_sums(sums: Sums) -> float:
     mean = sums["grad_nsum"] / sums["grad_n"]
     total = sums["grad_sq"] - 2 * mean @ sums["grad_sum"] + sums["grad_clients"] * (mean @ mean)
     return float(total / sums["grad_clients"])
+
+
+def _add(a: Sums, b: Sums) -> Sums:
+    return {k: a[k] + b[k] for k in a}

@@ -13,20 +13,26 @@ Row = dict[str, Any]
 
 
 def final_rows(rows: Sequence[Row]) -> list[Row]:
-    """The last row of each variant, with its best accuracy added, in first-seen variant order."""
+    """The last row of each variant, with its best accuracy added (for tasks that report accuracy), in first-seen
+    variant order."""
     last: dict[str, Row] = {}
     best: dict[str, float] = {}
     for r in rows:
         last[r["variant"]] = r
-        best[r["variant"]] = max(best.get(r["variant"], float("-inf")), r["accuracy"])
-    return [{**row, "best_accuracy": best[v]} for v, row in last.items()]
+        if "accuracy" in r:
+            best[r["variant"]] = max(best.get(r["variant"], float("-inf")), r["accuracy"])
+    return [{**row, "best_accuracy": best[v]} if v in best else dict(row) for v, row in last.items()]
+
+
+def _figure(row: Row, key: str) -> str:
+    return f"{row[key]:.4f}" if key in row else "-"
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table: one line per variant with its final metrics, simulated and real time, and traffic."""
     headers = ["variant", "round", "accuracy", "best acc", "train loss", "sim time (s)", "wall (s)",
                "MB up", "MB down"]
-    lines = [[r["variant"], str(r["round"]), f"{r['accuracy']:.4f}", f"{r['best_accuracy']:.4f}",
+    lines = [[r["variant"], str(r["round"]), _figure(r, "accuracy"), _figure(r, "best_accuracy"),
               f"{r['loss']:.4f}", f"{r['sim_time']:.1f}", f"{r['wall_time']:.1f}",
               f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}"] for r in final_rows(rows)]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
@@ -45,13 +51,14 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    first = ("accuracy", "test accuracy") if all("accuracy" in r for r in rows) else ("test_loss", "test loss")
     for v in variants:
         vr = [r for r in rows if r["variant"] == v]
         for row_i, x_key in enumerate(["round", "sim_time"]):
-            for col_i, y_key in enumerate(["accuracy", "loss"]):
+            for col_i, y_key in enumerate([first[0], "loss"]):
                 axes[row_i][col_i].plot([r[x_key] for r in vr], [r[y_key] for r in vr], label=v)
     for row_i, x_label in enumerate(["round", "simulated time (s)"]):
-        for col_i, y_label in enumerate(["test accuracy", "training loss"]):
+        for col_i, y_label in enumerate([first[1], "training loss"]):
             ax = axes[row_i][col_i]
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)

@@ -1,8 +1,9 @@
 """Scenario files: YAML validated by a schema, `--set a.b=value` overrides, named variants.
 
 Every mistake is caught here, before any work, as one line naming the field and the allowed values. Components
-(`data`, `partition`, `model`, `algorithm`, `server`, `topology`, `systems`, `runtime`) are `{name: ..., **params}`
-mappings resolved against their registries. Files and override values are read by `fedsim.strict_input`: plain
+(`data`, `partition`, `task`, `model`, `algorithm`, `server`, `protocol`, `topology`, `systems`, `runtime`) are
+`{name: ..., **params}` mappings resolved against their registries; `task`, `server` and `protocol` default to the
+data set's and the algorithm's own. Files and override values are read by `fedsim.strict_input`: plain
 YAML only (no code, no object construction), bounded in size, depth and alias expansion, strict about duplicate
 keys. A file may define `variants`: named sets of overrides, each run on top of the base scenario; command-line
 overrides change the base, and a variant's own settings come last.
@@ -28,9 +29,10 @@ from fedsim.models import MODELS
 from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
 from fedsim.sampling import active_count
-from fedsim.servers import SERVERS
+from fedsim.servers import PROTOCOLS, SERVERS
 from fedsim.strict_input import MAX_DEPTH, parse_yaml, plain_data, read_yaml_file, shorten, shorten_key
 from fedsim.systems import SYSTEMS
+from fedsim.tasks import TASKS
 from fedsim.topologies import TOPOLOGIES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -61,14 +63,17 @@ class ScenarioSchema(Params):
 
     name: str = Field("scenario", pattern=NAME_PATTERN, max_length=MAX_NAME)
     seed: int = Field(0, ge=0)
-    rounds: int = Field(ge=1)
+    rounds: int | None = Field(None, ge=1, description="budget in server steps (rounds, server updates)")
+    time_budget: float | None = Field(None, gt=0, description="budget in simulated seconds")
     num_clients: int = Field(ge=1)
-    clients_per_round: int = Field(ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
     data: dict[str, Any]
     partition: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
     model: dict[str, Any]
     algorithm: dict[str, Any]
     server: dict[str, Any] | None = None
+    protocol: dict[str, Any] | None = None
     topology: dict[str, Any] = Field(default_factory=lambda: {"name": "star"})
     systems: dict[str, Any] = Field(default_factory=lambda: {"name": "homogeneous"})
     runtime: dict[str, Any] = Field(default_factory=lambda: {"name": "vectorized"})
@@ -93,8 +98,8 @@ class Component:
 
 
 COMPONENTS: dict[str, Registry] = {
-    "data": DATASETS, "partition": PARTITIONERS, "model": MODELS, "algorithm": ALGORITHMS, "server": SERVERS,
-    "topology": TOPOLOGIES, "systems": SYSTEMS, "runtime": RUNTIMES,
+    "data": DATASETS, "partition": PARTITIONERS, "task": TASKS, "model": MODELS, "algorithm": ALGORITHMS,
+    "server": SERVERS, "protocol": PROTOCOLS, "topology": TOPOLOGIES, "systems": SYSTEMS, "runtime": RUNTIMES,
 }
 
 
@@ -261,9 +266,12 @@ def _resolve_components(spec: ScenarioSchema) -> dict[str, Component]:
     data_entry, _ = DATASETS.resolve(specs["data"], "data")
     if specs["partition"] is None:
         specs["partition"] = {"name": "natural" if data_entry.meta.get("natural") else "iid"}
-    if specs["server"] is None:
+    if specs["task"] is None:
+        specs["task"] = {"name": data_entry.meta.get("task", "classification")}
+    if specs["server"] is None or specs["protocol"] is None:
         algo, _ = ALGORITHMS.resolve(specs["algorithm"], "algorithm")
-        specs["server"] = {"name": algo.meta["server"]}
+        specs["server"] = specs["server"] or {"name": algo.meta["server"]}
+        specs["protocol"] = specs["protocol"] or {"name": algo.meta.get("protocol", "synchronous")}
     out = {}
     for key, registry in COMPONENTS.items():
         entry, params = registry.resolve(specs[key], key)
@@ -279,7 +287,18 @@ def straggler_handling(spec: ScenarioSchema, components: dict[str, Component]) -
 
 def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -> None:
     """Checks that span several fields."""
-    if spec.clients_per_round > spec.num_clients:
+    if spec.rounds is None and spec.time_budget is None:
+        raise ScenarioError("rounds: a run needs a budget: rounds (server steps), time_budget (simulated seconds), "
+                            "or both")
+    protocol = components["protocol"]
+    missing = next((f for f in protocol.entry.meta.get("needs", ()) if getattr(spec, f) is None), None)
+    if missing is not None:
+        raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")
+    data_task = components["data"].entry.meta.get("task", "classification")
+    if components["task"].name != data_task:
+        raise ScenarioError(f"task.name: {components['task'].name!r} does not fit data set "
+                            f"{components['data'].name!r}, whose targets are for {data_task!r}")
+    if spec.clients_per_round is not None and spec.clients_per_round > spec.num_clients:
         raise ScenarioError(
             f"clients_per_round: {spec.clients_per_round} is more than num_clients ({spec.num_clients})"
         )
@@ -300,7 +319,7 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
             f"partition.name: {components['data'].name!r} generates its clients on demand and cannot be "
             f"re-partitioned; use partition 'natural'"
         )
-    active = active_count(spec.clients_per_round, spec.stragglers.fraction)
+    active = active_count(spec.clients_per_round or spec.num_clients, spec.stragglers.fraction)
     if straggler_handling(spec, components) == "drop" and active == 0:
         raise ScenarioError(
             f"stragglers.fraction: {spec.stragglers.fraction} leaves no client of {spec.clients_per_round} per "

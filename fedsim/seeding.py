@@ -19,6 +19,9 @@ class Stream(IntEnum):
     SYSTEMS = 4
     MODEL = 5
     EVALUATION = 6
+    ORACLE = 7
+    SERVER = 8
+    PROTOCOL = 9
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -1,4 +1,5 @@
-"""Builds everything one run needs from a resolved scenario: data, model, rules, runtime, systems, evaluator."""
+"""Builds everything one run needs from a resolved scenario: data, task and model, rules, protocol class, runtime,
+systems, evaluator, and the client state store."""
 
 from __future__ import annotations
 
@@ -19,19 +20,25 @@ from fedsim.scenario import ResolvedScenario
 from fedsim.seeding import Stream, derive_seed, numpy_rng
 from fedsim.servers import ServerRule
 from fedsim.systems import ClientSystems
+from fedsim.tasks import Objective
 
 
 @dataclass
 class Simulation:
     scenario: ResolvedScenario
     data: ClientDataSource
-    model: Model
+    objective: Objective
     rule: ClientRule
     server: ServerRule
     runtime: Runtime
+    states: StateStore
     systems: ClientSystems
     evaluator: Evaluator
     notices: list[str]
+
+    @property
+    def model(self) -> Model:
+        return self.objective.model
 
 
 def state_store(params: RuntimeParams) -> StateStore:
@@ -65,6 +72,7 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
         raise DataError(f"num_clients: the data set built {data.num_clients} clients, not {spec.num_clients}")
     model = build_model(c["model"].name, c["model"].params, data.feature_shape, data.num_classes,
                         derive_seed(spec.seed, Stream.MODEL))
+    objective = Objective(model, c["task"].entry.obj(c["task"].params))
     rule = c["algorithm"].entry.obj(c["algorithm"].params)
     server = c["server"].entry.obj(c["server"].params)
     runtime_entry, runtime_params, notices = c["runtime"].entry, c["runtime"].params, []
@@ -72,15 +80,16 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
         notices.append(f"algorithm {c['algorithm'].name} cannot run vectorized; running it sequentially")
         runtime_entry = RUNTIMES.get("sequential")
         runtime_params = runtime_entry.params(**{k: getattr(runtime_params, k) for k in RuntimeParams.model_fields})
-    context = RuntimeContext(rule, model, data, spec.seed, state_store(runtime_params))
+    states = state_store(runtime_params)
+    context = RuntimeContext(rule, objective, data, spec.seed, states)
     runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
     if comm is None:
-        evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, evaluated)
+        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, evaluated)
     else:
-        runtime = mpi.MPIRuntime(runtime, comm, rule, model.init_params)
+        runtime = mpi.MPIRuntime(runtime, comm)
         mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in owned]
-        evaluator = Evaluator(model, data, spec.evaluation.dissimilarity, mine, runtime.reduce_sums)
+        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, runtime.reduce_sums)
         notices.append(f"running on {comm.Get_size()} MPI ranks")
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
-    return Simulation(scenario, data, model, rule, server, runtime, systems, evaluator, notices)
+    return Simulation(scenario, data, objective, rule, server, runtime, states, systems, evaluator, notices)

@@ -1,7 +1,8 @@
 """System heterogeneity: each client's compute speed and link, and how they turn work and bytes into seconds.
 
 Profiles are registry entries `fn(params, num_clients, rng) -> ClientSystems`; the clock charges a job
-`latency + bytes_down / bandwidth_down` to receive the model, `samples / speed` to train, and
+`latency + bytes_down / bandwidth_down` to receive the model, `work / speed` to train (work: samples processed
+times the rule's gradient evaluations per step), and
 `latency + bytes_up / bandwidth_up` to send its message.
 """
 
@@ -17,18 +18,18 @@ from fedsim.registry import Params, Registry
 
 @dataclass(frozen=True)
 class ClientSystems:
-    """Per-client arrays: speed (training samples per second), latency (s), bandwidths (bytes per second)."""
+    """Per-client arrays: speed (sample-gradient evaluations per second), latency (s), bandwidths (bytes per second)."""
 
     speed: np.ndarray
     latency: np.ndarray
     bandwidth_up: np.ndarray
     bandwidth_down: np.ndarray
 
-    def job_seconds(self, client: int, samples: int, bytes_down: int, bytes_up: int) -> float:
-        """Simulated duration of one job: download, local training, upload."""
+    def job_seconds(self, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
+        """Simulated duration of one job: download, local training (`work` sample-gradient evaluations), upload."""
         down = self.latency[client] + bytes_down / self.bandwidth_down[client]
         up = self.latency[client] + bytes_up / self.bandwidth_up[client]
-        return float(down + samples / self.speed[client] + up)
+        return float(down + work / self.speed[client] + up)
 
 
 SYSTEMS: Registry = Registry("systems profile")

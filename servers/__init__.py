@@ -1,16 +1,22 @@
-"""Coordination rules: how client messages are combined into the next global model, and when.
+"""Coordination rules: how client results are combined (server rules) and when things happen (protocols).
 
-A server rule sees the sample-weighted mean of the clients' messages (a sum, so it reduces across MPI ranks or
-devices the same way) and updates its state: `init(params) -> state`, `update(state, mean_message) -> state`.
-The state always holds the global model under "params", plus whatever the rule keeps (momentum, moments).
+A server rule is `init(params) -> state`, `broadcast(state) -> server_message` (the model, plus whatever its clients
+need: SCAFFOLD's control variate) and `update(state, aggregate) -> state`, where the aggregate
+(`fedsim.aggregation.Aggregate`) carries per-key weighted means, the count of results, total weights, the
+population size, the round, the server's random key and, for rules registered with `per_result=True`, every
+result's message. The state always holds the global model under "params".
+
+A protocol (`PROTOCOLS`, one file each) owns the event handling on the virtual clock, its budget and its state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
+from fedsim.aggregation import Aggregate
 from fedsim.params import Pytree
 from fedsim.registry import Params, Registry, import_submodules
 
@@ -29,10 +35,35 @@ class ServerRule(Protocol):
 
     def init(self, params: Pytree) -> ServerState: ...
 
-    def update(self, state: ServerState, mean_message: Pytree) -> ServerState: ...
+    def broadcast(self, state: ServerState) -> Pytree: ...
+
+    def weighting(self, template: Pytree) -> dict[str, str]:
+        """How each top-level key of the clients' messages is weighted ("samples" or "uniform")."""
+        ...
+
+    def update(self, state: ServerState, aggregate: Aggregate) -> ServerState: ...
+
+
+class ServerBase:
+    """Defaults most server rules share: broadcast the model alone, weight every message key by `hp.weighting`."""
+
+    hp: ServerParams
+    key_weighting: Mapping[str, str] = {}
+    """Message keys weighted otherwise than `hp.weighting` (e.g. SCAFFOLD's control deltas: "uniform")."""
+
+    def broadcast(self, state: ServerState) -> Pytree:
+        return {"params": state["params"]}
+
+    def weighting(self, template: Pytree) -> dict[str, str]:
+        return {key: self.key_weighting.get(key, self.hp.weighting) for key in template}
 
 
 SERVERS: Registry = Registry("server rule")
-"""Entries: a ServerRule class constructed with its validated parameters."""
+"""Entries: a ServerRule class constructed with its validated parameters. Metadata: `per_result` (True: the
+aggregate also carries every result's message)."""
+
+PROTOCOLS: Registry = Registry("protocol")
+"""Entries: a protocol class constructed with `(params, simulation, recorder)`; see `fedsim.protocol`. Metadata:
+`needs` (top-level scenario fields the protocol requires, e.g. `clients_per_round`)."""
 
 import_submodules(__name__, __path__)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedsim.params import Pytree, tree_zeros_like
-from fedsim.servers import SERVERS, ServerParams, ServerState
+from fedsim.optim import Transform, chain, scale, trace
+from fedsim.servers import SERVERS, ServerParams
+from fedsim.servers.fedavg import FedOpt
 
 
 class FedAvgMParams(ServerParams):
@@ -13,16 +14,10 @@ class FedAvgMParams(ServerParams):
 
 
 @SERVERS.register("fedavgm", params=FedAvgMParams)
-class FedAvgMServer:
+class FedAvgMServer(FedOpt):
     """Server momentum: v <- beta v + mean(delta); w <- w + lr v."""
 
-    def __init__(self, hp: FedAvgMParams) -> None:
-        self.hp = hp
+    hp: FedAvgMParams
 
-    def init(self, params: Pytree) -> ServerState:
-        return {"params": params, "velocity": tree_zeros_like(params)}
-
-    def update(self, state: ServerState, mean_message: Pytree) -> ServerState:
-        beta, lr, delta = self.hp.momentum, self.hp.lr, mean_message["delta"]
-        v = {k: beta * state["velocity"][k] + delta[k] for k in delta}
-        return {"params": {k: w + lr * v[k] for k, w in state["params"].items()}, "velocity": v}
+    def optimizer(self) -> Transform:
+        return chain(trace(self.hp.momentum), scale(self.hp.lr))

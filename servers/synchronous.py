@@ -1,36 +1,25 @@
-"""Synchronous rounds on the virtual clock: the server samples clients, sends each the model, waits for every
-client whose work it keeps, aggregates, and starts the next round. FedAvg and FedProx run on it; buffered and
-asynchronous protocols will be other event handlers on the same clock.
-"""
+"""Synchronous rounds on the virtual clock: the server samples clients, broadcasts its message to each, waits for
+every client whose work it keeps, aggregates, and starts the next round (FedAvg and FedProx's protocol; the FedProx
+paper's straggler model: a sampled fraction of clients runs fewer epochs, and the rule keeps or drops them)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fedsim.clock import Clock, Event
-from fedsim.errors import DivergenceError
-from fedsim.params import tree_is_finite, tree_nbytes
-from fedsim.recording import Recorder, Traffic
+from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
+from fedsim.recording import Recorder
+from fedsim.registry import NoParams
 from fedsim.runtime import Job, JobResult
 from fedsim.sampling import plan_round
-
-if TYPE_CHECKING:
-    from fedsim.simulation import Simulation
-
-SAMPLE_COUNT_BYTES = 8
-"""Each message carries its client's sample count (an int64) next to its tensors."""
+from fedsim.servers import PROTOCOLS
 
 
-class SynchronousRounds:
-    """Event handler for `round_start` and `arrival` events."""
+@PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",))
+class SynchronousRounds(ProtocolBase):
+    """Event handler for `round_start` and `arrival` events; jobs are numbered by their round."""
 
-    def __init__(self, sim: Simulation, recorder: Recorder) -> None:
-        self.sim, self.recorder = sim, recorder
-        self.spec = sim.scenario.spec
+    def __init__(self, params: NoParams, sim, recorder: Recorder) -> None:
+        super().__init__(params, sim, recorder)
         self.drop_stragglers = sim.scenario.straggler_handling == "drop"
-        self.state = sim.server.init(sim.model.init_params)
-        self.model_bytes = tree_nbytes(sim.model.init_params)
-        self.traffic = Traffic()
         self.round = 0
         self.awaiting = 0
         self.received: list[tuple[int, JobResult]] = []
@@ -47,24 +36,25 @@ class SynchronousRounds:
             raise ValueError(f"synchronous rounds got an unknown event {event.kind!r}")
 
     def _start_round(self, t: int, clock: Clock) -> None:
-        spec = self.spec
-        row = None
-        if t % spec.evaluation.every == 0 or t == spec.rounds:
-            row = self.recorder.evaluate(t, clock.now, self.state["params"], self.traffic)
-        if t == spec.rounds:
+        spec, sim = self.spec, self.sim
+        row = self.evaluate_if_due(t, clock.now)
+        if self.budget_spent(t, clock.now):
             clock.stop()
             return
-        hp = self.sim.rule.hp
-        plan = plan_round(spec.seed, t, self.sim.data.train_sizes, spec.clients_per_round,
-                          spec.stragglers.fraction, hp.local_epochs, hp.batch_size)
-        self.traffic.down += self.model_bytes * len(plan.clients)
-        jobs = [Job(int(c), int(s), t) for c, s, late in zip(plan.clients, plan.steps, plan.straggler, strict=True)
+        hp = sim.rule.hp
+        plan = plan_round(spec.seed, t, sim.data.train_sizes, spec.clients_per_round, spec.stragglers.fraction,
+                          hp.local_epochs, hp.batch_size)
+        message = sim.server.broadcast(self.state)
+        down = self.message_bytes(message)
+        self.traffic.down += down * len(plan.clients)
+        jobs = [Job(t, int(c), int(s), version=t) for c, s, late in zip(plan.clients, plan.steps, plan.straggler,
+                                                                        strict=True)
                 if not (late and self.drop_stragglers)]
-        results = self.sim.runtime.run_jobs(jobs, self.state["params"])
+        results = sim.runtime.run_jobs(jobs, message)
         self.round, self.awaiting, self.received = t, len(results), []
         for order, result in enumerate(results):
             up = result.message_bytes + SAMPLE_COUNT_BYTES
-            seconds = self.sim.systems.job_seconds(result.client, result.samples_processed, self.model_bytes, up)
+            seconds = sim.systems.job_seconds(result.client, result.work, down, up)
             clock.schedule(seconds, "arrival", result=result, order=order, bytes_up=up)
         self.recorder.progress.advance(t, row)
         if not results:
@@ -72,15 +62,9 @@ class SynchronousRounds:
 
     def _arrive(self, event: Event, clock: Clock) -> None:
         self.traffic.up += event.payload["bytes_up"]
+        self.commit(event.payload["result"])
         self.received.append((event.payload["order"], event.payload["result"]))
         if len(self.received) < self.awaiting:
             return
-        results = [r for _, r in sorted(self.received, key=lambda pair: pair[0])]
-        mean = self.sim.runtime.aggregate(results, self.sim.server.hp.weighting)
-        self.state = self.sim.server.update(self.state, mean)
-        if not tree_is_finite(self.state["params"]):
-            raise DivergenceError(
-                f"variant {self.sim.scenario.variant}, round {self.round}: the global model has NaN/inf parameters; "
-                f"the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
-            )
+        self.apply([r for _, r in sorted(self.received, key=lambda pair: pair[0])], self.round)
         clock.schedule(0.0, "round_start", round=self.round + 1)

@@ -32,11 +32,11 @@ def tiny() -> dict[str, Any]:
 class CarrySGD(LocalSGD):
     """Test rule with persistent client state: the sum of the client's past model changes."""
 
-    def initial_state(self, global_params):
-        return {k: torch.zeros_like(v) for k, v in global_params.items()}
+    def initial_state(self, server_message):
+        return {k: torch.zeros_like(v) for k, v in server_message["params"].items()}
 
-    def init(self, global_params, client_state):
-        return {**super().init(global_params, client_state), "carried": client_state}
+    def init(self, server_message, client_state, info):
+        return {**super().init(server_message, client_state, info), "carried": client_state}
 
     def final(self, state):
         message, _ = super().final(state)
@@ -49,3 +49,4 @@ def carry_rule(monkeypatch) -> str:
     monkeypatch.setitem(ALGORITHMS._entries, "carry",
                         Entry("carry", CarrySGD, LocalTrainingParams, {"stragglers": "keep", "server": "fedavg"}))
     return "carry"
+

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rulekit import FixedGradient, aggregate_of, batch_of
 
 import fedsim
-from fedsim.aggregation import weighted_mean
+from fedsim.aggregation import finish_means, total_weights, weighted_sums
 from fedsim.clients import ALGORITHMS
 from fedsim.clients.fedprox import FedProx, FedProxParams
-from fedsim.runtime import JobResult
+from fedsim.runtime import Job, JobResult
 from fedsim.servers import ServerParams
 from fedsim.servers.fedadam import FedAdamParams, FedAdamServer
 from fedsim.servers.fedavg import FedAvgServer
@@ -23,9 +24,9 @@ def metrics_without_wall_time(result):
 def test_fedprox_step_is_sgd_on_the_proximal_objective():
     rule = FedProx(FedProxParams(lr=0.1, mu=2.0))
     w0 = {"w": torch.tensor([1.0, -1.0])}
-    state = rule.init(w0, None)
+    state = rule.init({"params": w0}, None, {})
     state = {**state, "params": {"w": torch.tensor([2.0, 0.0])}}
-    state = rule.step(state, (torch.zeros(1), torch.zeros(1)), lambda p, x, y: {"w": torch.tensor([0.5, 0.5])})
+    state = rule.step(state, batch_of(torch.zeros(1), torch.zeros(1)), FixedGradient({"w": torch.tensor([0.5, 0.5])}))
     # w - lr (g + mu (w - w0)) = [2, 0] - 0.1 ([0.5, 0.5] + 2 [1, 1]) = [1.75, -0.25]
     torch.testing.assert_close(state["params"]["w"], torch.tensor([1.75, -0.25]))
     message, client_state = rule.final(state)
@@ -67,38 +68,52 @@ def test_larger_mu_keeps_clients_closer_to_the_global_model(tiny):
     assert moved[0] > moved[1] > moved[2]
 
 
-def result(delta: list[float], n: int) -> JobResult:
-    return JobResult.of(0, {"delta": {"w": torch.tensor(delta)}}, n, n)
+def result(delta: list[float], control: list[float], n: int) -> JobResult:
+    message = {"delta": {"w": torch.tensor(delta)}, "control": {"w": torch.tensor(control)}}
+    return JobResult(Job(0, 0, 1), message, n, n, 16)
 
 
-def test_weighted_mean_weights_by_samples_or_uniformly():
-    results = [result([1.0, 0.0], 1), result([0.0, 4.0], 3)]
-    torch.testing.assert_close(weighted_mean(results, "samples")["delta"]["w"], torch.tensor([0.25, 3.0]))
-    torch.testing.assert_close(weighted_mean(results, "uniform")["delta"]["w"], torch.tensor([0.5, 2.0]))
+def test_weighted_means_weight_each_message_key_by_samples_or_uniformly():
+    results = [result([1.0, 0.0], [1.0, 0.0], 1), result([0.0, 4.0], [0.0, 4.0], 3)]
+    weighting = {"delta": "samples", "control": "uniform"}
+    template = results[0].message
+    mean = finish_means(weighted_sums(results, weighting, template), total_weights(results, weighting), template)
+    torch.testing.assert_close(mean["delta"]["w"], torch.tensor([0.25, 3.0]))
+    torch.testing.assert_close(mean["control"]["w"], torch.tensor([0.5, 2.0]))
+    assert total_weights(results, weighting) == {"delta": 4.0, "control": 2.0}
 
 
 def test_fedavg_server_adds_the_scaled_mean_change():
     server = FedAvgServer(ServerParams(lr=0.5))
-    state = server.update(server.init({"w": torch.tensor([1.0])}), {"delta": {"w": torch.tensor([2.0])}})
+    state = server.update(server.init({"w": torch.tensor([1.0])}), aggregate_of({"delta": {"w": torch.tensor([2.0])}}))
     torch.testing.assert_close(state["params"]["w"], torch.tensor([2.0]))
 
 
 def test_fedavgm_accumulates_momentum():
     server = FedAvgMServer(FedAvgMParams(lr=1.0, momentum=0.5))
     state = server.init({"w": torch.tensor([0.0])})
-    delta = {"delta": {"w": torch.tensor([1.0])}}
+    delta = aggregate_of({"delta": {"w": torch.tensor([1.0])}})
     state = server.update(state, delta)  # v = 1, w = 1
     state = server.update(state, delta)  # v = 1.5, w = 2.5
-    torch.testing.assert_close(state["velocity"]["w"], torch.tensor([1.5]))
+    torch.testing.assert_close(state["opt"]["0"]["velocity"]["w"], torch.tensor([1.5]))
     torch.testing.assert_close(state["params"]["w"], torch.tensor([2.5]))
 
 
 def test_fedadam_follows_reddi_et_al_algorithm_2():
     hp = FedAdamParams(lr=0.1, beta1=0.9, beta2=0.99, tau=0.01)
     server = FedAdamServer(hp)
-    state = server.update(server.init({"w": torch.tensor([0.0])}), {"delta": {"w": torch.tensor([2.0])}})
+    state = server.update(server.init({"w": torch.tensor([0.0])}), aggregate_of({"delta": {"w": torch.tensor([2.0])}}))
     m, v = 0.1 * 2.0, 0.01 * 4.0
     torch.testing.assert_close(state["params"]["w"], torch.tensor([0.1 * m / (v**0.5 + 0.01)]))
+
+
+def test_fedadam_bias_correction_is_an_option_off_by_default():
+    corrected = FedAdamServer(FedAdamParams(lr=0.1, beta1=0.9, beta2=0.99, tau=0.01, bias_correction=True))
+    state = corrected.update(corrected.init({"w": torch.tensor([0.0])}),
+                             aggregate_of({"delta": {"w": torch.tensor([2.0])}}))
+    # Kingma & Ba: m_hat = m / (1 - b1) = 2, v_hat = v / (1 - b2) = 4; step = lr * 2 / (2 + tau).
+    torch.testing.assert_close(state["params"]["w"], torch.tensor([0.1 * 2.0 / (2.0 + 0.01)]))
+    assert FedAdamParams().bias_correction is False
 
 
 @pytest.mark.parametrize(("server", "lr"), [("fedavgm", 0.5), ("fedadam", 0.02)])

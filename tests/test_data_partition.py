@@ -228,7 +228,7 @@ def test_builder_refuses_natural_partition_of_central_data():
     with pytest.raises(DataError) as err:
         build_federated_data("digits", {}, "natural", {}, 10, seed=0)
     assert str(err.value) == (
-        "partition.name: 'natural' needs a data set with its own clients (synthetic, synthetic_iid, "
+        "partition.name: 'natural' needs a data set with its own clients (least_squares, synthetic, synthetic_iid, "
         "synthetic_population); "
         "'digits' has none"
     )

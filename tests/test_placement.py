@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def jobs(*clients: int) -> list[Job]:
-    return [Job(c, 1, 0) for c in clients]
+    return [Job(0, c, 1) for c in clients]
 
 
 def test_auto_picks_what_exists():

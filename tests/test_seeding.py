@@ -26,10 +26,10 @@ def test_torch_generators_draw_what_torch_generator_draws():
         assert torch.equal(torch.randperm(50, generator=generator), expected)
 
 
-def test_local_generators_follow_each_jobs_round_and_client():
-    jobs = [Job(3, 1, 0), Job(8, 1, 2), Job(5, 1, 0)]
+def test_local_generators_follow_each_jobs_id_and_client():
+    jobs = [Job(0, 3, 1), Job(2, 8, 1), Job(0, 5, 1)]
     for job, generator in zip(jobs, local_generators(11, jobs), strict=True):
-        assert generator.initial_seed() == derive_seed(11, Stream.LOCAL, job.round, job.client)
+        assert generator.initial_seed() == derive_seed(11, Stream.LOCAL, job.id, job.client)
 
 
 def test_keys_beyond_32_bits_in_the_batched_position_are_refused():

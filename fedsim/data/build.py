@@ -52,13 +52,15 @@ def _take(x: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
 def gather(
     x: np.ndarray, y: np.ndarray, train: list[np.ndarray], test: list[np.ndarray], num_classes: int
 ) -> FederatedData:
-    """FederatedData whose client k holds rows train[k] / test[k] of (x, y) (float32 x, int64 y)."""
+    """FederatedData whose client k holds rows train[k] / test[k] of (x, y): float32 x; int64 labels for an
+    integer or bool y, float32 targets for a floating y."""
+    y_dtype = np.float32 if np.issubdtype(y.dtype, np.floating) else np.int64
     return FederatedData.from_offsets(
         x_train=torch.from_numpy(np.ascontiguousarray(_take(x, train), dtype=np.float32)),
-        y_train=torch.from_numpy(np.ascontiguousarray(_take(y, train), dtype=np.int64)),
+        y_train=torch.from_numpy(np.ascontiguousarray(_take(y, train), dtype=y_dtype)),
         train_offsets=_offsets(train),
         x_test=torch.from_numpy(np.ascontiguousarray(_take(x, test), dtype=np.float32)),
-        y_test=torch.from_numpy(np.ascontiguousarray(_take(y, test), dtype=np.int64)),
+        y_test=torch.from_numpy(np.ascontiguousarray(_take(y, test), dtype=y_dtype)),
         test_offsets=_offsets(test),
         num_classes=num_classes,
     )

@@ -1,5 +1,5 @@
 """What the in-process runtimes share: settings for threads, devices, placement and client-state memory, and
-the loop that spreads a round's jobs over devices and files the clients' new states."""
+the loop that spreads jobs over devices, each device with its own copy of the model and of the jobs' starts."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ from pydantic import Field, field_validator
 
 from fedsim.params import Pytree, tree_to
 from fedsim.registry import Params
-from fedsim.runtime import InProcess, Job, JobResult
+from fedsim.runtime import InProcess, Job, JobResult, Starts, jobs_starts
 from fedsim.runtime.context import RuntimeContext
 from fedsim.runtime.placement import Placement, PlacementParams, resolve_devices
 from fedsim.sizes import parse_bytes
-
-Outcome = tuple[JobResult, Pytree | None]
-"""A job's result and the client's new persistent state."""
+from fedsim.tasks import Objective
 
 
 class RuntimeParams(Params):
@@ -43,24 +41,27 @@ class PlacedRuntime(InProcess, ABC):
         self.devices = resolve_devices(params.devices)
         self.placement = Placement(self.devices, params.placement)
         # functional_call swaps parameters into the module while it runs, so concurrent workers each need a copy.
-        self.models = [context.model] + [copy.deepcopy(context.model) for _ in self.devices[1:]]
+        task = context.objective.task
+        self.objectives = [context.objective] + [Objective(copy.deepcopy(context.model), task)
+                                                 for _ in self.devices[1:]]
 
-    def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
+    def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
         ctx = self.ctx
-        states = [ctx.client_state(j.client, global_params) for j in jobs]
-        copies = {d: tree_to(global_params, d) for d in set(self.devices)}
+        per_job = jobs_starts(jobs, starts)
+        states = [ctx.client_state(j.client, start) for j, start in zip(jobs, per_job, strict=True)]
+        # Each distinct start goes to each device once (a shared start, or the few versions async jobs start from).
+        distinct = {id(s): s for s in per_job}
+        copies = {(key, d): tree_to(s, d) for key, s in distinct.items() for d in set(self.devices)}
 
-        def work(slot: int, positions: list[int]) -> list[Outcome]:
+        def work(slot: int, positions: list[int]) -> list[JobResult]:
+            device = self.devices[slot]
             return self.run_on(slot, [jobs[p] for p in positions], [states[p] for p in positions],
-                               copies[self.devices[slot]])
+                               [copies[id(per_job[p]), device] for p in positions])
 
-        outcomes = self.placement.run(jobs, work)
-        for job, (_, state) in zip(jobs, outcomes, strict=True):
-            ctx.states.put(job.client, state)
-        return [result for result, _ in outcomes]
+        return self.placement.run(jobs, work)
 
     @abstractmethod
     def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-               global_params: Pytree) -> list[Outcome]:
-        """Run `jobs` (with the clients' current states) on worker `slot`'s device, with its own model copy,
-        from the model `global_params` already on that device."""
+               starts: list[Pytree]) -> list[JobResult]:
+        """Run `jobs` (with the clients' current states) on worker `slot`'s device, with its own model copy, each
+        from its start (the server message, already on that device; jobs sharing a start share the object)."""

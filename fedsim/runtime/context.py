@@ -1,4 +1,5 @@
-"""What a runtime needs to run client rules: the rule, the model, the clients' data, the seed and client state."""
+"""What a runtime needs to run client rules: the rule, the objective (model and task), the clients' data, the seed
+and the client state store."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree
 from fedsim.seeding import Stream, torch_generators
+from fedsim.tasks import Objective
 
 if TYPE_CHECKING:
     from fedsim.runtime import Job
@@ -51,17 +53,21 @@ class ClientStateStore:
 @dataclass
 class RuntimeContext:
     rule: ClientRule
-    model: Model
+    objective: Objective
     data: ClientDataSource
     seed: int
     states: StateStore = field(default_factory=ClientStateStore)
     on_device: dict[torch.device, FederatedData] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def client_state(self, client: int, global_params: Pytree) -> Pytree | None:
+    @property
+    def model(self) -> Model:
+        return self.objective.model
+
+    def client_state(self, client: int, server_message: Pytree) -> Pytree | None:
         """The client's stored state, or the rule's initial state for a client seen for the first time."""
         state = self.states.get(client)
-        return self.rule.initial_state(global_params) if state is None else state
+        return self.rule.initial_state(server_message) if state is None else state
 
 
 def local_batches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -78,11 +84,11 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
 
 
 def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
-    """Each job's minibatch generator, `torch_generator(seed, LOCAL, round, client)`, derived for all jobs of a
-    round at once (`torch_generators`)."""
+    """Each job's minibatch generator, `torch_generator(seed, LOCAL, job.id, client)`, derived for all jobs with
+    the same id at once (`torch_generators`)."""
     out: dict[int, torch.Generator] = {}
-    for r in sorted({job.round for job in jobs}):
-        positions = [i for i, job in enumerate(jobs) if job.round == r]
+    for r in sorted({job.id for job in jobs}):
+        positions = [i for i, job in enumerate(jobs) if job.id == r]
         made = torch_generators(seed, Stream.LOCAL, r, last=[jobs[i].client for i in positions])
         out.update(zip(positions, made, strict=True))
     return [out[i] for i in range(len(jobs))]

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.aggregation import finish_mean, total_weight, weighted_sum
-from fedsim.clients import ClientRule
+from fedsim.aggregation import Sums, weighted_sums
 from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
-from fedsim.runtime import Job, JobResult, Runtime
+from fedsim.runtime import Job, JobResult, Runtime, Starts, jobs_starts
 
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -123,33 +122,57 @@ def allreduce_tree(comm: Any, tree: Pytree) -> Pytree:
     return tree_map(lambda _: next(it), tree)
 
 
-def message_template(rule: ClientRule, params: Pytree) -> Pytree:
-    """The shape of the rule's messages (from a client that takes no step), so every rank can add up its share
-    even in rounds where it runs no job."""
-    state = rule.init(params, rule.initial_state(params))
-    return tree_map(torch.zeros_like, rule.final(state)[0])
-
-
 class MPIRuntime:
     """Wraps the scenario's runtime: runs this rank's jobs with it and reduces across ranks."""
 
-    def __init__(self, inner: Runtime, comm: Any, rule: ClientRule, params: Pytree) -> None:
+    def __init__(self, inner: Runtime, comm: Any) -> None:
         self.inner, self.comm, self.threads = inner, comm, inner.threads
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
-        self.template = message_template(rule, params)
 
-    def run_jobs(self, jobs: Sequence[Job], global_params: Pytree) -> list[JobResult]:
-        local = {r.client: r for r in self.inner.run_jobs(
-            [j for j in jobs if j.client % self.size == self.rank], global_params)}
-        shared = self.comm.allgather(
-            [(r.client, r.num_samples, r.samples_processed, r.message_bytes) for r in local.values()])
-        remote = {c: JobResult(c, None, n, p, b) for part in shared for c, n, p, b in part if c not in local}
-        return [local.get(j.client) or remote[j.client] for j in jobs]
+    def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
+        per_job = jobs_starts(jobs, starts)
+        mine = [i for i, j in enumerate(jobs) if j.client % self.size == self.rank]
+        shared_start = isinstance(starts, dict)
+        ran = self.inner.run_jobs([jobs[i] for i in mine], starts if shared_start else [per_job[i] for i in mine])
+        local = dict(zip(mine, ran, strict=True))
+        shared = self.comm.allgather([(i, r.num_samples, r.work, r.message_bytes) for i, r in local.items()])
+        remote = {i: JobResult(jobs[i], None, n, w, b) for part in shared for i, n, w, b in part if i not in local}
+        return [local.get(i) or remote[i] for i in range(len(jobs))]
 
-    def aggregate(self, results: Sequence[JobResult], weighting: str) -> Pytree:
-        summed = allreduce_tree(self.comm, weighted_sum(results, weighting, self.template))
-        return finish_mean(summed, total_weight(results, weighting), self.template)
+    def reduce(self, results: Sequence[JobResult], weighting: dict[str, str], template: Pytree) -> Sums:
+        return allreduce_tree(self.comm, weighted_sums(results, weighting, template))
+
+    def gather_messages(self, results: Sequence[JobResult]) -> list[Pytree]:
+        """Every rank gets every result's message (per-result server rules): flat float64 arrays via allgather."""
+        held = [(i, np.concatenate([leaf.reshape(-1).double().numpy() for leaf in tree_leaves(r.message)]))
+                for i, r in enumerate(results) if r.here]
+        template = next((r.message for r in results if r.here), None)
+        templates = self.comm.allgather(None if template is None else tree_map(lambda v: (v.shape, v.dtype),
+                                                                                  template))
+        template = next(t for t in templates if t is not None)
+        flat = {i: a for part in self.comm.allgather(held) for i, a in part}
+        return [_unflatten(flat[i], template) for i in range(len(results))]
 
     def reduce_sums(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add up evaluation sums (float64 tensors) over ranks."""
         return allreduce_tree(self.comm, {k: v.double() for k, v in sums.items()})
+
+
+def _unflatten(flat: np.ndarray, shapes: Pytree) -> Pytree:
+    """A message from its flat float64 array and its leaves' (shape, dtype)."""
+    out, start = {}, 0
+    for key, value in shapes.items():
+        if isinstance(value, dict):
+            size = sum(int(np.prod(shape)) for shape, _ in _leaf_specs(value))
+            out[key] = _unflatten(flat[start : start + size], value)
+            start += size
+        else:
+            shape, dtype = value
+            size = int(np.prod(shape))
+            out[key] = torch.from_numpy(flat[start : start + size].copy()).reshape(shape).to(dtype)
+            start += size
+    return out
+
+
+def _leaf_specs(shapes: Pytree) -> list[tuple[Any, Any]]:
+    return [spec for v in shapes.values() for spec in (_leaf_specs(v) if isinstance(v, dict) else [v])]

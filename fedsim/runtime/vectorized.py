@@ -18,22 +18,22 @@ import math
 import operator
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from pydantic import Field, field_validator
-from torch.func import grad as func_grad
 from torch.func import vmap
 from torch.nn.utils.rnn import pad_sequence
 
-from fedsim.clients import Batch, ClientRule, GradFn
+from fedsim.clients import Batch, ClientRule
 from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
+from fedsim.oracle import AutogradOracle, FuncOracle
 from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to, tree_unstack
 from fedsim.resources import check_fits
 from fedsim.runtime import RUNTIMES, Job, JobResult
-from fedsim.runtime.base import Outcome, PlacedRuntime, RuntimeParams
+from fedsim.runtime.base import PlacedRuntime, RuntimeParams
 from fedsim.runtime.context import (
     RuntimeContext,
     client_tensors,
@@ -41,8 +41,9 @@ from fedsim.runtime.context import (
     local_generators,
     padded_schedule,
 )
-from fedsim.runtime.sequential import autograd_grad
+from fedsim.runtime.local import job_info, job_keys, local_steps
 from fedsim.sizes import parse_bytes
+from fedsim.tasks import Objective
 
 
 class VectorizedParams(RuntimeParams):
@@ -64,49 +65,23 @@ SCHEDULE_BYTES = 32
 """Bytes per scheduled sample of a client's local steps (row index, weight, padding mask and their temporaries)."""
 
 
-def cross_entropy_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each sample as logsumexp(logits) - logits[y]: the value of F.cross_entropy (to float
-    rounding), but under vmap on CPU about twice as fast for few classes, where torch's log_softmax kernel costs
-    ~100 ns a row and nll_loss's batching rule adds a dozen ops."""
-    return torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
 Step = Callable[[Pytree, Batch], Pytree]
 """A vmapped step of a chunk of clients: (stacked step state, stacked minibatch) -> new step state."""
 MaskedStep = Callable[[Pytree, Batch, torch.Tensor], Pytree]
 """A vmapped step that only changes the state of clients whose entry in the boolean tensor is True."""
 
 
-def weighted_loss_grad(model: Model) -> GradFn:
-    """Gradient of sum_i w_i loss_i / sum_i w_i over a padded minibatch (weights 0 on padding), by torch.func."""
-
-    def loss(params: Pytree, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        per_sample = cross_entropy_per_sample(model.forward(params, x), y)
-        return (per_sample * w).sum() / w.sum().clamp_min(1.0)
-
-    return func_grad(loss)
-
-
-def mean_loss_grad(model: Model) -> GradFn:
-    """Gradient of the mean minibatch loss, by torch.func: for steps where every client has a full batch."""
-
-    def loss(params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_per_sample(model.forward(params, x), y).mean()
-
-    return func_grad(loss)
-
-
-def batched_steps(rule: ClientRule, model: Model) -> tuple[Step, Step]:
-    """The rule's step vmapped over a leading client axis, for full minibatches (mean loss) and for padded ones
-    (weighted loss)."""
+def batched_steps(rule: ClientRule, objective: Objective) -> tuple[Step, Step]:
+    """The rule's step vmapped over a leading client axis, for full minibatches (the plain mean loss) and for
+    padded ones (the weighted loss)."""
     vmapped = vmap(rule.step, in_dims=(0, 0, None))
-    full_grad, padded_grad = mean_loss_grad(model), weighted_loss_grad(model)
+    full_oracle, padded_oracle = FuncOracle(objective, weighted=False), FuncOracle(objective, weighted=True)
 
     def full(state: Pytree, batch: Batch) -> Pytree:
-        return vmapped(state, batch, full_grad)
+        return vmapped(state, batch, full_oracle)
 
     def padded(state: Pytree, batch: Batch) -> Pytree:
-        return vmapped(state, batch, padded_grad)
+        return vmapped(state, batch, padded_oracle)
 
     return full, padded
 
@@ -158,11 +133,12 @@ class VectorizedRuntime(PlacedRuntime):
         if params.compile and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
             raise ScenarioError("runtime.compile: torch.compile needs a C++ compiler (g++, c++ or clang++, or $CXX) "
                                 "and none was found; install one or set compile: false")
-        self.full_steps, self.padded_steps = zip(*(batched_steps(context.rule, m) for m in self.models), strict=True)
+        self.full_steps, self.padded_steps = zip(*(batched_steps(context.rule, o) for o in self.objectives),
+                                                 strict=True)
         self.compiled_steps = [compiled_steps(full, padded) for full, padded in
                                zip(self.full_steps, self.padded_steps, strict=True)] if params.compile else []
-        self.sizes_compiled: list[set[int]] = [set() for _ in self.models]
-        self.alone_grads = [autograd_grad(model) for model in self.models]
+        self.sizes_compiled: list[set[int]] = [set() for _ in self.objectives]
+        self.alone_oracles = [AutogradOracle(objective) for objective in self.objectives]
         # A batch larger than every client's data is each client's full data: the same minibatches, less padding.
         largest = max(1, int(context.data.train_sizes.max()))
         self.batch_size = min(context.rule.hp.batch_size, largest)
@@ -188,51 +164,67 @@ class VectorizedRuntime(PlacedRuntime):
         return 6 * params + batch * (sample + 3 * activation_bytes_per_sample(model, shape))
 
     def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-               global_params: Pytree) -> list[Outcome]:
-        out: list[Outcome] = []
+               starts: list[Pytree]) -> list[JobResult]:
+        out: list[JobResult] = []
         for start in range(0, len(jobs), self.chunk_size):
             stop = start + self.chunk_size
-            out += self._run_chunk(slot, jobs[start:stop], states[start:stop], global_params)
+            out += self._run_chunk(slot, jobs[start:stop], states[start:stop], starts[start:stop])
         return out
 
     def _run_chunk(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-                   global_params: Pytree) -> list[Outcome]:
+                   starts: list[Pytree]) -> list[JobResult]:
         rule, device, real = self.ctx.rule, self.devices[slot], len(jobs)
         if self.compiled:  # copies of the first job fill the chunk up to a compiled size; dropped after the steps
             extra = self._compiled_size(slot, real) - real
-            jobs, states = jobs + [jobs[0]] * extra, states + [states[0]] * extra
-        x, y, starts, sizes = self._chunk_data(device, jobs)
-        index, weight, active = self._schedule(jobs, starts, sizes, device)
-        expanded = tree_map(lambda v: v.expand(len(jobs), *v.shape), global_params)
-        if all(s is None for s in states):
-            state = vmap(lambda p: rule.init(p, None))(expanded)
+            jobs, states, starts = jobs + [jobs[0]] * extra, states + [states[0]] * extra, starts + [starts[0]] * extra
+        x, y, firsts, sizes = self._chunk_data(device, jobs)
+        index, weight, active = self._schedule(jobs, firsts, sizes, device)
+        keys = job_keys(self.ctx.seed, jobs).to(device)
+        info = job_info(torch.tensor(sizes), torch.tensor([j.steps for j in jobs]))
+        stacked = self._stack_states(states, device)
+        if stacked is None:
+            state = vmap(lambda m, i: rule.init(m, None, i))(self._stack_starts(starts), info)
         else:
-            state = vmap(rule.init)(expanded, tree_map(lambda *vs: torch.stack(vs).to(device), *states))
+            state = vmap(rule.init)(self._stack_starts(starts), stacked, info)
         if self.compiled:
-            state = self._masked_steps(slot, tree_map(torch.Tensor.contiguous, state), x, y, index, weight, active)
+            state = tree_map(torch.Tensor.contiguous, state)
+            state = self._masked_steps(slot, state, x, y, index, weight, active, keys)
             state = tree_map(lambda v: v[:real], state)
             jobs, sizes, weight = jobs[:real], sizes[:real], weight[:, :real]
         else:
-            state = self._steps(slot, state, x, y, index, weight, active)
+            state = self._steps(slot, state, x, y, index, weight, active, keys)
         messages, client_states = vmap(self._final)(state)
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
-        message_bytes = tree_nbytes(messages) // len(jobs)
         per_client = tree_unstack(messages, len(jobs))
         # Cloned per client, so a stored state does not keep its whole chunk's tensor alive.
         states_out = [tree_map(torch.clone, s) for s in tree_unstack(client_states, len(jobs))] \
-            if client_states else None
-        return [(JobResult(job.client, per_client[i], sizes[i], processed[i], message_bytes),
-                 states_out[i] if states_out else None) for i, job in enumerate(jobs)]
+            if client_states else [None] * len(jobs)
+        return [JobResult(job, per_client[i], sizes[i], processed[i] * rule.step_cost, tree_nbytes(per_client[i]),
+                          states_out[i]) for i, job in enumerate(jobs)]
+
+    @staticmethod
+    def _stack_starts(starts: list[Pytree]) -> Pytree:
+        """The chunk's starts on a leading job axis: one shared start expanded (no copy), else stacked."""
+        if all(s is starts[0] for s in starts):
+            return tree_map(lambda v: v.expand(len(starts), *v.shape), starts[0])
+        return tree_map(lambda *vs: torch.stack(vs), *starts)
+
+    @staticmethod
+    def _stack_states(states: list[Pytree | None], device: torch.device) -> Pytree | None:
+        if all(s is None for s in states):
+            return None
+        return tree_map(lambda *vs: torch.stack(vs).to(device), *states)
 
     def _steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-               weight: torch.Tensor, active: torch.Tensor) -> Pytree:
+               weight: torch.Tensor, active: torch.Tensor, keys: torch.Tensor) -> Pytree:
         """Run the chunk's local steps. Clients leave the vmapped batch when they finish (their state is final and
         set aside), so a chunk whose clients' work differs does not step finished clients along; once fewer than
         `min_batch` clients go on, they finish one at a time, unbatched."""
         n, batch = active.shape[1], weight.shape[2]
         counts = active.sum(dim=1).tolist()
         full = (weight.sum(dim=2) == batch).cpu()
+        step_index = torch.arange(index.shape[0], device=index.device)
         finished = state
         live: torch.Tensor | None = None
         for s in range(index.shape[0]):
@@ -242,15 +234,16 @@ class VectorizedRuntime(PlacedRuntime):
                 live_host = live.cpu()
             if counts[s] < self.min_batch:
                 ids = torch.arange(n, device=index.device) if live is None else live
-                state = self._one_by_one(slot, state, x, y, index[s:, ids], weight[s:, ids], active[s:, ids])
+                state = self._one_by_one(slot, state, x, y, index[s:, ids], weight[s:, ids], active[s:, ids],
+                                         keys[ids], s)
                 live = ids
                 break
-            rows = index[s] if live is None else index[s, live]
+            rows, w, k = (index[s], weight[s], keys) if live is None else (index[s, live], weight[s, live], keys[live])
+            minibatch = Batch(x[rows], y[rows], w, k, step_index[s].expand(len(k)))
             if bool(full[s].all() if live is None else full[s, live_host].all()):
-                state = self.full_steps[slot](state, (x[rows], y[rows]))
+                state = self.full_steps[slot](state, minibatch)
             else:
-                w = weight[s] if live is None else weight[s, live]
-                state = self.padded_steps[slot](state, (x[rows], y[rows], w))
+                state = self.padded_steps[slot](state, minibatch)
         return state if live is None else tree_map(lambda f, v: f.index_copy(0, live, v), finished, state)
 
     def _compiled_size(self, slot: int, clients: int) -> int:
@@ -263,34 +256,39 @@ class VectorizedRuntime(PlacedRuntime):
         return size
 
     def _masked_steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                      weight: torch.Tensor, active: torch.Tensor) -> Pytree:
+                      weight: torch.Tensor, active: torch.Tensor, keys: torch.Tensor) -> Pytree:
         """Compiled steps: every client of the chunk takes every step, a finished client with an all-zero-weight
         batch and its state kept, so the compiled step always sees the same shapes (contiguous, no stride 0)."""
         full_step, masked_step = self.compiled_steps[slot]
         uniform = ((weight.sum(dim=2) == weight.shape[2]).all(dim=1) & active.all(dim=1)).tolist()
+        steps = torch.arange(index.shape[0], device=index.device)[:, None].repeat(1, len(keys))
         for s in range(index.shape[0]):
             rows = index[s]
+            minibatch = Batch(x[rows], y[rows], weight[s], keys, steps[s])
             if uniform[s]:
-                state = full_step(state, (x[rows], y[rows]))
+                state = full_step(state, minibatch)
             else:
-                state = masked_step(state, (x[rows], y[rows], weight[s]), active[s])
+                state = masked_step(state, minibatch, active[s])
         return state
 
     def _one_by_one(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                    weight: torch.Tensor, active: torch.Tensor) -> Pytree:
+                    weight: torch.Tensor, active: torch.Tensor, keys: torch.Tensor, first_step: int) -> Pytree:
         """The chunk's last few clients step on one after another, unbatched, with the sequential runtime's
-        autograd gradient: a vmapped step has a fixed cost of several plain ones, so with heavy-tailed work (e.g.
-        FedProx's Synthetic data) a few busy clients would otherwise run many nearly empty vmapped steps."""
-        rule, grad = self.ctx.rule, self.alone_grads[slot]
+        autograd oracle (`local_steps`): a vmapped step has a fixed cost of several plain ones, so with heavy-tailed
+        work (e.g. FedProx's Synthetic data) a few busy clients would otherwise run many nearly empty vmapped
+        steps. Their minibatches drop the padding rows, so every weight is 1."""
+        rule, oracle = self.ctx.rule, self.alone_oracles[slot]
         valid = weight > 0
         full = valid.all(dim=2).cpu()
         finals = []
         for c, steps in enumerate(active.sum(dim=0).tolist()):
-            one = tree_map(operator.itemgetter(c), state)
-            for s in range(steps):
-                rows = index[s, c] if full[s, c] else index[s, c][valid[s, c]]
-                one = rule.step(one, (x[rows], y[rows]), grad)
-            finals.append(one)
+            def batches(c: int = c, steps: int = steps) -> Iterator[Batch]:
+                for s in range(steps):
+                    rows = index[s, c] if full[s, c] else index[s, c][valid[s, c]]
+                    yield Batch(x[rows], y[rows], weight[s, c, : len(rows)], keys[c],
+                                torch.tensor(first_step + s, device=x.device))
+
+            finals.append(local_steps(rule, tree_map(operator.itemgetter(c), state), batches(), oracle)[0])
         return tree_map(lambda *leaves: torch.stack(leaves), *finals)
 
     def _final(self, state: Pytree) -> tuple[Pytree, Pytree]:

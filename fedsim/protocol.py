@@ -1,0 +1,90 @@
+"""What every protocol shares: the server rule's state, the budget, evaluation, traffic, committing results'
+client states on arrival, and turning results into the server rule's aggregate.
+
+A protocol is an event handler on the virtual clock (`fedsim.clock`): `start(clock)` schedules its first events,
+`handle(event, clock)` reacts to each. Its budget is the scenario's `rounds` (server steps: synchronous rounds,
+asynchronous server updates, gossip rounds) and/or `time_budget` (simulated seconds), whichever is spent first;
+a protocol stops the clock when it is spent. A queue that empties before that is an error (`fedsim.api`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from fedsim import keyed_random
+from fedsim.aggregation import Aggregate, finish_means, total_weights
+from fedsim.clock import Clock, Event
+from fedsim.errors import DivergenceError
+from fedsim.params import Pytree, tree_is_finite, tree_nbytes
+from fedsim.recording import Recorder, Row, Traffic
+from fedsim.registry import Params
+from fedsim.runtime import JobResult
+from fedsim.runtime.local import message_template
+from fedsim.seeding import Stream, derive_seed
+
+if TYPE_CHECKING:
+    from fedsim.simulation import Simulation
+
+SAMPLE_COUNT_BYTES = 8
+"""Each client message carries its client's sample count (an int64) next to its tensors."""
+
+
+class ProtocolBase:
+    """Base of protocol classes; subclasses implement `start` and `handle`."""
+
+    def __init__(self, params: Params, sim: Simulation, recorder: Recorder) -> None:
+        self.params, self.sim, self.recorder = params, sim, recorder
+        self.spec = sim.scenario.spec
+        self.state = sim.server.init(sim.model.init_params)
+        self.template = message_template(sim.rule, sim.server.broadcast(self.state))
+        self.weighting = sim.server.weighting(self.template)
+        self.per_result = bool(sim.scenario.components["server"].entry.meta.get("per_result"))
+        self.traffic = Traffic()
+
+    def start(self, clock: Clock) -> None:
+        raise NotImplementedError
+
+    def handle(self, event: Event, clock: Clock) -> None:
+        raise NotImplementedError
+
+    def budget_spent(self, steps: int, now: float) -> bool:
+        """Whether `steps` server steps or `now` simulated seconds use up the budget."""
+        spec = self.spec
+        return (spec.rounds is not None and steps >= spec.rounds) or \
+            (spec.time_budget is not None and now >= spec.time_budget)
+
+    def evaluate_if_due(self, steps: int, now: float) -> Row | None:
+        """Evaluate the global model every `evaluation.every` server steps and when the budget is spent."""
+        if steps % self.spec.evaluation.every == 0 or self.budget_spent(steps, now):
+            return self.recorder.evaluate(steps, now, self.state["params"], self.traffic)
+        return None
+
+    def message_bytes(self, message: Pytree) -> int:
+        """Bytes of a broadcast message on one link."""
+        return tree_nbytes(message)
+
+    def commit(self, result: JobResult) -> None:
+        """File an arrived result's new client state (results held by another MPI rank are that rank's)."""
+        if result.here:
+            self.sim.states.put(result.client, result.client_state)
+
+    def aggregate(self, results: Sequence[JobResult], steps: int) -> Aggregate:
+        """The server rule's view of `results` (in a fixed order), reduced over devices and ranks."""
+        runtime = self.sim.runtime
+        sums = runtime.reduce(results, self.weighting, self.template)
+        totals = total_weights(results, self.weighting)
+        mean = finish_means(sums, totals, self.template)
+        messages = runtime.gather_messages(results) if self.per_result else None
+        key = keyed_random.key_from_seed(derive_seed(self.spec.seed, Stream.SERVER, steps))
+        return Aggregate(mean, self.weighting, totals, len(results), self.sim.data.num_clients, steps, results,
+                         messages, key)
+
+    def apply(self, results: Sequence[JobResult], steps: int) -> None:
+        """Update the server state with `results` as server step `steps`; a non-finite model stops the run."""
+        self.state = self.sim.server.update(self.state, self.aggregate(results, steps))
+        if not tree_is_finite(self.state["params"]):
+            raise DivergenceError(
+                f"variant {self.sim.scenario.variant}, round {steps}: the global model has NaN/inf parameters; "
+                f"the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
+            )

@@ -1,0 +1,74 @@
+"""One client's local work, shared by every runtime: the loop over its steps (`local_steps`, `run_client`), the
+minibatches it takes (`client_batches`), and the facts and random key of its job.
+
+The sequential runtime runs `run_client` per job, the vectorized runtime's unbatched tail runs `local_steps` per
+client, and a Flower ClientApp runs `run_client`; so a rule's steps are the same code wherever they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from fedsim.clients import Batch, ClientRule, JobInfo, Oracle, StepState
+from fedsim.params import Pytree, tree_map
+from fedsim.runtime import Job
+from fedsim.runtime.context import local_batches
+from fedsim.seeding import Stream, derive_seeds
+
+MASK32 = 0xFFFFFFFF
+
+
+def job_info(num_samples: int | torch.Tensor, steps: int | torch.Tensor) -> JobInfo:
+    """The facts `init` may read about a job, as int64 tensors (one per job under vmap)."""
+    return {"num_samples": torch.as_tensor(num_samples, dtype=torch.int64),
+            "steps": torch.as_tensor(steps, dtype=torch.int64)}
+
+
+def job_keys(seed: int, jobs: Sequence[Job]) -> torch.Tensor:
+    """Each job's random key, (jobs, 2) int64 words of `derive_seed(seed, ORACLE, job.id, job.client)`: what the
+    oracle's draws are keyed by, whichever runtime runs the job."""
+    words = torch.zeros((len(jobs), 2), dtype=torch.int64)
+    for job_id in sorted({job.id for job in jobs}):
+        positions = [i for i, job in enumerate(jobs) if job.id == job_id]
+        seeds = derive_seeds(seed, Stream.ORACLE, job_id, last=[jobs[i].client for i in positions])
+        words[positions] = torch.tensor([[s & MASK32, s >> 32] for s in seeds], dtype=torch.int64)
+    return words
+
+
+def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator,
+                   key: torch.Tensor) -> Iterator[Batch]:
+    """A client's `steps` minibatches (`local_batches`' schedule) as Batches of weight 1, on x's device."""
+    ones = torch.ones(min(batch_size, len(y)), device=x.device)
+    key = key.to(x.device)
+    for s, idx in enumerate(local_batches(len(y), batch_size, steps, generator)):
+        idx = idx.to(x.device)
+        w = ones if len(idx) == len(ones) else ones[: len(idx)]
+        yield Batch(x[idx], y[idx], w, key, torch.tensor(s, device=x.device))
+
+
+def local_steps(rule: ClientRule, state: StepState, batches: Iterable[Batch], oracle: Oracle) -> tuple[StepState,
+                                                                                                       int]:
+    """Run the rule's step over the batches; returns the final step state and the samples processed."""
+    processed = 0
+    for batch in batches:
+        state = rule.step(state, batch, oracle)
+        processed += len(batch.y)
+    return state, processed
+
+
+def run_client(rule: ClientRule, oracle: Oracle, server_message: Pytree, client_state: Pytree | None,
+               info: JobInfo, batches: Iterable[Batch]) -> tuple[Pytree, Pytree | None, int]:
+    """One client's whole job: init from the server's message, the local steps, final. Returns the message, the
+    client's new state and the samples processed."""
+    state, processed = local_steps(rule, rule.init(server_message, client_state, info), batches, oracle)
+    message, new_state = rule.final(state)
+    return message, new_state, processed
+
+
+def message_template(rule: ClientRule, server_message: Pytree) -> Pytree:
+    """The shape of the rule's messages (zeros, from a client that takes no step): what reductions add up into,
+    on every process, even one that runs no job this round."""
+    state = rule.init(server_message, rule.initial_state(server_message), job_info(1, 0))
+    return tree_map(torch.zeros_like, rule.final(state)[0])

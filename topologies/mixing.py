@@ -1,0 +1,154 @@
+"""Mixing (gossip) matrices of a communication graph, and mixing of stacked node states with them.
+
+Decentralized SGD keeps every node's parameters stacked (leading node axis) and averages neighbours with a sparse
+stochastic matrix W: x <- W x, one sparse product per leaf. Entries are `fn(params, graph) -> W`, W sparse CSR
+float64 (n x n) indexed by the graph's nodes 0..n-1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+
+from fedsim.errors import ScenarioError
+from fedsim.node_store import tree_flatten, tree_map_keyed
+from fedsim.params import Pytree
+from fedsim.registry import NoParams, Params, Registry, validate_params
+from fedsim.strict_input import shorten
+
+MIXING: Registry = Registry("mixing matrix")
+DEFAULT_MIXING = "metropolis_hastings"
+TOLERANCE = 1e-9
+"""Largest error allowed in a row or column sum of a stochastic matrix."""
+
+
+def _neighbours(graph: nx.Graph) -> list[set[int]]:
+    """Each node's neighbours without itself (self-loops ignored); nodes must be exactly 0..n-1."""
+    n = graph.number_of_nodes()
+    if graph.is_directed() or set(graph.nodes) != set(range(n)):
+        got = "a directed graph" if graph.is_directed() else f"nodes {shorten(sorted(graph.nodes, key=str))}"
+        raise ScenarioError(f"topology: a mixing matrix needs an undirected graph on nodes 0..{n - 1}, got {got}")
+    return [set(graph.adj[i]) - {i} for i in range(n)]
+
+
+def _matrix(n: int, entries: dict[tuple[int, int], float]) -> torch.Tensor:
+    """A sparse CSR float64 (n x n) matrix of the nonzero `entries`."""
+    kept = {ij: w for ij, w in entries.items() if w != 0.0}
+    index = torch.tensor(list(kept), dtype=torch.long).reshape(-1, 2).T
+    values = torch.tensor(list(kept.values()), dtype=torch.float64)
+    return torch.sparse_coo_tensor(index, values, (n, n), check_invariants=True).coalesce().to_sparse_csr()
+
+
+def _with_diagonal(nbrs: list[set[int]], weight: Any) -> torch.Tensor:
+    """Off-diagonal W_ij = weight(i, j) on edges and W_ii = 1 - sum_j W_ij (rows sum to one)."""
+    entries = {(i, j): weight(i, j) for i, js in enumerate(nbrs) for j in js}
+    for i, js in enumerate(nbrs):
+        entries[i, i] = 1.0 - math.fsum(entries[i, j] for j in js)
+    return _matrix(len(nbrs), entries)
+
+
+@MIXING.register("metropolis_hastings", params=NoParams, doubly_stochastic=True)
+def metropolis_hastings(params: NoParams, graph: nx.Graph) -> torch.Tensor:
+    """W_ij = 1 / (1 + max(deg_i, deg_j)) on edges: symmetric and doubly stochastic on any graph."""
+    # Metropolis weights: Xiao & Boyd 2004 (eq. 12), as used by D-PSGD (Lian et al. 2017) and Koloskova et al. 2020.
+    nbrs = _neighbours(graph)
+    return _with_diagonal(nbrs, lambda i, j: 1.0 / (1 + max(len(nbrs[i]), len(nbrs[j]))))
+
+
+@MIXING.register("uniform_neighbour", params=NoParams, doubly_stochastic=False)
+def uniform_neighbour(params: NoParams, graph: nx.Graph) -> torch.Tensor:
+    """W_ij = 1 / (deg_i + 1) over i's neighbours and itself: row stochastic, doubly only on regular graphs."""
+    nbrs = _neighbours(graph)
+    return _matrix(len(nbrs), {(i, j): 1.0 / (len(js) + 1) for i, js in enumerate(nbrs) for j in js | {i}})
+
+
+@MIXING.register("max_degree", params=NoParams, doubly_stochastic=True)
+def max_degree(params: NoParams, graph: nx.Graph) -> torch.Tensor:
+    """W_ij = 1 / (d_max + 1) on every edge, the rest on the diagonal: symmetric and doubly stochastic."""
+    nbrs = _neighbours(graph)
+    d_max = max((len(js) for js in nbrs), default=0)
+    return _with_diagonal(nbrs, lambda i, j: 1.0 / (d_max + 1))
+
+
+def check_stochastic(W: torch.Tensor, doubly: bool, what: str) -> None:
+    """One-line ScenarioError naming `what` if W is not square, has a negative or non-finite entry, or a row
+    (and, if `doubly`, a column) does not sum to one within TOLERANCE."""
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ScenarioError(f"{what}: a mixing matrix must be square, got shape {tuple(W.shape)}")
+    coo = W.detach().to_sparse_coo().coalesce()
+    values = coo.values().double()
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise ScenarioError(f"{what}: mixing matrix entries must be finite and non-negative")
+    for axis, kind in [(0, "row"), (1, "column")][: 1 + doubly]:
+        sums = torch.zeros(W.shape[0], dtype=torch.float64, device=values.device)
+        sums.index_add_(0, coo.indices()[axis], values)
+        error = (sums - 1.0).abs()
+        if (error > TOLERANCE).any():
+            k = int(error.argmax())
+            raise ScenarioError(f"{what}: {kind} {k} of the mixing matrix sums to {float(sums[k])!r}, not 1")
+
+
+def check_connected(graph: nx.Graph, what: str) -> None:
+    """One-line ScenarioError naming `what` if the graph is empty or disconnected (nodes then never agree)."""
+    if graph.number_of_nodes() == 0:
+        raise ScenarioError(f"{what}: the communication graph has no nodes")
+    components = list(nx.connected_components(graph))
+    if len(components) > 1:
+        smallest = sorted(min(components, key=len), key=str)
+        shown = ", ".join(map(str, smallest[:10])) + (", ..." if len(smallest) > 10 else "")
+        raise ScenarioError(f"{what}: the communication graph is disconnected ({len(components)} components; "
+                            f"smallest has {len(smallest)} nodes: {shown})")
+
+
+def mixing_matrix(name: str, params: Params | dict[str, Any] | None, graph: nx.Graph,
+                  field_path: str = "mixing") -> torch.Tensor:
+    """Resolve, build and check the mixing matrix `name` of `graph` (params as a model or raw mapping). Does not
+    require a connected graph: time-varying topologies (one matching per step) are not; see check_connected."""
+    entry = MIXING.get(name, f"{field_path}.name")
+    if not isinstance(params, entry.params):
+        params = validate_params(entry.params, dict(params or {}), field_path, f"mixing matrix {name!r}")
+    W = entry.obj(params, graph)
+    check_stochastic(W, entry.meta["doubly_stochastic"], f"{field_path}.name")
+    return W
+
+
+def mix(W: torch.Tensor, stacked: Pytree) -> Pytree:
+    """W @ leaf for every leaf of shape (n, ...), in the leaf's dtype: one sparse product per leaf. Half-precision
+    leaves are mixed in float32 (CPU sparse kernels lack them, and it sums more accurately)."""
+    n, cast = W.shape[0], {}
+
+    def mix_leaf(key: str, leaf: torch.Tensor) -> torch.Tensor:
+        if leaf.ndim == 0 or leaf.shape[0] != n or not leaf.dtype.is_floating_point:
+            raise ValueError(f"mix: leaf {key!r} must be floating with a leading node axis of size {n}, "
+                             f"got {leaf.dtype} {tuple(leaf.shape)}")
+        dtype = leaf.dtype if leaf.dtype in (torch.float32, torch.float64) else torch.float32
+        if (dtype, leaf.device) not in cast:
+            cast[dtype, leaf.device] = W.to(device=leaf.device, dtype=dtype)
+        rows = leaf.reshape(n, math.prod(leaf.shape[1:])).to(dtype)
+        return (cast[dtype, leaf.device] @ rows).reshape(leaf.shape).to(leaf.dtype)
+
+    return tree_map_keyed(mix_leaf, stacked)
+
+
+def consensus_error(stacked: Pytree) -> float:
+    """(1/n) sum_i ||x_i - x_bar||^2 over all leaves, in float64: how far the nodes are from agreeing."""
+    leaves = list(tree_flatten(stacked).values())
+    if not leaves:
+        return 0.0
+    total = sum(float(((x.double() - x.double().mean(0)) ** 2).sum()) for x in leaves)
+    return total / leaves[0].shape[0]
+
+
+def spectral_gap(W: torch.Tensor) -> float:
+    """1 - |lambda_2|, lambda_2 the eigenvalue of second-largest magnitude (dense; n up to a few thousand).
+    Consensus error of doubly stochastic mixing shrinks by about (1 - gap)^2 per step."""
+    dense = (W.to_dense() if W.layout != torch.strided else W).double().cpu().numpy()
+    if dense.shape[0] < 2:
+        return 1.0
+    symmetric = np.array_equal(dense, dense.T)
+    magnitudes = np.sort(np.abs(np.linalg.eigvalsh(dense) if symmetric else np.linalg.eigvals(dense)))[::-1]
+    return float(1.0 - magnitudes[1])
