@@ -18,9 +18,10 @@ import torch
 
 from fedsim.clients import Batch
 from fedsim.data.base import ClientDataSource, FederatedData
+from fedsim.data.least_squares import least_squares_optimum
 from fedsim.oracle import AutogradOracle
 from fedsim.params import Pytree
-from fedsim.tasks import Objective
+from fedsim.tasks import Objective, Regression
 
 CHUNK_ROWS = 8192
 Sums = dict[str, torch.Tensor]
@@ -40,6 +41,7 @@ class Evaluator:
         self.whole = clients is None and isinstance(data, FederatedData)
         self.oracle = AutogradOracle(objective)
         self.metrics = objective.task.metrics
+        self.optimum = linear_optimum(objective, data) if self.whole else None
 
     def __call__(self, params: Pytree) -> dict[str, float]:
         sums = self.reduce(self.local_sums(params))
@@ -49,6 +51,9 @@ class Evaluator:
         metrics["test_loss"] = float(sums["test_loss"] / sums["test_count"].clamp_min(1)) + penalty
         if self.dissimilarity:
             metrics["dissimilarity"] = dissimilarity_from_sums(sums)
+        if self.optimum is not None:
+            flat = torch.cat([v.reshape(-1).double() for v in params.values()])
+            metrics["distance_to_optimum"] = float(torch.linalg.vector_norm(flat - self.optimum))
         return metrics
 
     def local_sums(self, params: Pytree) -> Sums:
@@ -108,6 +113,19 @@ def dissimilarity_from_sums(sums: Sums) -> float:
     mean = sums["grad_nsum"] / sums["grad_n"]
     total = sums["grad_sq"] - 2 * mean @ sums["grad_sum"] + sums["grad_clients"] * (mean @ mean)
     return float(total / sums["grad_clients"])
+
+
+def linear_optimum(objective: Objective, data: ClientDataSource) -> torch.Tensor | None:
+    """The closed-form minimiser of the pooled training objective (float64, flattened like the parameters) for a
+    regression task on the `linear` model; None for anything else. With sample weighting, FedAvg's objective
+    sum_k (n_k / n) f_k is exactly this pooled least-squares (ridge) problem."""
+    layers = list(objective.model.template.children())
+    task = objective.task
+    if not (isinstance(task, Regression) and isinstance(data, FederatedData) and len(layers) == 2
+            and isinstance(layers[1], torch.nn.Linear) and layers[1].out_features == 1):
+        return None
+    x = data.x_train.reshape(len(data.x_train), -1)
+    return least_squares_optimum(x, data.y_train, task.ridge, bias=layers[1].bias is not None)
 
 
 def _add(a: Sums, b: Sums) -> Sums:

@@ -73,6 +73,24 @@ def logreg(params: LogRegParams, input_shape: tuple[int, ...], num_classes: int)
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
+class LinearParams(Params):
+    bias: bool = False
+
+
+def _zero_init_(module: nn.Module, generator: torch.Generator) -> None:
+    """Every parameter 0: least-squares runs start at the origin, so distances to the optimum compare across
+    seeds."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+
+
+@MODELS.register("linear", params=LinearParams, init=_zero_init_)
+def linear(params: LinearParams, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A linear map to `num_classes` outputs (1 for regression: linear least squares / ridge), starting at 0."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes, bias=params.bias))
+
+
 class MLPParams(Params):
     hidden: list[int] = Field(default_factory=lambda: [200], min_length=1)
 

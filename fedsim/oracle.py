@@ -12,14 +12,18 @@ draws the same numbers in every runtime, batched or not.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.func import grad as func_grad
 from torch.func import grad_and_value, vmap
 
 from fedsim import keyed_random
-from fedsim.clients import Batch
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.tasks import Objective
+
+if TYPE_CHECKING:  # clients/ imports this module (rules wrapping the oracle), so no runtime import back
+    from fedsim.clients import Batch
 
 STREAMS_PER_STEP = 1 << 16
 """Random streams a rule may use per step (the `stream` argument of `normal` and `uniform`)."""

@@ -16,7 +16,7 @@ from fedsim import keyed_random
 from fedsim.aggregation import Aggregate, finish_means, total_weights
 from fedsim.clock import Clock, Event
 from fedsim.errors import DivergenceError
-from fedsim.params import Pytree, tree_is_finite, tree_nbytes
+from fedsim.params import Pytree, tree_is_finite
 from fedsim.recording import Recorder, Row, Traffic
 from fedsim.registry import Params
 from fedsim.runtime import JobResult
@@ -41,6 +41,7 @@ class ProtocolBase:
         self.weighting = sim.server.weighting(self.template)
         self.per_result = bool(sim.scenario.components["server"].entry.meta.get("per_result"))
         self.traffic = Traffic()
+        self.downlink_state: Pytree | None = None
 
     def start(self, clock: Clock) -> None:
         raise NotImplementedError
@@ -55,19 +56,32 @@ class ProtocolBase:
             (spec.time_budget is not None and now >= spec.time_budget)
 
     def evaluate_if_due(self, steps: int, now: float) -> Row | None:
-        """Evaluate the global model every `evaluation.every` server steps and when the budget is spent."""
+        """Evaluate the global model every `evaluation.every` server steps and when the budget is spent, with the
+        protocol's own figures (`extra_metrics`)."""
         if steps % self.spec.evaluation.every == 0 or self.budget_spent(steps, now):
-            return self.recorder.evaluate(steps, now, self.state["params"], self.traffic)
+            return self.recorder.evaluate(steps, now, self.state["params"], self.traffic, self.extra_metrics())
         return None
 
-    def message_bytes(self, message: Pytree) -> int:
-        """Bytes of a broadcast message on one link."""
-        return tree_nbytes(message)
+    def extra_metrics(self) -> dict[str, float]:
+        """Figures a protocol adds to each metrics row (none here; gossip adds consensus error, async staleness)."""
+        return {}
 
     def commit(self, result: JobResult) -> None:
-        """File an arrived result's new client state (results held by another MPI rank are that rank's)."""
+        """File an arrived result's new client state and uplink codec state (results held by another MPI rank are
+        that rank's)."""
         if result.here:
             self.sim.states.put(result.client, result.client_state)
+            self.sim.codec_states.put(result.client, result.codec_state)
+
+    def broadcast(self, steps: int) -> tuple[Pytree, int]:
+        """The server rule's broadcast through the downlink codec (its state kept here, one per server): the
+        message clients decode, and the payload's exact bytes on one link."""
+        message = self.sim.server.broadcast(self.state)
+        if self.downlink_state is None:
+            self.downlink_state = self.sim.downlink.init(message)
+        key = keyed_random.key_from_seed(derive_seed(self.spec.seed, Stream.SERVER, steps, 1))
+        payload, self.downlink_state = self.sim.downlink.encode(message, self.downlink_state, key)
+        return self.sim.downlink.decode(payload, message), self.sim.downlink.payload_bytes(message)
 
     def aggregate(self, results: Sequence[JobResult], steps: int) -> Aggregate:
         """The server rule's view of `results` (in a fixed order), reduced over devices and ranks."""

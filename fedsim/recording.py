@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +43,13 @@ class Recorder:
     rows: list[Row] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
-    def evaluate(self, round_index: int, sim_time: float, params: Pytree, traffic: Traffic) -> Row:
-        """Evaluate the global model, record the row, and stop the run if the loss is not finite."""
+    def evaluate(self, round_index: int, sim_time: float, params: Pytree, traffic: Traffic,
+                 extra: Mapping[str, float] | None = None) -> Row:
+        """Evaluate the global model, record the row (with a protocol's own figures in `extra`: consensus error,
+        staleness ...), and stop the run if the loss is not finite."""
         metrics = self.evaluator(params)
         row = {"variant": self.variant, "round": round_index, "sim_time": sim_time,
-               "wall_time": time.perf_counter() - self.started, **metrics,
+               "wall_time": time.perf_counter() - self.started, **metrics, **(extra or {}),
                "bytes_up": traffic.up, "bytes_down": traffic.down}
         self.rows.append(row)
         self.sink(row)

@@ -3,10 +3,11 @@
 Every mistake is caught here, before any work, as one line naming the field and the allowed values. Components
 (`data`, `partition`, `task`, `model`, `algorithm`, `server`, `protocol`, `topology`, `systems`, `runtime`) are
 `{name: ..., **params}` mappings resolved against their registries; `task`, `server` and `protocol` default to the
-data set's and the algorithm's own. Files and override values are read by `fedsim.strict_input`: plain
-YAML only (no code, no object construction), bounded in size, depth and alias expansion, strict about duplicate
-keys. A file may define `variants`: named sets of overrides, each run on top of the base scenario; command-line
-overrides change the base, and a variant's own settings come last.
+data set's and the algorithm's own; an optional `privacy` section wraps the rules in a privacy mechanism, and
+`compression` puts codecs on the uplink and downlink. Files and override values are read by `fedsim.strict_input`:
+plain YAML only (no code, no object construction), bounded in size, depth and alias expansion, strict about
+duplicate keys. A file may define `variants`: named sets of overrides, each run on top of the base scenario;
+command-line overrides change the base, and a variant's own settings come last.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from pydantic import Field
 
 import fedsim.data  # noqa: F401  (fill the data registries)
 from fedsim.clients import ALGORITHMS
+from fedsim.codecs import build_codec
 from fedsim.data.base import DATASETS, PARTITIONERS
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import MODELS
+from fedsim.privacy import PRIVACY
 from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
 from fedsim.sampling import active_count
@@ -53,6 +56,14 @@ class EvaluationSpec(Params):
     clients: int | None = Field(None, ge=1, description="evaluate on a fixed sample of this many clients")
 
 
+class CompressionSpec(Params):
+    """Codecs on the message paths (`fedsim.codecs`): `{name: topk, ratio: 0.1, error_feedback: true}`; identity
+    where not given."""
+
+    uplink: dict[str, Any] | None = None
+    downlink: dict[str, Any] | None = None
+
+
 class OutputSpec(Params):
     dir: str | None = Field(None, min_length=1, description="run directory (default: runs/<name>)")
     plot: bool = True
@@ -74,6 +85,8 @@ class ScenarioSchema(Params):
     algorithm: dict[str, Any]
     server: dict[str, Any] | None = None
     protocol: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
+    compression: CompressionSpec = CompressionSpec()
     topology: dict[str, Any] = Field(default_factory=lambda: {"name": "star"})
     systems: dict[str, Any] = Field(default_factory=lambda: {"name": "homogeneous"})
     runtime: dict[str, Any] = Field(default_factory=lambda: {"name": "vectorized"})
@@ -276,6 +289,9 @@ def _resolve_components(spec: ScenarioSchema) -> dict[str, Component]:
     for key, registry in COMPONENTS.items():
         entry, params = registry.resolve(specs[key], key)
         out[key] = Component(entry, params)
+    if spec.privacy is not None:
+        entry, params = PRIVACY.resolve(spec.privacy, "privacy")
+        out["privacy"] = Component(entry, params)
     return out
 
 
@@ -290,10 +306,15 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if spec.rounds is None and spec.time_budget is None:
         raise ScenarioError("rounds: a run needs a budget: rounds (server steps), time_budget (simulated seconds), "
                             "or both")
+    for direction in ("uplink", "downlink"):
+        build_codec(getattr(spec.compression, direction), f"compression.{direction}")
     protocol = components["protocol"]
     missing = next((f for f in protocol.entry.meta.get("needs", ()) if getattr(spec, f) is None), None)
     if missing is not None:
         raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")
+    protocol_check = protocol.entry.meta.get("check")
+    if protocol_check is not None:
+        protocol_check(protocol.params, spec, components)
     data_task = components["data"].entry.meta.get("task", "classification")
     if components["task"].name != data_task:
         raise ScenarioError(f"task.name: {components['task'].name!r} does not fit data set "
@@ -302,11 +323,13 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
         raise ScenarioError(
             f"clients_per_round: {spec.clients_per_round} is more than num_clients ({spec.num_clients})"
         )
-    if not components["topology"].entry.meta.get("client_server"):
-        star = [e.name for e in TOPOLOGIES if e.meta.get("client_server")]
+    peer_to_peer = bool(protocol.entry.meta.get("peer_to_peer"))
+    if bool(components["topology"].entry.meta.get("client_server")) == peer_to_peer:
+        fitting = [e.name for e in TOPOLOGIES if bool(e.meta.get("client_server")) != peer_to_peer]
+        kind = "a peer-to-peer graph" if peer_to_peer else "a client/server star"
         raise ScenarioError(
-            f"topology.name: {components['topology'].name!r} is a peer-to-peer graph; client/server algorithms "
-            f"run on: {', '.join(star)}"
+            f"topology.name: protocol {protocol.name!r} runs on {kind}, which {components['topology'].name!r} is "
+            f"not; allowed: {', '.join(fitting)}"
         )
     if components["partition"].entry.meta.get("natural") and not components["data"].entry.meta.get("natural"):
         natural = [e.name for e in DATASETS if e.meta.get("natural")]

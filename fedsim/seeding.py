@@ -22,6 +22,7 @@ class Stream(IntEnum):
     ORACLE = 7
     SERVER = 8
     PROTOCOL = 9
+    CODEC = 10
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -7,6 +7,7 @@ import functools
 from dataclasses import dataclass
 
 from fedsim.clients import ClientRule
+from fedsim.codecs import Codec, build_codec
 from fedsim.data import build_federated_data
 from fedsim.data.base import ClientDataSource
 from fedsim.errors import DataError
@@ -32,6 +33,8 @@ class Simulation:
     server: ServerRule
     runtime: Runtime
     states: StateStore
+    codec_states: StateStore
+    downlink: Codec
     systems: ClientSystems
     evaluator: Evaluator
     notices: list[str]
@@ -74,14 +77,17 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
                         derive_seed(spec.seed, Stream.MODEL))
     objective = Objective(model, c["task"].entry.obj(c["task"].params))
     rule = c["algorithm"].entry.obj(c["algorithm"].params)
+    if "privacy" in c:
+        rule = c["privacy"].entry.obj(c["privacy"].params, rule)
     server = c["server"].entry.obj(c["server"].params)
     runtime_entry, runtime_params, notices = c["runtime"].entry, c["runtime"].params, []
     if runtime_entry.meta.get("vectorized") and not c["algorithm"].entry.meta.get("vectorizable", True):
         notices.append(f"algorithm {c['algorithm'].name} cannot run vectorized; running it sequentially")
         runtime_entry = RUNTIMES.get("sequential")
         runtime_params = runtime_entry.params(**{k: getattr(runtime_params, k) for k in RuntimeParams.model_fields})
-    states = state_store(runtime_params)
-    context = RuntimeContext(rule, objective, data, spec.seed, states)
+    states, codec_states = state_store(runtime_params), ClientStateStore()
+    context = RuntimeContext(rule, objective, data, spec.seed, states,
+                             build_codec(spec.compression.uplink, "compression.uplink"), codec_states)
     runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
     if comm is None:
@@ -92,4 +98,6 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
         evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, runtime.reduce_sums)
         notices.append(f"running on {comm.Get_size()} MPI ranks")
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
-    return Simulation(scenario, data, objective, rule, server, runtime, states, systems, evaluator, notices)
+    downlink = build_codec(spec.compression.downlink, "compression.downlink")
+    return Simulation(scenario, data, objective, rule, server, runtime, states, codec_states, downlink, systems,
+                      evaluator, notices)

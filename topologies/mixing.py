@@ -8,6 +8,7 @@ float64 (n x n) indexed by the graph's nodes 0..n-1.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import networkx as nx
@@ -40,7 +41,10 @@ def _matrix(n: int, entries: dict[tuple[int, int], float]) -> torch.Tensor:
     kept = {ij: w for ij, w in entries.items() if w != 0.0}
     index = torch.tensor(list(kept), dtype=torch.long).reshape(-1, 2).T
     values = torch.tensor(list(kept.values()), dtype=torch.float64)
-    return torch.sparse_coo_tensor(index, values, (n, n), check_invariants=True).coalesce().to_sparse_csr()
+    coo = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=True).coalesce()
+    with warnings.catch_warnings():  # torch warns that CSR support is "in beta" on every conversion; we rely on
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # matmul only
+        return coo.to_sparse_csr()
 
 
 def _with_diagonal(nbrs: list[set[int]], weight: Any) -> torch.Tensor:

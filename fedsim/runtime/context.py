@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from fedsim.clients import ClientRule
+from fedsim.codecs import Codec, Identity
 from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree
@@ -57,6 +58,8 @@ class RuntimeContext:
     data: ClientDataSource
     seed: int
     states: StateStore = field(default_factory=ClientStateStore)
+    uplink: Codec = field(default_factory=Identity)
+    codec_states: StateStore = field(default_factory=ClientStateStore)
     on_device: dict[torch.device, FederatedData] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -68,6 +71,11 @@ class RuntimeContext:
         """The client's stored state, or the rule's initial state for a client seen for the first time."""
         state = self.states.get(client)
         return self.rule.initial_state(server_message) if state is None else state
+
+    def codec_state(self, client: int, template: Pytree) -> Pytree:
+        """The client's uplink codec state (error-feedback residuals ...), or a fresh one."""
+        state = self.codec_states.get(client)
+        return self.uplink.init(template) if state is None else state
 
 
 def local_batches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from fedsim.clients import Batch, ClientRule, JobInfo, Oracle, StepState
-from fedsim.params import Pytree, tree_map
+from fedsim.codecs import Codec
+from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job
 from fedsim.runtime.context import local_batches
 from fedsim.seeding import Stream, derive_seeds
@@ -26,13 +27,14 @@ def job_info(num_samples: int | torch.Tensor, steps: int | torch.Tensor) -> JobI
             "steps": torch.as_tensor(steps, dtype=torch.int64)}
 
 
-def job_keys(seed: int, jobs: Sequence[Job]) -> torch.Tensor:
-    """Each job's random key, (jobs, 2) int64 words of `derive_seed(seed, ORACLE, job.id, job.client)`: what the
-    oracle's draws are keyed by, whichever runtime runs the job."""
+def job_keys(seed: int, jobs: Sequence[Job], stream: Stream = Stream.ORACLE) -> torch.Tensor:
+    """Each job's random key, (jobs, 2) int64 words of `derive_seed(seed, stream, job.id, job.client)`: what the
+    oracle's draws (stream ORACLE) and the uplink codec's (stream CODEC) are keyed by, whichever runtime runs the
+    job."""
     words = torch.zeros((len(jobs), 2), dtype=torch.int64)
     for job_id in sorted({job.id for job in jobs}):
         positions = [i for i, job in enumerate(jobs) if job.id == job_id]
-        seeds = derive_seeds(seed, Stream.ORACLE, job_id, last=[jobs[i].client for i in positions])
+        seeds = derive_seeds(seed, stream, job_id, last=[jobs[i].client for i in positions])
         words[positions] = torch.tensor([[s & MASK32, s >> 32] for s in seeds], dtype=torch.int64)
     return words
 
@@ -72,3 +74,16 @@ def message_template(rule: ClientRule, server_message: Pytree) -> Pytree:
     on every process, even one that runs no job this round."""
     state = rule.init(server_message, rule.initial_state(server_message), job_info(1, 0))
     return tree_map(torch.zeros_like, rule.final(state)[0])
+
+
+def send(codec: Codec, message: Pytree, codec_state: Pytree, key: torch.Tensor) -> tuple[Pytree, int,
+                                                                                      Pytree | None]:
+    """A message through the uplink codec (`key`: the job's CODEC-stream key): what the server decodes, the
+    payload's exact bytes, and the sender's new codec state (None when the codec keeps none)."""
+    payload, new_state = codec.encode(message, codec_state, key)
+    return codec.decode(payload, message), codec.payload_bytes(message), kept_state(new_state)
+
+
+def kept_state(state: Pytree) -> Pytree | None:
+    """A codec state worth storing: None for stateless codecs (an empty tree), so nothing is kept per client."""
+    return state if any(True for _ in tree_leaves(state)) else None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+
 from fedsim.oracle import AutogradOracle
-from fedsim.params import Pytree, tree_nbytes, tree_to
+from fedsim.params import Pytree, tree_leaves, tree_to
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import PlacedRuntime, RuntimeParams
 from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
-from fedsim.runtime.local import client_batches, job_info, job_keys, run_client
+from fedsim.runtime.local import client_batches, job_info, job_keys, run_client, send
+from fedsim.seeding import Stream
 
 
 @RUNTIMES.register("sequential", params=RuntimeParams)
@@ -20,15 +23,23 @@ class SequentialRuntime(PlacedRuntime):
 
     def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
                starts: list[Pytree]) -> list[JobResult]:
-        keys, generators = job_keys(self.ctx.seed, jobs), local_generators(self.ctx.seed, jobs)
-        return [self._run(slot, *args) for args in zip(jobs, states, starts, keys, generators, strict=True)]
+        seed = self.ctx.seed
+        keys, codec_keys = job_keys(seed, jobs), job_keys(seed, jobs, Stream.CODEC)
+        return [self._run(slot, *args) for args in zip(jobs, states, starts, keys, codec_keys,
+                                                        local_generators(seed, jobs), strict=True)]
 
-    def _run(self, slot: int, job: Job, client_state: Pytree | None, start: Pytree, key, generator) -> JobResult:
+    def _run(self, slot: int, job: Job, client_state: Pytree | None, start: Pytree, key: torch.Tensor,
+             codec_key: torch.Tensor, generator: torch.Generator) -> JobResult:
         rule, device = self.ctx.rule, self.devices[slot]
         x, y = client_tensors(self.ctx, job.client, device)
         batches = client_batches(x, y, rule.hp.batch_size, job.steps, generator, key)
         message, new_state, processed = run_client(rule, self.oracles[slot], start, client_state,
                                                    job_info(len(y), job.steps), batches)
-        message = tree_to(message, "cpu")
-        return JobResult(job, message, len(y), processed * rule.step_cost, tree_nbytes(message),
-                         tree_to(new_state, "cpu"))
+        message, nbytes, codec_state = send(self.ctx.uplink, message, self._codec_state(job.client, message),
+                                            codec_key.to(device))
+        return JobResult(job, tree_to(message, "cpu"), len(y), processed * rule.step_cost, nbytes,
+                         tree_to(new_state, "cpu"), tree_to(codec_state, "cpu"))
+
+    def _codec_state(self, client: int, message: Pytree) -> Pytree:
+        state = self.ctx.codec_state(client, tree_to(message, "cpu"))
+        return tree_to(state, next(iter(tree_leaves(message))).device)

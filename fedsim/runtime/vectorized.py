@@ -30,7 +30,7 @@ from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
 from fedsim.oracle import AutogradOracle, FuncOracle
-from fedsim.params import Pytree, tree_map, tree_nbytes, tree_to, tree_unstack
+from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes, tree_to, tree_unstack
 from fedsim.resources import check_fits
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import PlacedRuntime, RuntimeParams
@@ -42,6 +42,7 @@ from fedsim.runtime.context import (
     padded_schedule,
 )
 from fedsim.runtime.local import job_info, job_keys, local_steps
+from fedsim.seeding import Stream
 from fedsim.sizes import parse_bytes
 from fedsim.tasks import Objective
 
@@ -194,14 +195,27 @@ class VectorizedRuntime(PlacedRuntime):
         else:
             state = self._steps(slot, state, x, y, index, weight, active, keys)
         messages, client_states = vmap(self._final)(state)
+        codec_keys = job_keys(self.ctx.seed, jobs, Stream.CODEC).to(keys.device)
+        messages, message_bytes, codec_states = self._send(jobs, messages, codec_keys)
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         processed = weight.sum(dim=(0, 2)).long().tolist()
         per_client = tree_unstack(messages, len(jobs))
-        # Cloned per client, so a stored state does not keep its whole chunk's tensor alive.
-        states_out = [tree_map(torch.clone, s) for s in tree_unstack(client_states, len(jobs))] \
-            if client_states else [None] * len(jobs)
-        return [JobResult(job, per_client[i], sizes[i], processed[i] * rule.step_cost, tree_nbytes(per_client[i]),
-                          states_out[i]) for i, job in enumerate(jobs)]
+        states_out, codec_out = _per_client(client_states, len(jobs)), _per_client(codec_states, len(jobs))
+        return [JobResult(job, per_client[i], sizes[i], processed[i] * rule.step_cost, message_bytes,
+                          states_out[i], codec_out[i]) for i, job in enumerate(jobs)]
+
+    def _send(self, jobs: list[Job], messages: Pytree, keys: torch.Tensor) -> tuple[Pytree, int, Pytree]:
+        """The chunk's messages through the uplink codec, batched over the client axis: what the server decodes,
+        one payload's exact bytes (payload shapes are static, so every job's payload has that size), and the
+        senders' new codec states (stacked; `{}` for stateless codecs)."""
+        codec = self.ctx.uplink
+        template = tree_map(lambda v: v[0], messages)
+        device = next(iter(tree_leaves(messages))).device
+        states = [self.ctx.codec_state(j.client, tree_to(template, "cpu")) for j in jobs]
+        stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states)
+        payload, new_states = vmap(codec.encode)(messages, stacked, keys)
+        decoded = vmap(codec.decode, in_dims=(0, None))(payload, template)
+        return decoded, codec.payload_bytes(template), tree_to(new_states, "cpu")
 
     @staticmethod
     def _stack_starts(starts: list[Pytree]) -> Pytree:
@@ -325,3 +339,11 @@ class VectorizedRuntime(PlacedRuntime):
         steps = torch.tensor([j.steps for j in jobs])
         active = torch.arange(local.shape[0])[:, None] < steps[None, :]
         return index.to(device), valid.float().to(device), active.to(device)
+
+
+def _per_client(stacked: Pytree, n: int) -> list[Pytree | None]:
+    """Stacked per-client states split per client (None for all when there are none), each cloned so a stored
+    state does not keep its whole chunk's tensor alive."""
+    if not any(True for _ in tree_leaves(stacked)):
+        return [None] * n
+    return [tree_map(torch.clone, s) for s in tree_unstack(stacked, n)]

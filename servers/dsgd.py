@@ -1,0 +1,169 @@
+"""Decentralized SGD (D-PSGD, Lian et al., NeurIPS 2017): every node keeps its own model, takes local steps on its
+own data and averages with its graph neighbours through a mixing matrix W, with no server.
+
+Two orders of the same round (Sayed's diffusion; Koloskova et al., ICML 2020, eq. 2 and its CTA form):
+adapt-then-combine (ATC) x <- W (x + delta(x)), and combine-then-adapt (CTA) y = W x, x <- y + delta(y), where
+delta(x_i) is node i's change from its local steps started at x_i. Every node's model lives in one
+`StackedStore` (a leading node axis), so mixing is one sparse product per leaf and the vectorized runtime runs all
+nodes' local steps in one vmapped batch (one start per job, stacked on the vmap axis).
+
+Cost model: each round every node sends its model (the half-step model under ATC, its current one under CTA) to
+each neighbour, counted as `bytes_up` (bytes per directed edge = the model's bytes; there is no download). A
+round lasts as long as its slowest node's `job_seconds(i, work_i, 0, model_bytes * degree_i)`: a simplification
+that charges a node's sends one after another on its uplink, plus one latency each way, and ignores that a node
+must wait for its neighbours' models rather than only its own work.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from fedsim.clock import Clock, Event
+from fedsim.errors import DivergenceError, ScenarioError
+from fedsim.node_store import StackedStore
+from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes, tree_unstack
+from fedsim.protocol import ProtocolBase
+from fedsim.recording import Recorder
+from fedsim.registry import Params
+from fedsim.runtime import Job
+from fedsim.sampling import steps_per_epoch
+from fedsim.servers import PROTOCOLS
+from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, consensus_error, mix, mixing_matrix
+
+if TYPE_CHECKING:
+    from fedsim.scenario import Component, ScenarioSchema
+    from fedsim.simulation import Simulation
+
+
+class DSGDParams(Params):
+    """How nodes order local steps and mixing, which mixing matrix they use, and how many local steps they take."""
+
+    order: Literal["atc", "cta"] = Field("atc", description="atc: local steps, then mix; cta: mix, then local steps")
+    mixing: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_MIXING},
+                                   description="mixing matrix {name: ..., **params}; see fedsim.topologies.mixing")
+    local_steps: int | None = Field(None, ge=0, description="local steps per node and round (0: gossip only); "
+                                                            "default: local_epochs * ceil(n_k / batch_size)")
+
+    @field_validator("mixing")
+    @classmethod
+    def _known_mixing(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            MIXING.resolve(value, "mixing")
+        except ScenarioError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def graph_and_mixing(params: DSGDParams, topology: Component, n: int) -> tuple[Any, torch.Tensor]:
+    """The scenario's graph on n nodes (connected, or an error naming its components) and its mixing matrix."""
+    graph = topology.entry.obj(topology.params, n)
+    check_connected(graph, "topology")
+    mixing = mixing_matrix(params.mixing["name"], {k: v for k, v in params.mixing.items() if k != "name"}, graph,
+                           "protocol.mixing")
+    return graph, mixing
+
+
+def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
+    """Refuse settings D-SGD would silently ignore (a client sample, stragglers, a server rule) and graphs it
+    cannot mix over, when the scenario is validated (so `fedsim check` reports them)."""
+    if spec.clients_per_round not in (None, spec.num_clients):
+        raise ScenarioError(f"clients_per_round: protocol 'dsgd' runs every node every round; remove it or set "
+                            f"it to num_clients ({spec.num_clients})")
+    if spec.stragglers.fraction > 0:
+        raise ScenarioError("stragglers.fraction: protocol 'dsgd' has no straggler model; set it to 0")
+    if components["server"].name != "fedavg":
+        raise ScenarioError(f"server.name: protocol 'dsgd' mixes models between nodes and uses no server rule; "
+                            f"remove server (got {components['server'].name!r})")
+    graph_and_mixing(params, components["topology"], spec.num_clients)
+
+
+@PROTOCOLS.register("dsgd", params=DSGDParams, peer_to_peer=True, check=check_dsgd)
+class DecentralizedSGD(ProtocolBase):
+    """Synchronous gossip rounds on the virtual clock: every node trains and mixes every round; the evaluated
+    global model is the network average, and each row reports the consensus error."""
+
+    def __init__(self, params: DSGDParams, sim: Simulation, recorder: Recorder) -> None:
+        super().__init__(params, sim, recorder)
+        spec, components = self.spec, sim.scenario.components
+        self._check_rule(components)
+        n = spec.num_clients
+        self.graph, self.W = graph_and_mixing(params, components["topology"], n)
+        self.degrees = np.array([len(set(self.graph.adj[i]) - {i}) for i in range(n)])
+        self.nodes = StackedStore.replicate(sim.model.init_params, n)
+        """Every node's model (rows are nodes): the protocol's state, what a checkpoint saves."""
+        self.model_bytes = tree_nbytes(sim.model.init_params)
+        hp = sim.rule.hp
+        self.steps = np.full(n, params.local_steps) if params.local_steps is not None else \
+            hp.local_epochs * steps_per_epoch(np.asarray(sim.data.train_sizes), hp.batch_size)
+        self.state["params"] = self.nodes.mean()
+
+    def _check_rule(self, components: dict[str, Component]) -> None:
+        """Refuse a client rule whose message is not a model change (known once the rule and model are built)."""
+        if set(self.template) != {"delta"}:
+            raise ScenarioError(f"algorithm.name: protocol 'dsgd' needs a client rule that sends only its model "
+                                f"change ('delta'); {components['algorithm'].name!r} sends {sorted(self.template)}")
+
+    def start(self, clock: Clock) -> None:
+        clock.schedule(0.0, "round_start", round=0)
+
+    def handle(self, event: Event, clock: Clock) -> None:
+        if event.kind != "round_start":
+            raise ValueError(f"dsgd got an unknown event {event.kind!r}")
+        t = event.payload["round"]
+        row = self.evaluate_if_due(t, clock.now)
+        if self.budget_spent(t, clock.now):
+            clock.stop()
+            return
+        seconds = self._round(t)
+        self.recorder.progress.advance(t, row)
+        clock.schedule(seconds, "round_start", round=t + 1)
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"consensus_error": consensus_error(self.nodes.stacked)}
+
+    def mix_nodes(self) -> None:
+        """x <- W x over every node (one sparse product per leaf)."""
+        self.nodes.scatter(torch.arange(self.nodes.num_nodes), mix(self.W, self.nodes.stacked))
+
+    def _round(self, t: int) -> float:
+        """Round t in the configured order; returns its simulated seconds."""
+        if self.params.order == "cta":
+            self.mix_nodes()
+        deltas, work = self._local_steps(t)
+        half = tree_map(torch.add, self.nodes.stacked, deltas)
+        self.nodes.scatter(torch.arange(self.nodes.num_nodes), half)
+        if self.params.order == "atc":
+            self.mix_nodes()
+        self.traffic.up += self.model_bytes * int(self.degrees.sum())
+        self.state["params"] = self.nodes.mean()
+        if not tree_is_finite(self.state["params"]):
+            raise DivergenceError(
+                f"variant {self.sim.scenario.variant}, round {t}: the network-average model has NaN/inf "
+                f"parameters; the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
+            )
+        systems = self.sim.systems
+        return max(systems.job_seconds(i, int(work[i]), 0, self.model_bytes * int(self.degrees[i]))
+                   for i in range(self.nodes.num_nodes))
+
+    def _local_steps(self, t: int) -> tuple[Pytree, np.ndarray]:
+        """Every node's change from its local steps started at its own model (zero for nodes with no steps),
+        stacked on the node axis, and each node's work; all jobs go to the runtime in one call."""
+        ids = [int(i) for i in np.flatnonzero(self.steps > 0)]
+        work = np.zeros(self.nodes.num_nodes, dtype=np.int64)
+        deltas = tree_map(torch.zeros_like, self.nodes.stacked)
+        if not ids:
+            return deltas, work
+        jobs = [Job(t, i, int(self.steps[i]), version=t) for i in ids]
+        starts = [{"params": x} for x in tree_unstack(self.nodes.gather(ids), len(ids))]
+        results = self.sim.runtime.run_jobs(jobs, starts)
+        for result in results:
+            self.commit(result)
+            work[result.client] = result.work
+        messages = self.sim.runtime.gather_messages(results)
+        stacked = tree_map(lambda *leaves: torch.stack(leaves), *(m["delta"] for m in messages))
+        index = torch.tensor(ids)
+        return tree_map(lambda d, s: d.index_copy(0, index, s.to(d.dtype)), deltas, stacked), work
