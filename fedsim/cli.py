@@ -87,11 +87,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from fedsim.scenario import COMPONENTS
+    from fedsim.scenario import PLUGINS
 
-    kinds = COMPONENTS if args.kind is None else {k: r for k, r in COMPONENTS.items() if args.kind in (k, r.kind)}
+    kinds = PLUGINS if args.kind is None else {k: r for k, r in PLUGINS.items() if args.kind in (k, r.kind)}
     if not kinds:
-        raise FedsimError(f"list {args.kind}: unknown kind; allowed: {', '.join(COMPONENTS)}")
+        raise FedsimError(f"list {args.kind}: unknown kind; allowed: {', '.join(PLUGINS)}")
     for key, registry in kinds.items():
         print(f"{key} ({registry.kind}):")
         for entry in registry:

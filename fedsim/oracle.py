@@ -5,7 +5,7 @@ in how, so a rule gets the same numbers from each (to float rounding) and never 
 - `AutogradOracle`: `torch.autograd.grad` on the mean loss, for batches without padding (about 3x less per-step
   overhead than torch.func on small models): the sequential runtime and the vectorized runtime's unbatched tail.
 - `FuncOracle`: `torch.func.grad`, which runs under vmap: the vectorized runtime, on the weighted loss for padded
-  batches or the plain mean where every sample of the step counts (fewer ops).
+  batches or the plain mean of per-sample losses where every sample of the step counts (fewer ops).
 Random draws are counter-based (`fedsim.keyed_random`), keyed by the job's key, the step and a stream, so a job
 draws the same numbers in every runtime, batched or not.
 """
@@ -67,7 +67,10 @@ class AutogradOracle(KeyedDraws):
         return loss.detach(), dict(zip(leaves, grads, strict=True))
 
     def grad(self, params: Pytree, batch: Batch) -> Pytree:
-        return self.value_and_grad(params, batch)[1]
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.objective.mean_loss(leaves, batch.x, batch.y), tuple(leaves.values()))
+        return dict(zip(leaves, grads, strict=True))
 
 
 class FuncOracle(KeyedDraws):
@@ -80,7 +83,7 @@ class FuncOracle(KeyedDraws):
         def loss(params: Pytree, batch: Batch) -> torch.Tensor:
             if weighted:
                 return objective.weighted_loss(params, batch.x, batch.y, batch.w)
-            return objective.mean_loss(params, batch.x, batch.y)
+            return objective.per_sample_mean_loss(params, batch.x, batch.y)
 
         self._grad, self._value_and_grad = func_grad(loss), grad_and_value(loss)
 

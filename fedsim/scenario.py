@@ -24,7 +24,7 @@ from pydantic import Field
 
 import fedsim.data  # noqa: F401  (fill the data registries)
 from fedsim.clients import ALGORITHMS
-from fedsim.codecs import build_codec
+from fedsim.codecs import CODECS, build_codec
 from fedsim.data.base import DATASETS, PARTITIONERS
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import MODELS
@@ -37,6 +37,7 @@ from fedsim.strict_input import MAX_DEPTH, parse_yaml, plain_data, read_yaml_fil
 from fedsim.systems import SYSTEMS
 from fedsim.tasks import TASKS
 from fedsim.topologies import TOPOLOGIES
+from fedsim.topologies.mixing import MIXING
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MAX_NAME = 100
@@ -114,6 +115,10 @@ COMPONENTS: dict[str, Registry] = {
     "data": DATASETS, "partition": PARTITIONERS, "task": TASKS, "model": MODELS, "algorithm": ALGORITHMS,
     "server": SERVERS, "protocol": PROTOCOLS, "topology": TOPOLOGIES, "systems": SYSTEMS, "runtime": RUNTIMES,
 }
+
+
+PLUGINS: dict[str, Registry] = {**COMPONENTS, "privacy": PRIVACY, "codec": CODECS, "mixing": MIXING}
+"""Every registry a scenario can name something from (what `fedsim list` shows)."""
 
 
 @dataclass(frozen=True)

@@ -105,14 +105,24 @@ class Objective:
 
     def mean_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The minibatch's mean loss (every sample counts once) plus the task's penalty."""
-        return self.task.mean_loss(self.model.forward(params, x), y) + self.task.penalty(params)
+        return self._penalized(self.task.mean_loss(self.model.forward(params, x), y), params)
+
+    def per_sample_mean_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The minibatch's mean loss by the per-sample form (plus the penalty): the same value as `mean_loss` to
+        float rounding, and the faster form under vmap (see `Classification.per_sample_loss`)."""
+        return self._penalized(self.task.per_sample_loss(self.model.forward(params, x), y).mean(), params)
 
     def weighted_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum_i w_i loss_i / sum_i w_i (padding rows have weight 0) plus the task's penalty."""
         per_sample = self.task.per_sample_loss(self.model.forward(params, x), y)
-        return (per_sample * w).sum() / w.sum().clamp_min(1.0) + self.task.penalty(params)
+        return self._penalized((per_sample * w).sum() / w.sum().clamp_min(1.0), params)
 
     def sample_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One sample's loss (x, y without a batch axis) plus the penalty: what per-sample gradients differentiate."""
-        return self.task.per_sample_loss(self.model.forward(params, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0) \
-            + self.task.penalty(params)
+        return self._penalized(
+            self.task.per_sample_loss(self.model.forward(params, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0), params)
+
+    def _penalized(self, loss: torch.Tensor, params: Pytree) -> torch.Tensor:
+        """The loss plus the task's penalty; no op at all for tasks without one (every step pays for an op)."""
+        penalty = self.task.penalty(params)
+        return loss if isinstance(penalty, float) and penalty == 0.0 else loss + penalty

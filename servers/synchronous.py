@@ -15,7 +15,8 @@ from fedsim.servers import PROTOCOLS
 
 @PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",))
 class SynchronousRounds(ProtocolBase):
-    """Event handler for `round_start` and `arrival` events; jobs are numbered by their round."""
+    """Synchronous rounds: sample clients, wait for every kept one, aggregate (`round_start`/`arrival` events;
+    jobs are numbered by their round)."""
 
     def __init__(self, params: NoParams, sim, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)

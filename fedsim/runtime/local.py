@@ -7,6 +7,7 @@ client, and a Flower ClientApp runs `run_client`; so a rule's steps are the same
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -39,15 +40,26 @@ def job_keys(seed: int, jobs: Sequence[Job], stream: Stream = Stream.ORACLE) -> 
     return words
 
 
+def step_indices(steps: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """0-d int64 tensors 0, 1, ... (at least `steps` of them) on `device`, made once per power of two and shared
+    (read only), so a step's index costs nothing."""
+    return _step_indices(1 << max(0, steps - 1).bit_length(), device)
+
+
+@functools.lru_cache(maxsize=32)
+def _step_indices(size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.arange(size, device=device).unbind())
+
+
 def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator,
                    key: torch.Tensor) -> Iterator[Batch]:
     """A client's `steps` minibatches (`local_batches`' schedule) as Batches of weight 1, on x's device."""
     ones = torch.ones(min(batch_size, len(y)), device=x.device)
-    key = key.to(x.device)
+    key, index = key.to(x.device), step_indices(steps, x.device)
     for s, idx in enumerate(local_batches(len(y), batch_size, steps, generator)):
         idx = idx.to(x.device)
         w = ones if len(idx) == len(ones) else ones[: len(idx)]
-        yield Batch(x[idx], y[idx], w, key, torch.tensor(s, device=x.device))
+        yield Batch(x[idx], y[idx], w, key, index[s])
 
 
 def local_steps(rule: ClientRule, state: StepState, batches: Iterable[Batch], oracle: Oracle) -> tuple[StepState,

@@ -41,7 +41,7 @@ from fedsim.runtime.context import (
     local_generators,
     padded_schedule,
 )
-from fedsim.runtime.local import job_info, job_keys, local_steps
+from fedsim.runtime.local import job_info, job_keys, local_steps, step_indices
 from fedsim.seeding import Stream
 from fedsim.sizes import parse_bytes
 from fedsim.tasks import Objective
@@ -293,14 +293,19 @@ class VectorizedRuntime(PlacedRuntime):
         steps. Their minibatches drop the padding rows, so every weight is 1."""
         rule, oracle = self.ctx.rule, self.alone_oracles[slot]
         valid = weight > 0
-        full = valid.all(dim=2).cpu()
+        full = valid.all(dim=2).cpu().tolist()
+        ones = torch.ones(weight.shape[2], device=x.device)
         finals = []
         for c, steps in enumerate(active.sum(dim=0).tolist()):
             def batches(c: int = c, steps: int = steps) -> Iterator[Batch]:
+                step_index, key = step_indices(first_step + steps, x.device), keys[c]
                 for s in range(steps):
-                    rows = index[s, c] if full[s, c] else index[s, c][valid[s, c]]
-                    yield Batch(x[rows], y[rows], weight[s, c, : len(rows)], keys[c],
-                                torch.tensor(first_step + s, device=x.device))
+                    if full[s][c]:
+                        rows, w = index[s, c], ones
+                    else:
+                        rows = index[s, c][valid[s, c]]
+                        w = ones[: len(rows)]
+                    yield Batch(x[rows], y[rows], w, key, step_index[first_step + s])
 
             finals.append(local_steps(rule, tree_map(operator.itemgetter(c), state), batches(), oracle)[0])
         return tree_map(lambda *leaves: torch.stack(leaves), *finals)
