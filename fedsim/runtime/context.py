@@ -15,7 +15,7 @@ from fedsim.codecs import Codec, Identity
 from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree
-from fedsim.seeding import Stream, torch_generators
+from fedsim.seeding import Stream, derive_seeds
 from fedsim.tasks import Objective
 
 if TYPE_CHECKING:
@@ -91,15 +91,20 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
             taken += 1
 
 
-def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
-    """Each job's minibatch generator, `torch_generator(seed, LOCAL, job.id, client)`, derived for all jobs with
-    the same id at once (`torch_generators`)."""
-    out: dict[int, torch.Generator] = {}
-    for r in sorted({job.id for job in jobs}):
-        positions = [i for i, job in enumerate(jobs) if job.id == r]
-        made = torch_generators(seed, Stream.LOCAL, r, last=[jobs[i].client for i in positions])
-        out.update(zip(positions, made, strict=True))
+def job_seeds(seed: int, stream: Stream, jobs: Sequence[Job]) -> list[int]:
+    """`derive_seed(seed, stream, job.id, job.client)` for every job, derived for all jobs with the same id at once
+    (`derive_seeds`): the seed of each job's own random stream, whichever runtime runs it."""
+    out: dict[int, int] = {}
+    for job_id in sorted({job.id for job in jobs}):
+        positions = [i for i, job in enumerate(jobs) if job.id == job_id]
+        out.update(zip(positions, derive_seeds(seed, stream, job_id, last=[jobs[i].client for i in positions]),
+                       strict=True))
     return [out[i] for i in range(len(jobs))]
+
+
+def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
+    """Each job's minibatch generator, `torch_generator(seed, LOCAL, job.id, client)`."""
+    return [torch.Generator().manual_seed(s) for s in job_seeds(seed, Stream.LOCAL, jobs)]
 
 
 def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:

@@ -16,8 +16,8 @@ from fedsim.clients import Batch, ClientRule, JobInfo, Oracle, StepState
 from fedsim.codecs import Codec
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job
-from fedsim.runtime.context import local_batches
-from fedsim.seeding import Stream, derive_seeds
+from fedsim.runtime.context import job_seeds, local_batches
+from fedsim.seeding import Stream
 
 MASK32 = 0xFFFFFFFF
 
@@ -32,12 +32,8 @@ def job_keys(seed: int, jobs: Sequence[Job], stream: Stream = Stream.ORACLE) -> 
     """Each job's random key, (jobs, 2) int64 words of `derive_seed(seed, stream, job.id, job.client)`: what the
     oracle's draws (stream ORACLE) and the uplink codec's (stream CODEC) are keyed by, whichever runtime runs the
     job."""
-    words = torch.zeros((len(jobs), 2), dtype=torch.int64)
-    for job_id in sorted({job.id for job in jobs}):
-        positions = [i for i, job in enumerate(jobs) if job.id == job_id]
-        seeds = derive_seeds(seed, stream, job_id, last=[jobs[i].client for i in positions])
-        words[positions] = torch.tensor([[s & MASK32, s >> 32] for s in seeds], dtype=torch.int64)
-    return words
+    return torch.tensor([[s & MASK32, s >> 32] for s in job_seeds(seed, stream, jobs)], dtype=torch.int64) \
+        .reshape(len(jobs), 2)
 
 
 def step_indices(steps: int, device: torch.device) -> tuple[torch.Tensor, ...]:

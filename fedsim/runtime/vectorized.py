@@ -211,7 +211,8 @@ class VectorizedRuntime(PlacedRuntime):
         codec = self.ctx.uplink
         template = tree_map(lambda v: v[0], messages)
         device = next(iter(tree_leaves(messages))).device
-        states = [self.ctx.codec_state(j.client, tree_to(template, "cpu")) for j in jobs]
+        on_cpu = tree_to(template, "cpu")
+        states = [self.ctx.codec_state(j.client, on_cpu) for j in jobs]
         stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states)
         payload, new_states = vmap(codec.encode)(messages, stacked, keys)
         decoded = vmap(codec.decode, in_dims=(0, None))(payload, template)
