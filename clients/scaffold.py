@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from fedsim.clients import ALGORITHMS, Batch, JobInfo, LocalTrainingParams, Oracle, StepState
-from fedsim.errors import ScenarioError
 from fedsim.params import Pytree, tree_sub, tree_zeros_like
 
 
-@ALGORITHMS.register("scaffold", params=LocalTrainingParams, stragglers="drop", server="scaffold")
+@ALGORITHMS.register("scaffold", params=LocalTrainingParams, stragglers="drop", server="scaffold",
+                     receives=("params", "control"), sends=("delta", "control"))
 class Scaffold:
     """Client side of SCAFFOLD: steps y <- y - lr (g(y) + c - c_i) from the server's x, then refreshes its control
     variate c_i by option II and sends (y - x, c_i+ - c_i). Its persistent state is c_i (zeros at first)."""
@@ -24,9 +24,6 @@ class Scaffold:
         return tree_zeros_like(server_message["params"])
 
     def init(self, server_message: Pytree, client_state: Pytree | None, info: JobInfo) -> StepState:
-        if "control" not in server_message:
-            raise ScenarioError("server.name: algorithm 'scaffold' needs a server that broadcasts a control variate; "
-                                "use server 'scaffold'")
         params = server_message["params"]
         c_i = tree_zeros_like(params) if client_state is None else client_state
         # The correction c - c_i is the same at every local step (Algorithm 1, line 10), so it is formed once.

@@ -306,6 +306,30 @@ def straggler_handling(spec: ScenarioSchema, components: dict[str, Component]) -
     return components["algorithm"].entry.meta["stragglers"] if handling == "auto" else handling
 
 
+def _check_message_keys(components: dict[str, Component]) -> None:
+    """The algorithm reads what the server broadcasts, the server reads what the algorithm sends, and the protocol
+    can carry that message: each side's keys are declared where it is registered (`receives`/`sends` on an
+    algorithm, `broadcasts`/`aggregates` on a server, `carries` on a protocol; "params"/"delta" by default)."""
+    algorithm, server, protocol = components["algorithm"], components["server"], components["protocol"]
+    sends = set(algorithm.entry.meta.get("sends", ("delta",)))
+    carries = protocol.entry.meta.get("carries")
+    if carries is not None and not sends <= set(carries):
+        raise ScenarioError(f"algorithm.name: protocol {protocol.name!r} carries only {sorted(carries)} from a "
+                            f"client; {algorithm.name!r} sends {sorted(sends)}")
+    if protocol.entry.meta.get("peer_to_peer"):
+        return
+    broadcasts = set(server.entry.meta.get("broadcasts", ("params",)))
+    missing = sorted(set(algorithm.entry.meta.get("receives", ("params",))) - broadcasts)
+    if missing:
+        fitting = [e.name for e in SERVERS if set(missing) <= set(e.meta.get("broadcasts", ("params",)))]
+        raise ScenarioError(f"server.name: algorithm {algorithm.name!r} needs {missing} from the server, which "
+                            f"{server.name!r} does not broadcast; use {' or '.join(fitting) or 'another algorithm'}")
+    unsent = sorted(set(server.entry.meta.get("aggregates", ("delta",))) - sends)
+    if unsent:
+        raise ScenarioError(f"server.name: server {server.name!r} aggregates {unsent}, which algorithm "
+                            f"{algorithm.name!r} does not send")
+
+
 def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -> None:
     """Checks that span several fields."""
     if spec.rounds is None and spec.time_budget is None:
@@ -317,6 +341,7 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     missing = next((f for f in protocol.entry.meta.get("needs", ()) if getattr(spec, f) is None), None)
     if missing is not None:
         raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")
+    _check_message_keys(components)
     protocol_check = protocol.entry.meta.get("check")
     if protocol_check is not None:
         protocol_check(protocol.params, spec, components)

@@ -18,7 +18,8 @@ class ScaffoldServerParams(ServerParams):
     weighting: Literal["samples", "uniform"] = "uniform"
 
 
-@SERVERS.register("scaffold", params=ScaffoldServerParams)
+@SERVERS.register("scaffold", params=ScaffoldServerParams, broadcasts=("params", "control"),
+                  aggregates=("delta", "control"))
 class ScaffoldServer(FedOpt):
     """Global step lr (eta_g) on the mean model change; the control variate moves by the mean control change scaled
     by the sampled fraction |S|/N, so c stays the mean of all N clients' c_i (clients not sampled keep theirs)."""

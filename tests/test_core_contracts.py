@@ -13,6 +13,7 @@ from fedsim.errors import FedsimError, ScenarioError
 from fedsim.protocol import ProtocolBase
 from fedsim.registry import Entry, NoParams
 from fedsim.runtime import Job
+from fedsim.runtime.local import message_template
 from fedsim.scenario import load_scenarios
 from fedsim.servers import PROTOCOLS
 from fedsim.simulation import build_simulation
@@ -113,6 +114,34 @@ def test_a_scenario_needs_a_budget_and_what_its_protocol_needs(tiny):
 def test_client_server_protocols_refuse_peer_to_peer_graphs(tiny):
     with pytest.raises(ScenarioError, match=r"^topology\.name: protocol 'synchronous' runs on a client/server star"):
         fedsim.run({**tiny, "topology": {"name": "ring"}}, write=False)
+
+
+@pytest.mark.parametrize("algorithm", [e.name for e in ALGORITHMS if e.obj.__module__.startswith("fedsim.clients")])
+def test_each_algorithm_sends_and_reads_the_message_keys_it_declares(tiny, algorithm):
+    sim = simulation({**tiny, "algorithm": {"name": algorithm}})
+    meta = sim.scenario.components["algorithm"].entry.meta
+    state = sim.server.init(sim.model.init_params)
+    broadcast = sim.server.broadcast(state)
+    assert set(message_template(sim.rule, broadcast)) == set(meta.get("sends", ("delta",)))
+    assert set(meta.get("receives", ("params",))) <= set(broadcast)
+    server_meta = sim.scenario.components["server"].entry.meta
+    assert set(broadcast) == set(server_meta.get("broadcasts", ("params",)))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"algorithm": {"name": "scaffold"}, "server": {"name": "fedavg"}},
+     r"^server\.name: algorithm 'scaffold' needs \['control'\] from the server, which 'fedavg' does not broadcast; "
+     r"use scaffold$"),
+    ({"algorithm": {"name": "fedavg"}, "server": {"name": "scaffold"}},
+     r"^server\.name: server 'scaffold' aggregates \['control'\], which algorithm 'fedavg' does not send$"),
+    ({"algorithm": {"name": "scaffold"}, "protocol": {"name": "fedasync"}},
+     r"^algorithm\.name: protocol 'fedasync' carries only \['delta'\] from a client; 'scaffold' sends"),
+    ({"algorithm": {"name": "scaffold"}, "protocol": {"name": "dsgd"}, "topology": {"name": "ring"},
+      "clients_per_round": None}, r"^algorithm\.name: protocol 'dsgd' carries only \['delta'\]"),
+])
+def test_rules_whose_messages_do_not_fit_are_refused_when_the_scenario_is_read(tiny, change, message):
+    with pytest.raises(ScenarioError, match=message):
+        load_scenarios({**tiny, **change})
 
 
 class Idle(ProtocolBase):

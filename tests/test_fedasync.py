@@ -12,7 +12,7 @@ import fedsim
 from fedsim.errors import ScenarioError
 from fedsim.protocol import ProtocolBase
 from fedsim.runtime.vectorized import VectorizedRuntime
-from fedsim.servers.fedasync import FedAsync, staleness_weight
+from fedsim.servers.fedasync import FedAsync, FedAsyncParams, staleness_weight
 
 
 def scenario(**changes: Any) -> dict[str, Any]:
@@ -123,6 +123,12 @@ def test_weightings_follow_the_paper():
     assert [staleness_weight("hinge", d, 10.0, 4.0) for d in range(5)] == [1.0] * 5
     assert staleness_weight("hinge", 5, 10.0, 4.0) == pytest.approx(1 / 11)
     assert staleness_weight("hinge", 7, 10.0, 4.0) == pytest.approx(1 / 31)
+
+
+def test_the_slope_defaults_to_the_papers_value_for_each_weighting():
+    assert FedAsyncParams(staleness="polynomial").slope() == 0.5
+    assert FedAsyncParams(staleness="hinge").slope() == 10.0
+    assert FedAsyncParams(staleness="hinge", a=2.0).slope() == 2.0
 
 
 def test_time_budget_stops_at_the_first_update_at_or_after_it():

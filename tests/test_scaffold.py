@@ -17,7 +17,6 @@ from fedsim.aggregation import Aggregate, finish_means, total_weights, weighted_
 from fedsim.clients import ALGORITHMS, Batch, LocalTrainingParams
 from fedsim.clients.fedavg import LocalSGD
 from fedsim.clients.scaffold import Scaffold
-from fedsim.errors import ScenarioError
 from fedsim.models import LogRegParams, build_model
 from fedsim.oracle import AutogradOracle
 from fedsim.params import Pytree, tree_map, tree_nbytes
@@ -152,11 +151,6 @@ def test_client_that_took_no_step_sends_zero_control_change_even_under_vmap():
     torch.testing.assert_close(messages["delta"]["w"][0], torch.zeros(2))
     torch.testing.assert_close(states["w"][0], c_i["w"])
     torch.testing.assert_close(states["w"][1], torch.tensor([1.0, 1.0]))
-
-
-def test_scaffold_clients_with_a_server_that_sends_no_control_is_a_scenario_error(tiny):
-    with pytest.raises(ScenarioError, match=r"^server.name: algorithm 'scaffold' needs a server"):
-        fedsim.run({**tiny, "algorithm": {"name": "scaffold"}, "server": {"name": "fedavg"}}, write=False)
 
 
 def skewed_digits(algorithm: str, seed: int) -> dict:

@@ -74,8 +74,9 @@ MaskedStep = Callable[[Pytree, Batch, torch.Tensor], Pytree]
 
 def batched_steps(rule: ClientRule, objective: Objective) -> tuple[Step, Step]:
     """The rule's step vmapped over a leading client axis, for full minibatches (the plain mean loss) and for
-    padded ones (the weighted loss)."""
-    vmapped = vmap(rule.step, in_dims=(0, 0, None))
+    padded ones (the weighted loss). The step number is the same for every client of a step, so it stays
+    unbatched (one input fewer for vmap to wrap)."""
+    vmapped = vmap(rule.step, in_dims=(0, Batch(0, 0, 0, 0, None), None))
     full_oracle, padded_oracle = FuncOracle(objective, weighted=False), FuncOracle(objective, weighted=True)
 
     def full(state: Pytree, batch: Batch) -> Pytree:
@@ -254,7 +255,7 @@ class VectorizedRuntime(PlacedRuntime):
                 live = ids
                 break
             rows, w, k = (index[s], weight[s], keys) if live is None else (index[s, live], weight[s, live], keys[live])
-            minibatch = Batch(x[rows], y[rows], w, k, step_index[s].expand(len(k)))
+            minibatch = Batch(x[rows], y[rows], w, k, step_index[s])
             if bool(full[s].all() if live is None else full[s, live_host].all()):
                 state = self.full_steps[slot](state, minibatch)
             else:
@@ -276,7 +277,7 @@ class VectorizedRuntime(PlacedRuntime):
         batch and its state kept, so the compiled step always sees the same shapes (contiguous, no stride 0)."""
         full_step, masked_step = self.compiled_steps[slot]
         uniform = ((weight.sum(dim=2) == weight.shape[2]).all(dim=1) & active.all(dim=1)).tolist()
-        steps = torch.arange(index.shape[0], device=index.device)[:, None].repeat(1, len(keys))
+        steps = torch.arange(index.shape[0], device=index.device)
         for s in range(index.shape[0]):
             rows = index[s]
             minibatch = Batch(x[rows], y[rows], weight[s], keys, steps[s])
