@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 
+from fedsim.checkpoint import Collective, load_latest
 from fedsim.clock import Clock
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, ScenarioError, UsageError
 from fedsim.metrics_table import MetricsTable
-from fedsim.outputs import RunDirectory, choose_run_dir
+from fedsim.outputs import RunDirectory, choose_run_dir, read_metrics
 from fedsim.preflight import check_scenario
 from fedsim.progress import make_progress
 from fedsim.recording import Recorder
 from fedsim.report import final_rows, format_table, write_plot
+from fedsim.run_state import Checkpointing, RunState, SignalFlag
 from fedsim.runtime import mpi
 from fedsim.scenario import ResolvedScenario, load_scenarios, naming_variant
 from fedsim.simulation import Simulation, build_simulation
@@ -44,15 +46,15 @@ def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | N
         write: bool = True, progress: bool = False, echo: Callable[[str], None] | None = None) -> RunResult:
     """Run every variant of a scenario. Everything is validated (`check`) and built before training starts, and the
     run directory is created only then, so bad input leaves nothing behind. Under `mpiexec` every rank runs this and
-    returns the same metrics; only rank 0 writes and shows progress."""
+    returns the same metrics; only rank 0 writes files and shows progress (every rank saves its checkpoints)."""
     lead = mpi.rank() == 0
-    write, progress = write and lead, progress and lead
-    scenarios, notices, out_path = check(source, overrides, variants, out, overwrite, write)
+    scenarios, notices, out_path = check(source, overrides, variants, out, overwrite, write and lead)
+    root = _shared(out_path) if write else None
     sims = build_all(scenarios)
+    note = _noter(echo, lead)
     notices += [n for sim in sims for n in sim.notices]
-    if echo and lead:
-        for notice in notices:
-            echo(f"note: {notice}")
+    for notice in notices:
+        note(notice)
     first = scenarios[0].spec
     run_dir = RunDirectory(out_path) if out_path is not None else None
     if run_dir:
@@ -61,14 +63,62 @@ def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | N
             "seed": first.seed, "variants": [s.variant for s in scenarios], "fedsim": _version(),
             "torch": torch.__version__, "python": platform.python_version(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else None,
+            "overrides": dict(overrides or {}), "selected": list(variants) if variants else None,
         })
-    rows = []
+    return _run_all(sims, run_dir, root, progress and lead, note, {}, resume=False, notices=notices)
+
+
+def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], None] | None = None) -> RunResult:
+    """Continue a stopped run to its end from its last good checkpoint: finished variants are kept, the variant
+    that was running resumes where its checkpoint left it (starting over when it has none), metrics.jsonl keeps
+    no row twice, and the summary and plot are written at the end. The numbers are those of an uninterrupted run.
+    A finished run is left as it is; a scenario file changed since the run started is refused."""
+    lead = mpi.rank() == 0
+    root = Path(run_dir)
+    note = _noter(echo, lead)
+    meta = _read_json(root / "run.json", root)
+    status = _read_json(root / "progress.json", root) if (root / "progress.json").exists() else {"finished": []}
+    stored, _ = load_scenarios(root / "scenario.yaml")
+    rows = read_metrics(root)
+    if status.get("complete"):
+        note(f"run {root} is finished; nothing to resume")
+        return RunResult(MetricsTable(rows), stored, None, [])
+    _check_unchanged(meta, stored, note)
+    for scenario in stored:
+        check_scenario(scenario)
+    sims = build_all(stored)
+    notices = [n for sim in sims for n in sim.notices]
+    for notice in notices:
+        note(notice)
+    finished = {v: [r for r in rows if r["variant"] == v] for v in status["finished"]}
+    run_dir = RunDirectory(root, keep=[r for r in rows if r["variant"] in finished]) if lead else None
+    return _run_all(sims, run_dir, root, progress and lead, note, finished, resume=True, notices=notices)
+
+
+def _run_all(sims: Sequence[Simulation], run_dir: RunDirectory | None, root: Path | None, progress: bool,
+             note: Callable[[str], None], finished: dict[str, list[dict[str, Any]]], resume: bool,
+             notices: list[str]) -> RunResult:
+    """Run the variants not `finished` in order (the first of them from its checkpoint when `resume`), recording
+    each finished one in progress.json, then write the summary and plot."""
+    rows: list[dict[str, Any]] = []
+    done = list(finished)
     for sim in sims:
-        rows += _run_one(sim, run_dir, progress)
+        variant = sim.scenario.variant
+        if variant in finished:
+            rows += finished[variant]
+            continue
+        rows += _run_one(sim, run_dir, root, progress, note, resume)
+        resume = False
+        done.append(variant)
+        if run_dir:
+            run_dir.write_json("progress.json", {"finished": done, "complete": False})
+    scenarios = [sim.scenario for sim in sims]
     if run_dir:
         run_dir.write_json("summary.json", final_rows(rows))
         if any(s.spec.output.plot for s in scenarios):
-            write_plot(rows, run_dir.path / "plot.png", first.name)
+            write_plot(rows, run_dir.path / "plot.png", scenarios[0].spec.name)
+        run_dir.write_json("progress.json", {"finished": done, "complete": True})
     return RunResult(MetricsTable(rows), scenarios, run_dir.path if run_dir else None, notices)
 
 
@@ -101,26 +151,107 @@ def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
     return sims
 
 
-def _run_one(sim: Simulation, run_dir: RunDirectory | None, progress: bool) -> list[dict[str, Any]]:
-    spec = sim.scenario.spec
-    recorder = Recorder(sim.scenario.variant, sim.evaluator,
+def _run_one(sim: Simulation, run_dir: RunDirectory | None, root: Path | None, progress: bool,
+             note: Callable[[str], None], resume: bool) -> list[dict[str, Any]]:
+    """One variant on the virtual clock; with a run directory (`root`), checkpointed, and restored from its last
+    good checkpoint when `resume`."""
+    spec, variant = sim.scenario.spec, sim.scenario.variant
+    recorder = Recorder(variant, sim.evaluator,
                         sink=(lambda row: run_dir.append_metrics([row])) if run_dir else (lambda row: None),
-                        progress=make_progress(progress, sim.scenario.variant, spec.rounds))
+                        progress=make_progress(progress, variant, spec.rounds))
     component = sim.scenario.components["protocol"]
     clock = Clock()
     threads = torch.get_num_threads()
     torch.set_num_threads(sim.runtime.threads)
     try:
-        protocol = component.entry.obj(component.params, sim, recorder)
-        protocol.start(clock)
-        clock.run(protocol)
+        with SignalFlag() as signals:
+            protocol = component.entry.obj(component.params, sim, recorder)
+            state = RunState(sim, protocol, clock, recorder)
+            saving = Checkpointing(root, spec.checkpoint, variant, state, signals, Collective(mpi.world())) \
+                if root is not None else None
+            if not (resume and saving and _restore(saving, run_dir, note)):
+                protocol.start(clock)
+            clock.run(protocol, saving.after_event if saving else None)
     finally:
         torch.set_num_threads(threads)
         recorder.progress.close()
     if not clock.stopped:
-        raise FedsimError(f"variant {sim.scenario.variant}: protocol {component.name!r} ran out of events at "
+        raise FedsimError(f"variant {variant}: protocol {component.name!r} ran out of events at "
                           f"simulated time {clock.now:.6g} s before its budget was spent; its metrics so far are kept")
     return recorder.rows
+
+
+def _restore(saving: Checkpointing, run_dir: RunDirectory | None, note: Callable[[str], None]) -> bool:
+    """Put the variant back where its newest good checkpoint left it (and its rows back in metrics.jsonl);
+    False, after saying so, when it has none and must start over."""
+    found = load_latest(saving.root, lambda m: m.get("variant") == saving.variant, saving.ranks, note)
+    if found is None:
+        note(f"variant {saving.variant}: no usable checkpoint; it starts over from the beginning")
+        return False
+    manifest, state = found
+    saving.state.load_state_dict(state)
+    saving.restored()
+    if run_dir:
+        run_dir.append_metrics(saving.state.recorder.rows)
+    note(f"variant {saving.variant}: resumed at server step {manifest['server_steps']} (simulated "
+         f"{manifest['sim_time']:.6g} s)")
+    return True
+
+
+def _check_unchanged(meta: dict[str, Any], stored: list[ResolvedScenario], note: Callable[[str], None]) -> None:
+    """Refuse to resume when the scenario file the run came from now resolves differently (naming the first
+    differing field); a file that is gone is replaced by the run directory's copy."""
+    source = meta.get("source")
+    if source is None:
+        return
+    if not Path(source).is_file():
+        note(f"scenario file {source} is gone; resuming from the run directory's copy")
+        return
+    current, _ = load_scenarios(source, meta.get("overrides") or None, meta.get("selected"))
+    old = {s.variant: s.to_dict() for s in stored}
+    new = {s.variant: s.to_dict() for s in current}
+    field = first_difference(old, new) if len(stored) > 1 else first_difference(old.popitem()[1],
+                                                                                new.popitem()[1])
+    if field is not None:
+        raise ScenarioError(f"{field}: {source} changed since the run started; resuming would not give the "
+                            f"uninterrupted run's numbers (start a new run, or restore the file)")
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The dotted path of the first field (in the old document's order, then the new one's) where two plain-data
+    documents differ; None when they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                return where
+            found = first_difference(old[key], new[key], where)
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path or "scenario")
+
+
+def _shared(out_path: Path | None) -> Path | None:
+    """Rank 0's run directory, on every rank (where each rank saves its checkpoint files)."""
+    comm = mpi.world()
+    return comm.bcast(out_path, root=0) if comm is not None else out_path
+
+
+def _noter(echo: Callable[[str], None] | None, lead: bool) -> Callable[[str], None]:
+    def note(line: str) -> None:
+        if echo and lead:
+            echo(f"note: {line}")
+    return note
+
+
+def _read_json(path: Path, root: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--resume: {root} is not a run directory (no {path.name})") from None
+    except (OSError, ValueError) as e:
+        raise FedsimError(f"{path}: unreadable ({type(e).__name__})") from None
 
 
 def _version() -> str:

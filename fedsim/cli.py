@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fedsim.errors import FedsimError, ScenarioError
+from fedsim.errors import FedsimError, RunInterrupted, ScenarioError, UsageError
 from fedsim.runtime.mpi import launched_world_size
 
 ABORT_GRACE_SECONDS = 0.5
@@ -23,10 +23,6 @@ MAX_ERROR_CHARS = 500
 """Longest error line printed; longer messages are cut (they only grow long by echoing a user's input)."""
 
 
-class UsageError(FedsimError):
-    """The command line itself is malformed (argparse's complaint, as one line)."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage mistakes as a UsageError (one line) instead of printing usage and exiting."""
 
@@ -34,8 +30,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _add_scenario_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("scenario", help="path to a scenario YAML file")
+def _add_scenario_arguments(command: argparse.ArgumentParser, optional: bool = False) -> None:
+    command.add_argument("scenario", nargs="?" if optional else None, help="path to a scenario YAML file")
     command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a field, e.g. --set algorithm.mu=0 (repeatable)")
     command.add_argument("--variant", dest="variants", action="append", metavar="NAME",
@@ -48,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsim", description="Simulate federated and decentralized learning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,check,list}")
     run = sub.add_parser("run", help="run a scenario file: train, print a result table, write a run directory")
-    _add_scenario_arguments(run)
+    _add_scenario_arguments(run, optional=True)
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last good checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     check = sub.add_parser("check", help="validate a scenario without running it (every variant, data files, "
                                          "memory, output location) and print it resolved")
@@ -59,11 +56,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedsim.api import run
+    from fedsim.api import resume, run
     from fedsim.scenario import parse_overrides
 
-    result = run(args.scenario, overrides=parse_overrides(args.overrides), variants=args.variants, out=args.out,
-                 overwrite=args.overwrite, progress=not args.quiet, echo=lambda line: print(line, file=sys.stderr))
+    echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.resume is not None:
+        given = [flag for flag, value in (("a scenario", args.scenario), ("--set", args.overrides),
+                                          ("--variant", args.variants), ("--out", args.out),
+                                          ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise UsageError(f"--resume takes the run directory only; the scenario comes from it ({given[0]} given; "
+                             f"see fedsim run --help)")
+        result = resume(args.resume, progress=not args.quiet, echo=echo)
+    elif args.scenario is None:
+        raise UsageError("run: give a scenario file, or --resume RUN_DIR (see fedsim run --help)")
+    else:
+        result = run(args.scenario, overrides=parse_overrides(args.overrides), variants=args.variants, out=args.out,
+                     overwrite=args.overwrite, progress=not args.quiet, echo=echo)
     if result.out_dir is not None:
         print(result.summary())
         print(f"\nrun directory: {result.out_dir}")
@@ -107,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except RunInterrupted as exc:
+        return _fail(f"fedsim: {exc}", exc.exit_code, everywhere=False)
     except FedsimError as exc:
         return _fail(f"fedsim: error: {exc}", 2, everywhere=not isinstance(exc, (ScenarioError, UsageError)))
     except MemoryError:

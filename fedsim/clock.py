@@ -8,6 +8,7 @@ protocols later) is an event handler: it reacts to each event and schedules the 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,9 +52,21 @@ class Clock:
         """Whether the handler stopped the clock (false when the queue simply emptied)."""
         return self._stopped
 
-    def run(self, handler: EventHandler) -> None:
-        """Deliver events in time order until the queue is empty or the handler stops the clock."""
+    def run(self, handler: EventHandler, after: Callable[[Clock], None] | None = None) -> None:
+        """Deliver events in time order until the queue is empty or the handler stops the clock; `after` is called
+        after each event (where a run may checkpoint: between events the whole state is at rest)."""
         while self._queue and not self._stopped:
             event = heapq.heappop(self._queue)
             self.now = event.time
             handler.handle(event, self)
+            if after is not None:
+                after(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The time, the pending events (in delivery order) and the event counter."""
+        return {"now": self.now, "seq": self._seq, "queue": sorted(self._queue), "stopped": self._stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.now, self._seq, self._stopped = state["now"], state["seq"], state["stopped"]
+        self._queue = list(state["queue"])
+        heapq.heapify(self._queue)

@@ -15,3 +15,15 @@ class DataError(FedsimError):
 
 class DivergenceError(FedsimError):
     """Training produced a non-finite loss or parameters; the message names the round."""
+
+
+class UsageError(FedsimError):
+    """The command line itself is malformed (argparse's complaint, as one line), or names no run to resume."""
+
+
+class RunInterrupted(FedsimError):
+    """The run received SIGINT or SIGTERM and stopped after saving a checkpoint; the exit status is 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

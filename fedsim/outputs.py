@@ -112,6 +112,18 @@ def make_dirs(path: Path) -> None:
         raise FedsimError(f"cannot create the run directory {shorten_key(str(path))}: {exc.strerror or exc}") from None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run directory's metrics.jsonl (none when it has none yet)."""
+    try:
+        text = (path / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError:
+        raise FedsimError(f"{path / 'metrics.jsonl'}: not valid JSON lines") from None
+
+
 def scenario_document(resolved: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Resolved variants as one loadable document: the mapping itself, or `variants` of full mappings."""
     if len(resolved) == 1 and names == [resolved[0]["name"]]:
@@ -122,10 +134,13 @@ def scenario_document(resolved: list[dict[str, Any]], names: list[str]) -> dict[
 class RunDirectory:
     """Writes one run's files under `path`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep: Iterable[dict[str, Any]] = ()) -> None:
+        """A new run directory, or (resuming) an existing one whose metrics.jsonl is cut back to the rows `keep`."""
         self.path = path
         self._metrics: list[str] = []
         make_dirs(path)
+        if keep or (path / "metrics.jsonl").exists():
+            self.append_metrics(keep)
 
     def write_scenario(self, resolved: list[dict[str, Any]], names: list[str]) -> None:
         """The resolved scenario, re-runnable as it stands (`scenario_document`)."""

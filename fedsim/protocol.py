@@ -10,7 +10,7 @@ a protocol stops the clock when it is spent. A queue that empties before that is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedsim import keyed_random
 from fedsim.aggregation import Aggregate, finish_means, total_weights
@@ -42,9 +42,22 @@ class ProtocolBase:
         self.per_result = bool(sim.scenario.components["server"].entry.meta.get("per_result"))
         self.traffic = Traffic()
         self.downlink_state: Pytree | None = None
+        self.server_steps = 0
+        """Server steps taken so far (rounds, asynchronous updates, gossip rounds)."""
 
     def start(self, clock: Clock) -> None:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The protocol's run state (server state, traffic, downlink codec state, and what subclasses add: jobs in
+        flight and their results), plain data for a checkpoint; `server_steps` tells checkpoints when to fall."""
+        return {"server": self.state, "traffic": [self.traffic.down, self.traffic.up],
+                "downlink": self.downlink_state, "server_steps": self.server_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state, self.downlink_state = state["server"], state["downlink"]
+        self.traffic = Traffic(*state["traffic"])
+        self.server_steps = state["server_steps"]
 
     def handle(self, event: Event, clock: Clock) -> None:
         raise NotImplementedError

@@ -43,6 +43,14 @@ class Recorder:
     rows: list[Row] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rows recorded so far and the real seconds the run has taken (resumed runs count on from there)."""
+        return {"rows": self.rows, "wall_seconds": time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+        self.started = time.perf_counter() - state["wall_seconds"]
+
     def evaluate(self, round_index: int, sim_time: float, params: Pytree, traffic: Traffic,
                  extra: Mapping[str, float] | None = None) -> Row:
         """Evaluate the global model, record the row (with a protocol's own figures in `extra`: consensus error,

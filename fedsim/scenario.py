@@ -65,6 +65,16 @@ class CompressionSpec(Params):
     downlink: dict[str, Any] | None = None
 
 
+class CheckpointSpec(Params):
+    """When a run saves a checkpoint in its run directory (`fedsim run --resume RUN_DIR` continues from the last
+    good one). A run also saves one when it receives SIGINT or SIGTERM, then stops."""
+
+    every: int | None = Field(None, ge=1, description="server steps between checkpoints")
+    sim_seconds: float | None = Field(None, gt=0, description="simulated seconds between checkpoints")
+    wall_seconds: float = Field(300.0, ge=0, description="with neither set, real seconds between checkpoints (so "
+                                                         "short runs save none); 0: none")
+
+
 class OutputSpec(Params):
     dir: str | None = Field(None, min_length=1, description="run directory (default: runs/<name>)")
     plot: bool = True
@@ -93,6 +103,7 @@ class ScenarioSchema(Params):
     runtime: dict[str, Any] = Field(default_factory=lambda: {"name": "vectorized"})
     stragglers: StragglerSpec = StragglerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
     output: OutputSpec = OutputSpec()
 
 

@@ -103,6 +103,13 @@ class DecentralizedSGD(ProtocolBase):
     def start(self, clock: Clock) -> None:
         clock.schedule(0.0, "round_start", round=0)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "nodes": self.nodes.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.nodes.load_state_dict(state["nodes"])
+
     def handle(self, event: Event, clock: Clock) -> None:
         if event.kind != "round_start":
             raise ValueError(f"dsgd got an unknown event {event.kind!r}")
@@ -112,6 +119,7 @@ class DecentralizedSGD(ProtocolBase):
             clock.stop()
             return
         seconds = self._round(t)
+        self.server_steps = t + 1
         self.recorder.progress.advance(t, row)
         clock.schedule(seconds, "round_start", round=t + 1)
 

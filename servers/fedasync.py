@@ -28,7 +28,7 @@ The paper's workers minimise f + rho/2 ||x - x_tau||^2: `algorithm: {name: fedpr
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -141,6 +141,19 @@ class FedAsync(ProtocolBase):
     def start(self, clock: Clock) -> None:
         clock.schedule(0.0, "start")
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "step": self.step, "dispatched": self.dispatched, "versions": self.versions,
+                "in_flight": self.in_flight, "pending": self.pending, "done": self.done,
+                "idle": [self.idle.clients, self.idle.count], "staleness_log": self.staleness_log,
+                "since_row": self.since_row}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.step, self.dispatched, self.since_row = state["step"], state["dispatched"], state["since_row"]
+        self.versions, self.in_flight, self.done = state["versions"], state["in_flight"], state["done"]
+        self.pending, self.staleness_log = state["pending"], state["staleness_log"]
+        self.idle.clients, self.idle.count = state["idle"]
+
     def handle(self, event: Event, clock: Clock) -> None:
         if event.kind == "start":
             self._start(clock)
@@ -186,6 +199,7 @@ class FedAsync(ProtocolBase):
                                                       self.params.b)
         rebased = self._rebase(result, weight)
         self.step += 1
+        self.server_steps = self.step
         self._release(job.version)
         self.apply([rebased], self.step)
         row = self.evaluate_if_due(self.step, clock.now)

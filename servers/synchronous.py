@@ -4,6 +4,8 @@ paper's straggler model: a sampled fraction of clients runs fewer epochs, and th
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedsim.clock import Clock, Event
 from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.recording import Recorder
@@ -27,6 +29,13 @@ class SynchronousRounds(ProtocolBase):
 
     def start(self, clock: Clock) -> None:
         clock.schedule(0.0, "round_start", round=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "round": self.round, "awaiting": self.awaiting, "received": self.received}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.round, self.awaiting, self.received = state["round"], state["awaiting"], state["received"]
 
     def handle(self, event: Event, clock: Clock) -> None:
         if event.kind == "round_start":
@@ -67,4 +76,5 @@ class SynchronousRounds(ProtocolBase):
         if len(self.received) < self.awaiting:
             return
         self.apply([r for _, r in sorted(self.received, key=lambda pair: pair[0])], self.round)
+        self.server_steps, self.received = self.round + 1, []
         clock.schedule(0.0, "round_start", round=self.round + 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedsim.aggregation import Sums, weighted_sums
 from fedsim.params import Pytree
@@ -73,6 +73,12 @@ class Runtime(Protocol):
     def gather_messages(self, results: Sequence[JobResult]) -> list[Pytree]:
         """Every result's message, in result order, from whichever process holds it (per-result server rules)."""
         ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Bookkeeping that can change numbers when a run resumes (the vectorized runtime's compiled chunk sizes)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class InProcess:

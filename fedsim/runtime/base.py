@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -59,6 +59,13 @@ class PlacedRuntime(InProcess, ABC):
                                [copies[id(per_job[p]), device] for p in positions])
 
         return self.placement.run(jobs, work)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing that changes numbers (subclasses that keep such bookkeeping add it)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (see `state_dict`)."""
 
     @abstractmethod
     def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],

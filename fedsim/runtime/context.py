@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +31,10 @@ class StateStore(Protocol):
 
     def __len__(self) -> int: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 class ClientStateStore:
     """Persistent per-client state, kept only for clients that have any (stateless rules store nothing)."""
@@ -49,6 +53,13 @@ class ClientStateStore:
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every client's state, in the order they were stored."""
+        return {"clients": list(self._states), "states": list(self._states.values())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._states = dict(zip(state["clients"], state["states"], strict=True))
 
 
 @dataclass

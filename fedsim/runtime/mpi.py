@@ -139,6 +139,12 @@ class MPIRuntime:
         remote = {i: JobResult(jobs[i], None, n, w, b) for part in shared for i, n, w, b in part if i not in local}
         return [local.get(i) or remote[i] for i in range(len(jobs))]
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
     def reduce(self, results: Sequence[JobResult], weighting: dict[str, str], template: Pytree) -> Sums:
         return allreduce_tree(self.comm, weighted_sums(results, weighting, template))
 

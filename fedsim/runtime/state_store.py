@@ -124,6 +124,10 @@ class _SpillFile:
             row[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
 
+    def clients(self) -> list[int]:
+        """Clients with a row, in id order."""
+        return [int(c) for c in np.flatnonzero(self._row_of >= 0)]
+
     def read(self, client: int) -> np.ndarray:
         """A view of the client's row (valid until the next write)."""
         return self._map_row(self.row_of(client))
@@ -228,6 +232,37 @@ class SpillingStateStore:
 
     def __len__(self) -> int:
         return len(self._memory) + self.spilled
+
+    def state_dict(self) -> dict[str, Any]:
+        """The states in memory (least recent first) and the spilled rows as one byte tensor with their clients
+        (the rows, not the memory map), plus a state of the store's structure to unpack them with."""
+        memory = list(self._memory.items())
+        template = memory[0][1] if memory else None
+        spilled: dict[str, Any] = {"clients": [], "rows": None}
+        if self._disk is not None and self._disk.count:
+            clients = self._disk.clients()
+            rows = np.stack([self._disk.read(c) for c in clients])
+            spilled = {"clients": clients, "rows": torch.from_numpy(rows)}
+            if template is None:
+                assert self._layout is not None
+                template = self._layout.unpack(rows[0])
+        return {"template": template, "memory": memory, "spilled": spilled}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the contents with a `state_dict()`: spilled rows go back to disk, memory states to memory."""
+        self.close()
+        if state["template"] is None:
+            return
+        self._check_structure(state["template"])
+        assert self._layout is not None
+        rows = state["spilled"]["rows"]
+        if state["spilled"]["clients"]:
+            self._disk = _SpillFile(self._spill_dir, self._layout.nbytes)
+            for client, row in zip(state["spilled"]["clients"], rows.numpy(), strict=True):
+                self._disk.write(client, [row])
+        for client, tree in state["memory"]:
+            self._check_structure(tree)
+            self._keep(client, tree)
 
     def close(self) -> None:
         """Drop every state and delete the spill files; the store is empty (and usable) afterwards."""

@@ -19,6 +19,7 @@ import operator
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from pydantic import Field, field_validator
@@ -261,6 +262,13 @@ class VectorizedRuntime(PlacedRuntime):
             else:
                 state = self.padded_steps[slot](state, minibatch)
         return state if live is None else tree_map(lambda f, v: f.index_copy(0, live, v), finished, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The chunk sizes each worker has compiled: they decide how later chunks are padded."""
+        return {"sizes_compiled": [sorted(sizes) for sizes in self.sizes_compiled]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sizes_compiled = [set(sizes) for sizes in state["sizes_compiled"]]
 
     def _compiled_size(self, slot: int, clients: int) -> int:
         """How many clients a chunk of `clients` runs as under compile: the smallest size this worker has compiled
