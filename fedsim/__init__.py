@@ -19,3 +19,10 @@ def run(*args: Any, **kwargs: Any) -> RunResult:
     from fedsim.api import run as _run
 
     return _run(*args, **kwargs)
+
+
+def resume(*args: Any, **kwargs: Any) -> RunResult:
+    """Continue a stopped run from its run directory; see `fedsim.api.resume`."""
+    from fedsim.api import resume as _resume
+
+    return _resume(*args, **kwargs)

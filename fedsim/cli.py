@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except RunInterrupted as exc:
-        return _fail(f"fedsim: {exc}", exc.exit_code, everywhere=False)
+    except RunInterrupted as exc:  # every rank stopped at the same event: nothing to abort
+        return _fail(f"fedsim: {exc}", exc.exit_code, everywhere=False, abort=False)
     except FedsimError as exc:
         return _fail(f"fedsim: error: {exc}", 2, everywhere=not isinstance(exc, (ScenarioError, UsageError)))
     except MemoryError:
@@ -131,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"fedsim: {type(exc).__name__}: {exc}", 1, everywhere=True)
 
 
-def _fail(line: str, code: int, everywhere: bool) -> int:
+def _fail(line: str, code: int, everywhere: bool, abort: bool = True) -> int:
     """Print the error once (rank 0; every rank for errors that may differ between ranks), and under mpiexec
-    abort all ranks so none is left waiting in a collective."""
+    abort all ranks so none is left waiting in a collective (unless every rank stops by itself)."""
     line = " ".join(line.split())
     if len(line) > MAX_ERROR_CHARS:
         line = line[: MAX_ERROR_CHARS - 3] + "..."
@@ -144,8 +144,9 @@ def _fail(line: str, code: int, everywhere: bool) -> int:
 
     if everywhere or rank() == 0:
         print(f"[rank {rank()}] {line}" if everywhere else line, file=sys.stderr, flush=True)
-    time.sleep(ABORT_GRACE_SECONDS)
-    world().Abort(code)
+    if abort:
+        time.sleep(ABORT_GRACE_SECONDS)
+        world().Abort(code)
     return code
 
 

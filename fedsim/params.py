@@ -29,6 +29,14 @@ def tree_leaves(tree: Pytree) -> Iterator[torch.Tensor]:
             yield v
 
 
+def tree_signature(tree: Pytree) -> tuple[Any, ...]:
+    """Keys in order, and each leaf's shape, dtype and device: trees with equal signatures stack leaf by leaf."""
+    return tuple(
+        (key, tree_signature(v) if isinstance(v, dict) else (tuple(v.shape), v.dtype, v.device))
+        for key, v in tree.items()
+    )
+
+
 def tree_unstack(tree: Pytree, n: int) -> list[Pytree]:
     """Split a tree whose leaves have a leading axis of size n into n trees of views (one `unbind` per leaf)."""
     parts = {k: tree_unstack(v, n) if isinstance(v, dict) else v.unbind(0) for k, v in tree.items()}

@@ -82,6 +82,18 @@ def test_a_run_killed_twice_resumes_to_the_uninterrupted_metrics_bit_for_bit(tin
     assert len(completed(tmp_path / "run")) == 2  # the last two good checkpoints are kept
 
 
+def test_client_control_variates_and_error_feedback_residuals_resume_bit_for_bit(tiny, tmp_path):
+    """Client state and uplink codec state (SCAFFOLD's c_i, top-k's residuals) come back from the checkpoint."""
+    scenario = {**scenario_for("synchronous", tiny, "vectorized"),
+                "algorithm": {"name": "scaffold", "lr": 0.05, "batch_size": 20},
+                "compression": {"uplink": {"name": "topk", "ratio": 0.1, "error_feedback": True}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    uninterrupted = fedsim.run(scenario, out=tmp_path / "whole")
+    points = kill_twice_then_resume(path, tmp_path / "run", random.Random("stateful"))
+    assert rows_of(tmp_path / "run") == rows_of(uninterrupted.out_dir), points
+
+
 def test_two_mpi_ranks_killed_and_resumed_give_the_uninterrupted_metrics(tiny, tmp_path):
     """One scenario with a variant per protocol: a kill may land in any of them; finished variants are kept. (Two
     ranks sum in another order than one process, so the reference is an uninterrupted two-rank run.)"""
@@ -143,6 +155,8 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny, tmp_path):
     done = fedsim_cli("run", "--resume", str(result.out_dir))
     assert done.returncode == 0 and f"note: run {result.out_dir} is finished; nothing to resume" in done.stderr
     assert {p.name: p.read_bytes() for p in result.out_dir.iterdir() if p.is_file()} == before
+    again = fedsim.resume(result.out_dir)
+    assert again.out_dir is None and again.metrics.rows == result.metrics.rows
 
 
 def test_resuming_after_the_scenario_file_changed_is_refused_naming_the_field(killed_run):

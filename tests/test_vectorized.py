@@ -62,6 +62,15 @@ def test_compiled_chunks_reuse_a_compiled_size_at_most_a_quarter_larger(tiny):
     assert sizes == [100, 100, 100, 79, 50, 60, 100, 79]
 
 
+def test_a_resumed_runtime_pads_chunks_to_the_sizes_it_had_compiled(tiny):
+    resolved, _ = load_scenarios({**tiny, "runtime": {"name": "vectorized", "compile": True}})
+    runtime = build_simulation(resolved[0]).runtime
+    runtime._compiled_size(0, 100)
+    restored = build_simulation(resolved[0]).runtime
+    restored.load_state_dict(runtime.state_dict())
+    assert restored._compiled_size(0, 90) == 100  # a fresh runtime would compile 90
+
+
 def test_compile_without_a_cpp_compiler_is_a_clear_error(tiny, monkeypatch):
     monkeypatch.setattr(fedsim.runtime.vectorized.shutil, "which", lambda name: None)
     with pytest.raises(ScenarioError, match=r"^runtime.compile: torch.compile needs a C\+\+ compiler"):

@@ -29,17 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.params import Pytree, tree_leaves, tree_map
+from fedsim.params import Pytree, tree_leaves, tree_map, tree_signature
 
 _MIN_ROWS = 64
-
-
-def _signature(tree: Pytree) -> tuple[Any, ...]:
-    """Keys in order, and each leaf's shape, dtype and device: what must not change within one store."""
-    return tuple(
-        (key, _signature(v) if isinstance(v, dict) else (tuple(v.shape), v.dtype, v.device))
-        for key, v in tree.items()
-    )
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -71,16 +63,17 @@ class _Layout:
     """The fixed structure of a store's states, and how one packs into a row of bytes."""
 
     def __init__(self, tree: Pytree) -> None:
-        self.signature = _signature(tree)
+        self.signature = tree_signature(tree)
         self.skeleton = tree_map(lambda v: None, tree)
         leaves = list(tree_leaves(tree))
         self.leaves = [(tuple(v.shape), v.dtype, v.device, v.numel() * v.element_size()) for v in leaves]
         self.nbytes = sum(size for *_, size in self.leaves)
 
     def check(self, tree: Pytree) -> None:
-        if _signature(tree) != self.signature:
+        if tree_signature(tree) != self.signature:
             raise ValueError(
-                f"client state structure changed within one store: expected {self.signature}, got {_signature(tree)}"
+                f"client state structure changed within one store: expected {self.signature}, "
+                f"got {tree_signature(tree)}"
             )
 
     def unpack(self, row: np.ndarray) -> Pytree:
