@@ -51,22 +51,28 @@ def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | N
     scenarios, notices, out_path = check(source, overrides, variants, out, overwrite, write and lead)
     root = _shared(out_path) if write else None
     sims = build_all(scenarios)
-    note = _noter(echo, lead)
+    note = noter(echo, lead)
     notices += [n for sim in sims for n in sim.notices]
     for notice in notices:
         note(notice)
+    run_dir = open_run_dir(out_path, scenarios, source, overrides, variants) if out_path is not None else None
+    return run_variants(sims, run_dir, root, progress and lead, note, {}, resume=False, notices=notices)
+
+
+def open_run_dir(out_path: Path, scenarios: Sequence[ResolvedScenario], source: str | Path | Mapping[str, Any],
+                 overrides: Mapping[str, Any] | None, variants: Sequence[str] | None) -> RunDirectory:
+    """Create the run directory with the resolved scenario and run.json (what `resume` reads back)."""
     first = scenarios[0].spec
-    run_dir = RunDirectory(out_path) if out_path is not None else None
-    if run_dir:
-        run_dir.write_scenario([s.to_dict() for s in scenarios], [s.variant for s in scenarios])
-        run_dir.write_json("run.json", {
-            "seed": first.seed, "variants": [s.variant for s in scenarios], "fedsim": _version(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else None,
-            "overrides": dict(overrides or {}), "selected": list(variants) if variants else None,
-        })
-    return _run_all(sims, run_dir, root, progress and lead, note, {}, resume=False, notices=notices)
+    run_dir = RunDirectory(out_path)
+    run_dir.write_scenario([s.to_dict() for s in scenarios], [s.variant for s in scenarios])
+    run_dir.write_json("run.json", {
+        "seed": first.seed, "variants": [s.variant for s in scenarios], "fedsim": _version(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else None,
+        "overrides": dict(overrides or {}), "selected": list(variants) if variants else None,
+    })
+    return run_dir
 
 
 def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], None] | None = None) -> RunResult:
@@ -76,7 +82,7 @@ def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], No
     A finished run is left as it is; a scenario file changed since the run started is refused."""
     lead = mpi.rank() == 0
     root = Path(run_dir)
-    note = _noter(echo, lead)
+    note = noter(echo, lead)
     meta = _read_json(root / "run.json", root)
     status = _read_json(root / "progress.json", root) if (root / "progress.json").exists() else {"finished": []}
     stored, _ = load_scenarios(root / "scenario.yaml")
@@ -93,12 +99,12 @@ def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], No
         note(notice)
     finished = {v: [r for r in rows if r["variant"] == v] for v in status["finished"]}
     run_dir = RunDirectory(root, keep=[r for r in rows if r["variant"] in finished]) if lead else None
-    return _run_all(sims, run_dir, root, progress and lead, note, finished, resume=True, notices=notices)
+    return run_variants(sims, run_dir, root, progress and lead, note, finished, resume=True, notices=notices)
 
 
-def _run_all(sims: Sequence[Simulation], run_dir: RunDirectory | None, root: Path | None, progress: bool,
-             note: Callable[[str], None], finished: dict[str, list[dict[str, Any]]], resume: bool,
-             notices: list[str]) -> RunResult:
+def run_variants(sims: Sequence[Simulation], run_dir: RunDirectory | None, root: Path | None, progress: bool,
+                 note: Callable[[str], None], finished: dict[str, list[dict[str, Any]]], resume: bool,
+                 notices: list[str]) -> RunResult:
     """Run the variants not `finished` in order (the first of them from its checkpoint when `resume`), recording
     each finished one in progress.json, then write the summary and plot."""
     rows: list[dict[str, Any]] = []
@@ -238,7 +244,9 @@ def _shared(out_path: Path | None) -> Path | None:
     return comm.bcast(out_path, root=0) if comm is not None else out_path
 
 
-def _noter(echo: Callable[[str], None] | None, lead: bool) -> Callable[[str], None]:
+def noter(echo: Callable[[str], None] | None, lead: bool) -> Callable[[str], None]:
+    """`echo` of "note: ..." lines, on the lead process only."""
+
     def note(line: str) -> None:
         if echo and lead:
             echo(f"note: {line}")

@@ -1,4 +1,5 @@
-"""The `fedsim` command: `fedsim run SCENARIO [--set k=v ...]`, `fedsim check SCENARIO` and `fedsim list`.
+"""The `fedsim` command: `fedsim run SCENARIO [--set k=v ...]`, `fedsim check SCENARIO`, `fedsim list` and
+`fedsim flower-app SCENARIO --out APP_DIR`.
 
 User mistakes (command-line usage included) end with one line on stderr (`fedsim: error: ...`, at most
 MAX_ERROR_CHARS long) and exit status 2, never a traceback.
@@ -42,7 +43,7 @@ def _add_scenario_arguments(command: argparse.ArgumentParser, optional: bool = F
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsim", description="Simulate federated and decentralized learning.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,check,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,check,list,flower-app,peer}")
     run = sub.add_parser("run", help="run a scenario file: train, print a result table, write a run directory")
     _add_scenario_arguments(run, optional=True)
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last good checkpoint")
@@ -52,6 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     _add_scenario_arguments(check)
     ls = sub.add_parser("list", help="list registered algorithms, data sets, partitioners, models, ...")
     ls.add_argument("kind", nargs="?", help="only this kind (e.g. algorithm)")
+    flower = sub.add_parser("flower-app", help="write a Flower app directory (ServerApp and ClientApp) that `flwr run` "
+                                               "deploys, for one variant of a scenario")
+    flower.add_argument("scenario", help="path to a scenario YAML file")
+    flower.add_argument("--out", required=True, help="the app directory to write")
+    flower.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set algorithm.mu=0 (repeatable)")
+    flower.add_argument("--variant", help="the variant to deploy (needed when the scenario has several)")
+    flower.add_argument("--overwrite", action="store_true", help="write into a directory that is not empty")
+    peer = sub.add_parser("peer", help="run one node of a gossip scenario as its own process, exchanging with its "
+                                       "neighbours over gRPC")
+    peer.add_argument("scenario", help="path to a scenario YAML file (the same on every node)")
+    peer.add_argument("--node", type=int, required=True, help="this process's node id in the topology")
+    peer.add_argument("--listen", required=True, metavar="HOST:PORT", help="where this node serves its mailbox")
+    peer.add_argument("--peers", required=True, metavar="FILE",
+                      help="every node's address, one 'NODE HOST:PORT' line per node")
+    peer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field (the same on every node)")
+    peer.add_argument("--variant", help="the variant to run (needed when the scenario has several)")
+    peer.add_argument("--out", help="run directory written by node 0 (default: output.dir, else runs/<name>)")
+    peer.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    peer.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a peer before giving up")
     return parser
 
 
@@ -109,7 +131,36 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "check": _check, "list": _list}
+def _flower_app(args: argparse.Namespace) -> int:
+    try:
+        from fedsim.flower.app import write_app
+    except ImportError as e:
+        raise UsageError(f"flower-app: needs Flower ({e.name} is missing): pip install 'fedsim-lab[flower]'") from None
+    from fedsim.scenario import parse_overrides
+
+    out = write_app(args.scenario, args.out, parse_overrides(args.overrides), args.variant, args.overwrite)
+    print(f"Flower app written to {out}; start one SuperNode per client (--node-config \"partition-id=K\"), then: "
+          f"flwr run {out} CONNECTION --stream")
+    return 0
+
+
+def _peer(args: argparse.Namespace) -> int:
+    try:
+        from fedsim.peers.run import run_peer
+    except ImportError as e:
+        raise UsageError(f"peer: needs gRPC ({e.name} is missing): pip install 'fedsim-lab[peers]'") from None
+    from fedsim.scenario import parse_overrides
+
+    result = run_peer(args.scenario, args.node, args.listen, args.peers, parse_overrides(args.overrides),
+                      args.variant, args.out, args.overwrite, args.timeout,
+                      echo=lambda line: print(line, file=sys.stderr))
+    if result.out_dir is not None:
+        print(result.summary())
+        print(f"\nrun directory: {result.out_dir}")
+    return 0
+
+
+COMMANDS = {"run": _run, "check": _check, "list": _list, "flower-app": _flower_app, "peer": _peer}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,6 +109,19 @@ class StackedStore:
         """The network average of every leaf, accumulated in float64 and returned in the leaf's dtype."""
         return tree_map(lambda v: v.double().mean(0).to(v.dtype), self._stacked)
 
+    def sum(self) -> Pytree:
+        """Every leaf summed over the nodes, in float64: this store's share of a network average whose nodes are
+        spread over processes."""
+        return tree_map(lambda v: v.double().sum(0), self._stacked)
+
+    def squared_deviation(self, center: Pytree) -> torch.Tensor:
+        """sum_i ||x_i - center||^2 over the nodes and every leaf, in float64 (`center` leaves without the node
+        axis): this store's share of the consensus error."""
+        centers, total = tree_flatten(center), torch.zeros((), dtype=torch.float64)
+        for key, v in tree_flatten(self._stacked).items():
+            total += ((v.double() - centers[key].to(v.device, torch.float64)) ** 2).sum().cpu()
+        return total
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """A snapshot: copies of the leaves by flat key ("a/b/c"), plain tensors that `torch.save` can write
         and `torch.load(weights_only=True)` can read."""

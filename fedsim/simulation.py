@@ -16,6 +16,7 @@ from fedsim.models import Model, build_model
 from fedsim.runtime import RUNTIMES, Runtime, mpi
 from fedsim.runtime.base import RuntimeParams
 from fedsim.runtime.context import ClientStateStore, RuntimeContext, StateStore
+from fedsim.runtime.node_transport import LocalTransport, NodeTransport
 from fedsim.runtime.state_store import SpillingStateStore
 from fedsim.scenario import ResolvedScenario
 from fedsim.seeding import Stream, derive_seed, numpy_rng
@@ -38,6 +39,8 @@ class Simulation:
     systems: ClientSystems
     evaluator: Evaluator
     notices: list[str]
+    transport: NodeTransport | None = None
+    """Gossip protocols' nodes over processes (None for client/server protocols)."""
 
     @property
     def model(self) -> Model:
@@ -60,17 +63,21 @@ def evaluation_clients(count: int | None, num_clients: int, seed: int) -> list[i
     return sorted(numpy_rng(seed, Stream.EVALUATION).choice(num_clients, count, replace=False).tolist())
 
 
-def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None) -> Simulation:
+def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None,
+                     transport: NodeTransport | None = None) -> Simulation:
     """Instantiate every component, drawing each one's randomness from its own seed stream; `data` may be
     passed in when another variant already built the same data set. Under MPI, rank 0 builds the data and each
-    rank keeps its own clients' share."""
+    rank keeps its own clients' share (striped for client/server protocols, a contiguous block of nodes for gossip
+    protocols: see `fedsim.runtime.mpi`). With `transport`, this process is one node of a peer deployment (`fedsim
+    peer`): it evaluates its own share and sums over the peers."""
     spec, c = scenario.spec, scenario.components
     comm = mpi.world()
-    owned = set(mpi.owned_clients(spec.num_clients, comm)) if comm is not None else None
-    if data is None:
+    gossip = bool(c["protocol"].entry.meta.get("peer_to_peer"))
+    owned = mpi.owned_clients(spec.num_clients, comm, gossip) if comm is not None else None
+    if data is None or (comm is not None and not mpi.every_rank_holds(comm, data, owned)):
         build = functools.partial(build_federated_data, c["data"].name, c["data"].params, c["partition"].name,
                                   c["partition"].params, spec.num_clients, spec.seed)
-        data = build() if comm is None else mpi.distribute_data(comm, build)
+        data = build() if comm is None else mpi.distribute_data(comm, build, gossip)
     if data.num_clients != spec.num_clients:
         raise DataError(f"num_clients: the data set built {data.num_clients} clients, not {spec.num_clients}")
     model = build_model(c["model"].name, c["model"].params, data.feature_shape, data.num_classes,
@@ -90,14 +97,24 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
                              build_codec(spec.compression.uplink, "compression.uplink"), codec_states)
     runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
-    if comm is None:
+    if transport is not None:  # a process per node (`fedsim peer`): evaluate this node's share, sum over peers
+        mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in transport.owned]
+        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, transport.sum)
+    elif comm is None:
+        transport = LocalTransport(spec.num_clients) if gossip else None
         evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, evaluated)
     else:
-        runtime = mpi.MPIRuntime(runtime, comm)
-        mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in owned]
-        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, runtime.reduce_sums)
+        if gossip:  # the protocol runs only its own nodes' jobs: the runtime stays this rank's
+            transport = mpi.MPINodeTransport(comm, spec.num_clients)
+            reduce = transport.sum
+        else:
+            runtime = mpi.MPIRuntime(runtime, comm)
+            reduce = runtime.reduce_sums
+        held = set(owned)
+        mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in held]
+        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, reduce)
         notices.append(f"running on {comm.Get_size()} MPI ranks")
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
     downlink = build_codec(spec.compression.downlink, "compression.downlink")
     return Simulation(scenario, data, objective, rule, server, runtime, states, codec_states, downlink, systems,
-                      evaluator, notices)
+                      evaluator, notices, transport)

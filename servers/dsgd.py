@@ -3,9 +3,11 @@ own data and averages with its graph neighbours through a mixing matrix W, with 
 
 Two orders of the same round (Sayed's diffusion; Koloskova et al., ICML 2020, eq. 2 and its CTA form):
 adapt-then-combine (ATC) x <- W (x + delta(x)), and combine-then-adapt (CTA) y = W x, x <- y + delta(y), where
-delta(x_i) is node i's change from its local steps started at x_i. Every node's model lives in one
-`StackedStore` (a leading node axis), so mixing is one sparse product per leaf and the vectorized runtime runs all
-nodes' local steps in one vmapped batch (one start per job, stacked on the vmap axis).
+delta(x_i) is node i's change from its local steps started at x_i. The nodes a process owns (all of them in one
+process, a contiguous block per MPI rank: `sim.transport`) live in one `StackedStore` (a leading node axis), so
+mixing is one sparse product per leaf over the owned rows and the neighbours' rows the transport brings (the halo),
+and the vectorized runtime runs the owned nodes' local steps in one vmapped batch (one start per job, stacked on
+the vmap axis). The network average and the consensus error are sums over processes.
 
 Cost model: each round every node sends its model (the half-step model under ATC, its current one under CTA) to
 each neighbour, counted as `bytes_up` (bytes per directed edge = the model's bytes; there is no download). A
@@ -30,9 +32,10 @@ from fedsim.protocol import ProtocolBase
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job
+from fedsim.runtime.node_transport import local_mixing
 from fedsim.sampling import steps_per_epoch
 from fedsim.servers import PROTOCOLS
-from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, consensus_error, mix, mixing_matrix
+from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, mix, mixing_matrix
 
 if TYPE_CHECKING:
     from fedsim.scenario import Component, ScenarioSchema
@@ -92,13 +95,20 @@ class DecentralizedSGD(ProtocolBase):
         n = spec.num_clients
         self.graph, self.W = graph_and_mixing(params, components["topology"], n)
         self.degrees = np.array([len(set(self.graph.adj[i]) - {i}) for i in range(n)])
-        self.nodes = StackedStore.replicate(sim.model.init_params, n)
-        """Every node's model (rows are nodes): the protocol's state, what a checkpoint saves."""
+        assert sim.transport is not None, "build_simulation gives peer-to-peer protocols a node transport"
+        self.transport = sim.transport
+        self.owned = self.transport.owned
+        self.neighbourhood = self.transport.connect(self.graph)
+        self.W_local = local_mixing(self.W, self.neighbourhood.plan)
+        self.below = sum(j < self.owned.start for j in self.neighbourhood.plan.halo)
+        """Halo nodes numbered below the owned block: the mixed rows' offset in W_local's rows."""
+        self.nodes = StackedStore.replicate(sim.model.init_params, len(self.owned))
+        """The owned nodes' models (row r is node owned[r]): the protocol's state, what a checkpoint saves."""
         self.model_bytes = tree_nbytes(sim.model.init_params)
         hp = sim.rule.hp
         self.steps = np.full(n, params.local_steps) if params.local_steps is not None else \
             hp.local_epochs * steps_per_epoch(np.asarray(sim.data.train_sizes), hp.batch_size)
-        self.state["params"] = self.nodes.mean()
+        self.state["params"] = tree_map(torch.clone, sim.model.init_params)
 
     def start(self, clock: Clock) -> None:
         clock.schedule(0.0, "round_start", round=0)
@@ -124,11 +134,21 @@ class DecentralizedSGD(ProtocolBase):
         clock.schedule(seconds, "round_start", round=t + 1)
 
     def extra_metrics(self) -> dict[str, float]:
-        return {"consensus_error": consensus_error(self.nodes.stacked)}
+        """The consensus error (1/n) sum_i ||x_i - x_bar||^2, x_bar the network average in float64."""
+        center = tree_map(lambda v: v / self.spec.num_clients, self.transport.sum(self.nodes.sum()))
+        deviation = self.transport.sum({"d": self.nodes.squared_deviation(center)})["d"]
+        return {"consensus_error": float(deviation) / self.spec.num_clients}
 
     def mix_nodes(self) -> None:
-        """x <- W x over every node (one sparse product per leaf)."""
-        self.nodes.scatter(torch.arange(self.nodes.num_nodes), mix(self.W, self.nodes.stacked))
+        """x <- W x over the owned nodes (one sparse product per leaf), their neighbours' rows received from the
+        processes holding them."""
+        owned = self.nodes.stacked
+        halo = self.neighbourhood.exchange(owned)
+        rows = tree_map(lambda h, x: torch.cat([h[: self.below], x, h[self.below :]]), halo, owned) \
+            if self.neighbourhood.plan.halo else owned
+        mixed = mix(self.W_local, rows)
+        self.nodes.scatter(torch.arange(len(self.owned)),
+                           tree_map(lambda v: v[self.below : self.below + len(self.owned)], mixed))
 
     def _round(self, t: int) -> float:
         """Round t in the configured order; returns its simulated seconds."""
@@ -136,35 +156,39 @@ class DecentralizedSGD(ProtocolBase):
             self.mix_nodes()
         deltas, work = self._local_steps(t)
         half = tree_map(torch.add, self.nodes.stacked, deltas)
-        self.nodes.scatter(torch.arange(self.nodes.num_nodes), half)
+        self.nodes.scatter(torch.arange(len(self.owned)), half)
         if self.params.order == "atc":
             self.mix_nodes()
         self.traffic.up += self.model_bytes * int(self.degrees.sum())
-        self.state["params"] = self.nodes.mean()
+        n = self.spec.num_clients
+        totals = self.transport.sum({"params": self.nodes.sum(), "work": torch.from_numpy(work).double()})
+        self.state["params"] = tree_map(lambda s, v: (s / n).to(v.dtype), totals["params"], self.sim.model.init_params)
         if not tree_is_finite(self.state["params"]):
             raise DivergenceError(
                 f"variant {self.sim.scenario.variant}, round {t}: the network-average model has NaN/inf "
                 f"parameters; the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
-        systems = self.sim.systems
-        return max(systems.job_seconds(i, int(work[i]), 0, self.model_bytes * int(self.degrees[i]))
-                   for i in range(self.nodes.num_nodes))
+        systems, work = self.sim.systems, totals["work"].long().tolist()
+        return max(systems.job_seconds(i, work[i], 0, self.model_bytes * int(self.degrees[i])) for i in range(n))
 
     def _local_steps(self, t: int) -> tuple[Pytree, np.ndarray]:
-        """Every node's change from its local steps started at its own model (zero for nodes with no steps),
-        stacked on the node axis, and each node's work; all jobs go to the runtime in one call."""
-        ids = [int(i) for i in np.flatnonzero(self.steps > 0)]
-        work = np.zeros(self.nodes.num_nodes, dtype=np.int64)
+        """Every owned node's change from its local steps started at its own model (zero for nodes with no steps),
+        stacked on the node axis, and every node's work (zero for nodes another process owns); the owned nodes'
+        jobs go to the runtime in one call."""
+        start = self.owned.start
+        ids = [i for i in self.owned if self.steps[i] > 0]
+        work = np.zeros(self.spec.num_clients, dtype=np.int64)
         deltas = tree_map(torch.zeros_like, self.nodes.stacked)
         if not ids:
             return deltas, work
+        rows = [i - start for i in ids]
         jobs = [Job(t, i, int(self.steps[i]), version=t) for i in ids]
-        starts = [{"params": x} for x in tree_unstack(self.nodes.gather(ids), len(ids))]
+        starts = [{"params": x} for x in tree_unstack(self.nodes.gather(rows), len(ids))]
         results = self.sim.runtime.run_jobs(jobs, starts)
         for result in results:
             self.commit(result)
             work[result.client] = result.work
         messages = self.sim.runtime.gather_messages(results)
         stacked = tree_map(lambda *leaves: torch.stack(leaves), *(m["delta"] for m in messages))
-        index = torch.tensor(ids)
+        index = torch.tensor(rows)
         return tree_map(lambda d, s: d.index_copy(0, index, s.to(d.dtype)), deltas, stacked), work

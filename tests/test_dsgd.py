@@ -106,6 +106,14 @@ def test_gossip_without_local_steps_shrinks_consensus_error_at_least_at_the_spec
     assert protocol.recorder.rows[-1]["bytes_up"] == 6 * 2 * 8 * tree_nbytes(protocol.sim.model.init_params)
 
 
+def test_the_reported_consensus_error_is_the_mean_squared_distance_to_the_network_average():
+    protocol = protocol_of(scenario(num_clients=7))
+    spread(protocol, seed=2)
+    reported = protocol.extra_metrics()["consensus_error"]
+    assert reported > 1.0
+    assert reported == pytest.approx(consensus_error(protocol.nodes.stacked), rel=1e-12)
+
+
 def test_local_steps_make_ring_nodes_disagree_and_the_error_is_reported_each_row():
     rows = rows_of(scenario(num_clients=8, rounds=2, local_steps=3))
     assert [r["consensus_error"] for r in rows][0] == 0.0

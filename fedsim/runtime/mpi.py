@@ -1,20 +1,29 @@
-"""MPI: `mpiexec -n R fedsim run scenario.yaml` shards the clients over R ranks.
+"""MPI: `mpiexec -n R fedsim run scenario.yaml` shards the clients (or gossip nodes) over R ranks.
 
 Rank 0 builds the data and sends each rank its clients' share (`distribute_data`); every rank builds the rest of
-the same simulation and follows the same protocol and clock (all draws are seeded, so they agree). Client k
-belongs to rank k mod R, which runs that client's jobs with the scenario's own runtime (vectorized or
-sequential) and keeps its state. Per round the ranks exchange each job's small bookkeeping (sizes, work, bytes)
-with `allgather`, and the weighted sum of messages and the evaluation sums with `Allreduce`; nothing else
-crosses ranks. Only rank 0 writes outputs. An error on any rank aborts the whole job
-(`MPI_Abort`), so a failing rank never leaves the others waiting in a collective.
+the same simulation and follows the same protocol and clock (all draws are seeded, so they agree).
+
+Client/server protocols: client k belongs to rank k mod R, which runs that client's jobs with the scenario's own
+runtime (vectorized or sequential) and keeps its state. Per round the ranks exchange each job's small bookkeeping
+(sizes, work, bytes) with `allgather`, and the weighted sum of messages and the evaluation sums with `Allreduce`.
+
+Gossip (peer-to-peer) protocols: rank r owns a contiguous block of nodes (`node_transport.block_partition`), holds
+only their rows and data, and runs only their jobs; `MPINodeTransport` sends neighbours' rows across ranks with
+`Neighbor_alltoallv` on a distributed graph communicator over the ranks whose blocks share an edge, and adds sums
+up with `Allreduce`.
+
+Nothing else crosses ranks. Only rank 0 writes outputs. An error on any rank aborts the whole job (`MPI_Abort`),
+so a failing rank never leaves the others waiting in a collective.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 
@@ -23,6 +32,7 @@ from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job, JobResult, Runtime, Starts, jobs_starts
+from fedsim.runtime.node_transport import HaloPlan, block_partition, halo_plan
 
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -54,17 +64,25 @@ def rank() -> int:
     return comm.Get_rank() if comm is not None else 0
 
 
-def owned_by(rank: int, size: int, num_clients: int) -> list[int]:
-    """The clients of `rank` among `size` ranks: k mod size == rank."""
-    return list(range(rank, num_clients, size))
+def owned_by(rank: int, size: int, num_clients: int, blocks: bool = False) -> list[int]:
+    """The clients of `rank` among `size` ranks: k mod size == rank, or with `blocks` (gossip nodes) the rank's
+    contiguous block."""
+    return list(block_partition(num_clients, size)[rank]) if blocks else list(range(rank, num_clients, size))
 
 
-def owned_clients(num_clients: int, comm: Any) -> list[int]:
-    """This rank's clients: k mod size == rank. More ranks than clients is an error."""
+def owned_clients(num_clients: int, comm: Any, blocks: bool = False) -> list[int]:
+    """This rank's clients (see `owned_by`). More ranks than clients is an error."""
     size = comm.Get_size()
     if size > num_clients:
         raise ScenarioError(f"mpiexec -n {size}: more ranks than clients (num_clients: {num_clients})")
-    return owned_by(comm.Get_rank(), size, num_clients)
+    return owned_by(comm.Get_rank(), size, num_clients, blocks)
+
+
+def every_rank_holds(comm: Any, data: ClientDataSource, clients: Sequence[int]) -> bool:
+    """Whether on every rank `data` holds that rank's `clients` (a data set built for another variant was cut
+    for the ownership of its protocol); a generated population holds every client."""
+    here = not isinstance(data, FederatedData) or bool((data.train_starts[list(clients)] >= 0).all())
+    return all(comm.allgather(here))
 
 
 SHARD_TENSORS = ("x_train", "y_train", "x_test", "y_test")
@@ -90,10 +108,10 @@ def receive_shard(comm: Any) -> FederatedData:
     return FederatedData(**dict(zip(SHARD_TENSORS, tensors, strict=True)), **layout)
 
 
-def distribute_data(comm: Any, build: Callable[[], ClientDataSource]) -> ClientDataSource:
+def distribute_data(comm: Any, build: Callable[[], ClientDataSource], blocks: bool = False) -> ClientDataSource:
     """Rank 0 builds the data set and every rank gets what it needs: an in-memory set is cut into shards and
-    each rank receives only its own clients' rows (so ranks other than 0 never hold the whole set), while a
-    generated population, which holds no samples, is handed over whole."""
+    each rank receives only its own clients' rows (`owned_by`, so ranks other than 0 never hold the whole set),
+    while a generated population, which holds no samples, is handed over whole."""
     size, me = comm.Get_size(), comm.Get_rank()
     data = build() if me == 0 else None
     population = comm.bcast(None if isinstance(data, FederatedData) else data, root=0)
@@ -103,8 +121,8 @@ def distribute_data(comm: Any, build: Callable[[], ClientDataSource]) -> ClientD
         return receive_shard(comm)
     assert isinstance(data, FederatedData)
     for r in range(1, size):
-        send_shard(comm, data.shard(owned_by(r, size, data.num_clients)), r)
-    return data.shard(owned_by(0, size, data.num_clients))
+        send_shard(comm, data.shard(owned_by(r, size, data.num_clients, blocks)), r)
+    return data.shard(owned_by(0, size, data.num_clients, blocks))
 
 
 def allreduce_tree(comm: Any, tree: Pytree) -> Pytree:
@@ -162,6 +180,72 @@ class MPIRuntime:
     def reduce_sums(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add up evaluation sums (float64 tensors) over ranks."""
         return allreduce_tree(self.comm, {k: v.double() for k, v in sums.items()})
+
+
+class MPINodeTransport:
+    """Gossip nodes in contiguous blocks over the ranks (`fedsim.runtime.node_transport.NodeTransport`)."""
+
+    def __init__(self, comm: Any, num_nodes: int) -> None:
+        self.comm, self.num_nodes = comm, num_nodes
+        self.blocks = block_partition(num_nodes, comm.Get_size())
+        self.owned = self.blocks[comm.Get_rank()]
+
+    def connect(self, graph: nx.Graph) -> MPINeighbourhood:
+        """A distributed graph communicator over the ranks whose blocks share an edge of `graph` (collective)."""
+        plan = halo_plan(graph, self.blocks, self.comm.Get_rank())
+        peers = list(plan.peers)
+        return MPINeighbourhood(plan, self.comm.Create_dist_graph_adjacent(peers, peers, reorder=False))
+
+    def sum(self, tree: Pytree) -> Pytree:
+        return allreduce_tree(self.comm, tree_map(lambda v: v.detach().double().cpu(), tree))
+
+
+class MPINeighbourhood:
+    """Halo exchange along one graph: each row travels as raw bytes (every leaf of a node, one after another),
+    one `Neighbor_alltoallv` per exchange, counted in rows of a contiguous MPI datatype."""
+
+    def __init__(self, plan: HaloPlan, graph_comm: Any) -> None:
+        self.plan, self.graph_comm = plan, graph_comm
+        start = plan.owned.start
+        self.send_index = torch.tensor([i - start for nodes in plan.sends for i in nodes], dtype=torch.long)
+        self.send_counts = [len(nodes) for nodes in plan.sends]
+        self.receive_counts = [len(nodes) for nodes in plan.receives]
+
+    def exchange(self, rows: Pytree) -> Pytree:
+        from mpi4py import MPI
+
+        sent = [v.detach().cpu().index_select(0, self.send_index) for v in tree_leaves(rows)]
+        send = torch.cat([v.reshape(len(v), math.prod(v.shape[1:])).view(torch.uint8) for v in sent], dim=1).numpy()
+        width = sum(_row_bytes(v) for v in sent)
+        received = np.empty((sum(self.receive_counts), width), dtype=np.uint8)
+        row = MPI.BYTE.Create_contiguous(width).Commit()
+        try:
+            self.graph_comm.Neighbor_alltoallv([send, (self.send_counts, _displacements(self.send_counts)), row],
+                                               [received, (self.receive_counts,
+                                                           _displacements(self.receive_counts)), row])
+        finally:
+            row.Free()
+        return _unpack_rows(torch.from_numpy(received), rows)
+
+
+def _displacements(counts: Sequence[int]) -> list[int]:
+    return [int(d) for d in np.cumsum([0, *counts[:-1]])] if counts else []
+
+
+def _row_bytes(leaf: torch.Tensor) -> int:
+    return math.prod(leaf.shape[1:]) * leaf.element_size()
+
+
+def _unpack_rows(packed: torch.Tensor, like: Pytree) -> Pytree:
+    """Rows of raw bytes back into a pytree shaped like `like` (leaves (rows, ...)), one leaf after another."""
+    out, start = [], 0
+    for leaf in tree_leaves(like):
+        width = _row_bytes(leaf)
+        chunk = packed[:, start : start + width].contiguous().view(leaf.dtype)
+        out.append(chunk.reshape(packed.shape[0], *leaf.shape[1:]).to(leaf.device))
+        start += width
+    it = iter(out)
+    return tree_map(lambda _: next(it), like)
 
 
 def _unflatten(flat: np.ndarray, shapes: Pytree) -> Pytree:

@@ -1,0 +1,127 @@
+"""The ClientApp side of the bridge: a node holds one client of the scenario (its `partition-id`), builds the
+scenario's data, model, rule and uplink codec once per process, and answers each train message by running the
+client's job with `fedsim.runtime.local.run_client` (the function the sequential runtime runs) from the received
+start. The client's persistent state and its codec state (error-feedback residuals) stay on the node, in
+`context.state`; only the encoded payload travels back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim.codecs import build_codec
+from fedsim.errors import FedsimError
+from fedsim.flower.build import ScenarioSource, built
+from fedsim.flower.records import get_tree, put_tree
+from fedsim.oracle import AutogradOracle
+from fedsim.params import Pytree
+from fedsim.runtime import Job
+from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
+from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, run_client
+from fedsim.seeding import Stream
+from fedsim.simulation import Simulation
+
+CLIENT_STATE, CODEC_STATE = "fedsim.client_state", "fedsim.codec_state"
+"""Where a node keeps its client's state and its uplink codec state in `context.state`."""
+START, JOB, PAYLOAD, RESULT, NODE, ERROR = "start", "job", "payload", "result", "node", "error"
+"""Names of the records in the bridge's messages."""
+
+
+class NodeConfigError(FedsimError):
+    """A node's `--node-config` does not say which client it holds, or names one the scenario does not have."""
+
+
+def partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
+    """The client a node holds: its `partition-id`, checked against the scenario's clients (and `num-partitions`,
+    when the node gives one)."""
+    value = node_config.get("partition-id")
+    last = num_clients - 1
+    if value is None:
+        raise NodeConfigError(f'node_config.partition-id: missing; start the node with --node-config '
+                              f'"partition-id=K" (K in 0..{last})')
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NodeConfigError(f"node_config.partition-id: expected an integer in 0..{last}, got {value!r}")
+    if not 0 <= value <= last:
+        raise NodeConfigError(f"node_config.partition-id: {value} is out of range; the scenario has {num_clients} "
+                              f"clients (0..{last})")
+    parts = node_config.get("num-partitions")
+    if parts is not None and parts != num_clients:
+        raise NodeConfigError(f"node_config.num-partitions: {parts!r}, but the scenario has {num_clients} clients")
+    return value
+
+
+def job_record(job: Job) -> ConfigRecord:
+    """A job's facts as the train message carries them."""
+    return ConfigRecord({"id": job.id, "client": job.client, "steps": job.steps, "version": job.version})
+
+
+def record_job(record: Mapping[str, Any]) -> Job:
+    """The job a train message's `job` record describes."""
+    return Job(int(record["id"]), int(record["client"]), int(record["steps"]), int(record["version"]))
+
+
+def run_job(sim: Simulation, job: Job, start: Pytree, client_state: Pytree | None,
+            codec_state: Pytree | None) -> tuple[Pytree, Pytree | None, Pytree | None, int, int]:
+    """One job as the sequential runtime runs it, up to the uplink codec's encode: (payload, client state, codec
+    state, training samples, work)."""
+    rule, seed = sim.rule, sim.scenario.spec.seed
+    uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
+    x, y = client_tensors(RuntimeContext(rule, sim.objective, sim.data, seed), job.client, torch.device("cpu"))
+    key, codec_key = job_keys(seed, [job])[0], job_keys(seed, [job], Stream.CODEC)[0]
+    batches = client_batches(x, y, rule.hp.batch_size, job.steps, local_generators(seed, [job])[0], key)
+    state = rule.initial_state(start) if client_state is None else client_state
+    message, new_state, processed = run_client(rule, AutogradOracle(sim.objective), start, state,
+                                               job_info(len(y), job.steps), batches)
+    payload, new_codec = uplink.encode(message, uplink.init(message) if codec_state is None else codec_state,
+                                       codec_key)
+    return payload, new_state, kept_state(new_codec), len(y), processed * rule.step_cost
+
+
+def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
+    """A train message's reply: the job's encoded payload and facts; the node's states are updated in place."""
+    sim = built(scenario)
+    client = partition_id(context.node_config, sim.scenario.spec.num_clients)
+    job = record_job(content.config_records[JOB])
+    if job.client != client:
+        raise NodeConfigError(f"node_config.partition-id: this node holds client {client}, but was sent a job of "
+                              f"client {job.client}")
+    payload, new_state, new_codec, samples, work = run_job(sim, job, get_tree(content, START),
+                                                           get_tree(context.state, CLIENT_STATE),
+                                                           get_tree(context.state, CODEC_STATE))
+    put_tree(context.state, CLIENT_STATE, new_state)
+    put_tree(context.state, CODEC_STATE, new_codec)
+    reply = RecordDict({RESULT: ConfigRecord({"id": job.id, "client": job.client, "num_samples": samples,
+                                              "work": work})})
+    put_tree(reply, PAYLOAD, payload)
+    return reply
+
+
+def answered(work: Callable[[], RecordDict]) -> RecordDict:
+    """The reply `work` makes, or an `error` record with the one-line message of a user's mistake (so the server
+    reports it as such, whichever transport carried it)."""
+    try:
+        return work()
+    except FedsimError as exc:
+        return RecordDict({ERROR: ConfigRecord({"kind": type(exc).__name__, "line": str(exc)})})
+
+
+def client_app(scenario: ScenarioSource) -> ClientApp:
+    """The ClientApp of a scenario: `query` tells the server which client this node holds, `train` runs a job."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        def answer() -> RecordDict:
+            client = partition_id(context.node_config, built(scenario).scenario.spec.num_clients)
+            return RecordDict({NODE: ConfigRecord({"partition-id": client})})
+        return Message(answered(answer), reply_to=message)
+
+    @app.train()
+    def train_message(message: Message, context: Context) -> Message:
+        return Message(answered(lambda: train(scenario, message.content, context)), reply_to=message)
+
+    return app

@@ -1,0 +1,132 @@
+"""`FlowerRuntime`: a fedsim runtime whose jobs run on Flower nodes. Inside a ServerApp, fedsim's own protocol
+(sampling, server rule, aggregate, evaluation, virtual clock) calls `run_jobs`; each job becomes one train
+Message to the node holding the job's client (learned once by asking every node for its `partition-id`), with
+the job's start and facts, and each reply's encoded payload is decoded into the result the protocol aggregates.
+Client state stays on the nodes (results carry none); bytes are the payload data the reply carried. A node whose
+reply does not come within the timeout is taken as gone: its job is lost (the protocol goes on with the results it
+has), later jobs of its client are lost without waiting, and `take_lost` says which."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedsim.clients import ClientRule
+from fedsim.codecs import Codec
+from fedsim.errors import FedsimError
+from fedsim.flower.client import ERROR, JOB, NODE, PAYLOAD, RESULT, START, NodeConfigError, job_record
+from fedsim.flower.records import data_bytes, get_tree, put_tree
+from fedsim.params import Pytree
+from fedsim.runtime import InProcess, Job, JobResult, Starts, jobs_starts
+from fedsim.runtime.local import message_template
+
+POLL_SECONDS = 0.5
+"""How often the server looks for nodes that have not connected yet."""
+
+
+class FlowerError(FedsimError):
+    """The Flower side failed: nodes missing after the timeout, or a node's ClientApp raised."""
+
+
+class FlowerRuntime(InProcess):
+    """Runs jobs on Flower nodes through a Grid: one node per client, found by its `partition-id`."""
+
+    threads = 1
+
+    def __init__(self, grid: Grid, rule: ClientRule, uplink: Codec, num_clients: int, timeout: float) -> None:
+        self.grid, self.rule, self.uplink = grid, rule, uplink
+        self.num_clients, self.timeout = num_clients, timeout
+        self.nodes: dict[int, int] = {}
+        """client -> node id"""
+        self.gone: set[int] = set()
+        """Nodes that missed a reply deadline."""
+        self.lost: list[dict[str, int]] = []
+        """Jobs lost since `take_lost` was last called: round (job id), client and node."""
+
+    def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
+        if not self.nodes:
+            self.nodes = self.discover()
+        per_job = jobs_starts(jobs, starts)
+        messages = []
+        for job, start in zip(jobs, per_job, strict=True):
+            if self.nodes[job.client] in self.gone:
+                continue
+            content = RecordDict({JOB: job_record(job)})
+            put_tree(content, START, start)
+            messages.append(Message(content, self.nodes[job.client], "train", group_id=str(job.id)))
+        replies: dict[tuple[int, int], RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
+            content = checked(reply)
+            facts = content.config_records[RESULT]
+            replies[int(facts["id"]), int(facts["client"])] = content
+        templates: dict[int, Pytree] = {}
+        results = []
+        for job, start in zip(jobs, per_job, strict=True):
+            content = replies.get((job.id, job.client))
+            if content is None:
+                node = self.nodes[job.client]
+                self.gone.add(node)
+                self.lost.append({"round": job.id, "client": job.client, "node": node})
+                continue
+            if id(start) not in templates:
+                templates[id(start)] = message_template(self.rule, start)
+            facts = content.config_records[RESULT]
+            message = self.uplink.decode(get_tree(content, PAYLOAD), templates[id(start)])
+            results.append(JobResult(job, message, int(facts["num_samples"]), int(facts["work"]),
+                                     data_bytes(content.array_records[PAYLOAD])))
+        return results
+
+    def discover(self) -> dict[int, int]:
+        """Ask every node which client it holds, until every client has a node (or the timeout passes)."""
+        nodes: dict[int, int] = {}
+        asked: set[int] = set()
+        deadline = time.monotonic() + self.timeout
+        while len(nodes) < self.num_clients:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            asked.update(new)
+            queries = [Message(RecordDict(), n, "query") for n in new]
+            for reply in self.grid.send_and_receive(queries, timeout=self.timeout) if queries else []:
+                client = int(checked(reply).config_records[NODE]["partition-id"])
+                node = reply.metadata.src_node_id
+                if client in nodes:
+                    raise NodeConfigError(f"node_config.partition-id: nodes {nodes[client]} and {node} both hold "
+                                          f"client {client}")
+                nodes[client] = node
+            if len(nodes) < self.num_clients:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(self.num_clients)) - set(nodes))
+                    raise FlowerError(f"nodes: no node holds client(s) {shorten(missing)} after {self.timeout:g} s "
+                                      f"({len(nodes)} of {self.num_clients} clients have a node)")
+                time.sleep(POLL_SECONDS)
+        return nodes
+
+    def take_lost(self) -> list[dict[str, int]]:
+        """The jobs lost since the last call (round, client, node), oldest first."""
+        lost, self.lost = self.lost, []
+        return lost
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the nodes keep their own state."""
+
+
+def checked(reply: Message) -> RecordDict:
+    """A reply's content; a node's error (a user's mistake, or its ClientApp failing) as one line."""
+    if reply.has_error():
+        raise FlowerError(f"node {reply.metadata.src_node_id}: its ClientApp failed: {reply.error.reason}")
+    content = reply.content
+    if ERROR in content:
+        error = content.config_records[ERROR]
+        kind = NodeConfigError if error["kind"] == NodeConfigError.__name__ else FlowerError
+        raise kind(f"{error['line']} (node {reply.metadata.src_node_id})")
+    return content
+
+
+def shorten(clients: list[int]) -> str:
+    return ", ".join(map(str, clients[:10])) + (", ..." if len(clients) > 10 else "")

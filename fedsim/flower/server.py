@@ -1,0 +1,85 @@
+"""The ServerApp side of the bridge: fedsim's own protocol for the scenario (synchronous rounds, sampling,
+server rule, aggregate, evaluation on the virtual clock), unchanged, with its jobs run on Flower nodes by a
+`FlowerRuntime`. The metrics rows are those of an in-process run; they go to `context.state` (record
+`fedsim.metrics`, one JSON line per row) and, when the run config names an `out` directory, to its
+metrics.jsonl. A row after jobs were lost (nodes that did not answer in time) lists them under `lost`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.clock import Clock
+from fedsim.codecs import build_codec
+from fedsim.errors import FedsimError
+from fedsim.flower.build import ScenarioSource, resolve_one
+from fedsim.flower.runtime import FlowerRuntime
+from fedsim.outputs import RunDirectory
+from fedsim.recording import Recorder, Row
+from fedsim.simulation import build_simulation
+
+METRICS = "fedsim.metrics"
+DEFAULT_TIMEOUT = 600.0
+"""Seconds the server waits for nodes to connect, and for a round's replies (run config `timeout`)."""
+
+
+def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_TIMEOUT,
+                out: str | Path | None = None) -> list[Row]:
+    """Run the scenario's protocol with its jobs on the grid's nodes; returns the metrics rows."""
+    resolved = resolve_one(scenario)
+    sim = build_simulation(resolved)
+    spec = resolved.spec
+    runtime = FlowerRuntime(grid, sim.rule, build_codec(spec.compression.uplink, "compression.uplink"),
+                            spec.num_clients, timeout)
+    sim = replace(sim, runtime=runtime)
+    run_dir = RunDirectory(Path(out)) if out else None
+
+    def sink(row: Row) -> None:
+        lost = runtime.take_lost()
+        if lost:
+            row["lost"] = lost
+        log(logging.INFO, "fedsim metrics %s", json.dumps(row))
+        if run_dir:
+            run_dir.append_metrics([row])
+
+    recorder = Recorder(resolved.variant, sim.evaluator, sink=sink)
+    component = resolved.components["protocol"]
+    clock = Clock()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(resolved.components["runtime"].params.threads)
+    try:
+        protocol = component.entry.obj(component.params, sim, recorder)
+        protocol.start(clock)
+        clock.run(protocol)
+    finally:
+        torch.set_num_threads(threads)
+    if not clock.stopped:
+        raise FedsimError(f"variant {resolved.variant}: protocol {component.name!r} ran out of events at simulated "
+                          f"time {clock.now:.6g} s before its budget was spent")
+    return recorder.rows
+
+
+def server_app(scenario: ScenarioSource) -> ServerApp:
+    """The ServerApp of a scenario; run config `timeout` (seconds) and `out` (a directory for metrics.jsonl)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config: dict[str, Any] = dict(context.run_config)
+        rows = run_on_grid(scenario, grid, float(config.get("timeout", DEFAULT_TIMEOUT)), config.get("out") or None)
+        context.state[METRICS] = ConfigRecord({"rows": [json.dumps(row) for row in rows]})
+
+    return app
+
+
+def metrics_rows(context: Context) -> list[Row]:
+    """The rows a ServerApp run left in its context."""
+    return [json.loads(line) for line in context.state.config_records[METRICS]["rows"]]

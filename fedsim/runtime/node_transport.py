@@ -1,0 +1,132 @@
+"""Node transports: how a gossip protocol reaches the nodes it does not hold.
+
+A gossip protocol holds the rows (models) of the nodes its process owns and mixes each with its graph neighbours'.
+The transport tells it which nodes it owns (a contiguous block of node ids, so that on graphs numbered with locality
+few edges cross processes), brings it its neighbours' rows from the processes holding them (the halo), and adds up
+sums over processes (network averages, evaluation sums). One process owns every node and the halo is empty
+(`LocalTransport`); MPI ranks exchange halos with neighbour collectives (`fedsim.runtime.mpi.MPINodeTransport`); a
+peer process per node is a block of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import networkx as nx
+import torch
+
+from fedsim.params import Pytree, tree_map
+
+
+def block_partition(num_nodes: int, parts: int) -> list[range]:
+    """Nodes 0..num_nodes-1 cut into `parts` contiguous blocks whose sizes differ by at most one."""
+    if not 1 <= parts <= num_nodes:
+        raise ValueError(f"cannot cut {num_nodes} nodes into {parts} non-empty blocks")
+    bounds = [p * num_nodes // parts for p in range(parts + 1)]
+    return [range(bounds[p], bounds[p + 1]) for p in range(parts)]
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """One process's side of a graph under a block partition: the processes sharing an edge with it (`peers`,
+    ascending), and per peer the owned nodes it sends (`sends`) and the peer's nodes it receives (`receives`),
+    each ascending. A node goes to a peer once, however many of the peer's nodes it neighbours."""
+
+    owned: range
+    peers: tuple[int, ...]
+    sends: tuple[tuple[int, ...], ...]
+    receives: tuple[tuple[int, ...], ...]
+
+    @property
+    def halo(self) -> list[int]:
+        """Every received node, in arrival order (peers ascending, then node ids): ascending node ids."""
+        return [node for nodes in self.receives for node in nodes]
+
+
+def halo_plan(graph: nx.Graph, blocks: list[range], me: int) -> HaloPlan:
+    """Process `me`'s halo plan for `graph` (nodes 0..n-1, undirected) over `blocks`. Plans of two processes
+    agree: what one sends the other is what the other receives from it."""
+    owner = [p for p, block in enumerate(blocks) for _ in block]
+    owned = blocks[me]
+    sends: dict[int, set[int]] = {}
+    receives: dict[int, set[int]] = {}
+    for i in owned:
+        for j in graph.adj[i]:
+            if owner[j] != me:
+                sends.setdefault(owner[j], set()).add(i)
+                receives.setdefault(owner[j], set()).add(j)
+    peers = tuple(sorted(sends))
+    return HaloPlan(owned, peers, tuple(tuple(sorted(sends[p])) for p in peers),
+                    tuple(tuple(sorted(receives[p])) for p in peers))
+
+
+class Neighbourhood(Protocol):
+    """A graph connected over the transport: its halo plan and the exchange of rows along it."""
+
+    plan: HaloPlan
+
+    def exchange(self, rows: Pytree) -> Pytree:
+        """Given this process's rows (leaves shaped (len(owned), ...), in owned order), the halo's rows (leaves
+        shaped (len(plan.halo), ...), in `plan.halo` order). Every process calls it at the same point."""
+        ...
+
+
+class NodeTransport(Protocol):
+    """What a gossip protocol needs from the processes it runs on."""
+
+    num_nodes: int
+    owned: range
+    """The nodes whose rows (and data) this process holds."""
+
+    def connect(self, graph: nx.Graph) -> Neighbourhood:
+        """Prepare exchanges along `graph` (every process calls it with the same graph)."""
+        ...
+
+    def sum(self, tree: Pytree) -> Pytree:
+        """Leaf-wise sum over processes of a pytree of tensors, in float64 (every process gets the total)."""
+        ...
+
+
+class LocalNeighbourhood:
+    """One process: no halo."""
+
+    def __init__(self, plan: HaloPlan) -> None:
+        self.plan = plan
+
+    def exchange(self, rows: Pytree) -> Pytree:
+        return tree_map(lambda v: v[:0], rows)
+
+
+class LocalTransport:
+    """Every node in this process: the halo is empty and sums are this process's."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.num_nodes = num_nodes
+        self.owned = range(num_nodes)
+
+    def connect(self, graph: nx.Graph) -> LocalNeighbourhood:
+        return LocalNeighbourhood(halo_plan(graph, [self.owned], 0))
+
+    def sum(self, tree: Pytree) -> Pytree:
+        return tree_map(lambda v: v.double(), tree)
+
+
+def local_mixing(W: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
+    """The rows of the sparse mixing matrix W (n x n, CSR) for the owned nodes, on this process's rows: a square
+    CSR matrix over [halo below the block, owned block, halo above it] (ascending node ids, so each row keeps W's
+    order of terms), zero on the halo's rows. A weight on a node outside that set is an error (W off the graph)."""
+    lo, hi = plan.owned.start, plan.owned.stop
+    below = [j for j in plan.halo if j < lo]
+    columns = [*below, *plan.owned, *(j for j in plan.halo if j >= hi)]
+    k = len(columns)
+    local = torch.full((W.shape[1],), -1, dtype=torch.long)
+    local[torch.tensor(columns, dtype=torch.long)] = torch.arange(k)
+    crow = W.crow_indices()
+    first, last = int(crow[lo]), int(crow[hi])
+    mapped = local[W.col_indices()[first:last]]
+    if (mapped < 0).any():
+        raise ValueError("local_mixing: the mixing matrix has a weight between nodes the graph does not link")
+    rows = torch.cat([torch.zeros(len(below), dtype=torch.long), crow[lo : hi + 1] - first,
+                      torch.full((k - len(below) - len(plan.owned),), last - first, dtype=torch.long)])
+    return torch.sparse_csr_tensor(rows, mapped, W.values()[first:last], (k, k), check_invariants=True)

@@ -1,0 +1,214 @@
+"""gRPC gossip links between peers on 127.0.0.1: payloads arrive bit-exact in the right mailbox, a peer that starts
+late is waited for, a silent or unknown peer is one error naming it."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+
+from fedsim.peers.link import PeerError, PeerNode
+from fedsim.peers.wire import MalformedPayload, decode_payload, encode_payload
+
+
+@pytest.fixture
+def ring():
+    """Three nodes on a ring, each listening on a free port of 127.0.0.1."""
+    nodes = [PeerNode(i, "127.0.0.1:0", timeout=5.0) for i in range(3)]
+    for node in nodes:
+        node.connect({j: nodes[j].address for j in range(3) if j != node.node})
+    yield nodes
+    for node in nodes:
+        node.close()
+
+
+def tree(k: int) -> dict:
+    return {"params": {"w": torch.full((3, 2), float(k)), "b": torch.tensor([k], dtype=torch.int64)},
+            "half": torch.arange(4, dtype=torch.bfloat16) * k}
+
+
+def test_payloads_round_trip_bit_exact_with_dtypes_and_keys():
+    back = decode_payload(encode_payload(tree(3)))
+    assert list(back) == ["params", "half"] and list(back["params"]) == ["w", "b"]
+    assert back["half"].dtype == torch.bfloat16 and torch.equal(back["half"], tree(3)["half"])
+    assert torch.equal(back["params"]["b"], torch.tensor([3]))
+    with pytest.raises(MalformedPayload):
+        decode_payload(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+
+
+def test_every_node_receives_each_neighbours_payload_for_the_round(ring):
+    received, sent = {}, {}
+
+    def run(node):
+        received[node.node], sent[node.node] = node.exchange(7, "params", tree(node.node),
+                                                             [j for j in range(3) if j != node.node])
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ring]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        assert sorted(received[i]) == [j for j in range(3) if j != i]
+        for j, got in received[i].items():
+            assert torch.equal(got["params"]["w"], tree(j)["params"]["w"])
+        assert sent[i] == 2 * len(encode_payload(tree(i)))
+
+
+def test_a_peer_that_starts_late_is_waited_for():
+    early = PeerNode(0, "127.0.0.1:0", timeout=10.0)
+    late_port = PeerNode(9, "127.0.0.1:0")
+    address = late_port.address
+    late_port.close()  # the port is now free: the peer "starts" on it a moment later
+    early.connect({1: address})
+    late: list[PeerNode] = []
+
+    def start_late():
+        time.sleep(0.5)
+        node = PeerNode(1, address, timeout=10.0)
+        node.connect({0: early.address})
+        late.append(node)
+
+    starter = threading.Thread(target=start_late)
+    starter.start()
+    try:
+        early.deliver(1, 0, "params", encode_payload(tree(0)))
+        starter.join()
+        assert torch.equal(decode_payload(late[0].mailbox.take(0, "params", [0], 5.0, {})[0])["half"], tree(0)["half"])
+    finally:
+        starter.join()
+        early.close()
+        for node in late:
+            node.close()
+
+
+def test_a_silent_neighbour_is_an_error_naming_it_and_its_address(ring):
+    with pytest.raises(PeerError, match=rf"^peer 2 at {ring[2].address} sent nothing for round 1 within 0.3 s$"):
+        ring[0].mailbox.take(1, "params", [2], 0.3, ring[0].peers)
+
+
+def test_an_unreachable_peer_is_an_error_naming_it():
+    node = PeerNode(0, "127.0.0.1:0", timeout=0.5)
+    node.connect({4: "127.0.0.1:1"})
+    try:
+        with pytest.raises(PeerError, match=r"^peer 4 at 127\.0\.0\.1:1 does not answer \(DEADLINE_EXCEEDED"):
+            node.deliver(4, 0, "params", b"")
+    finally:
+        node.close()
+
+
+def test_a_node_that_is_not_a_neighbour_is_refused(ring):
+    ring[1].connect({2: ring[2].address})  # node 1 no longer accepts node 0
+    with pytest.raises(PeerError, match=r"refused node 0: not its neighbour"):
+        ring[0].deliver(1, 0, "params", encode_payload(tree(0)))
+
+
+def test_listening_on_an_impossible_address_is_one_error():
+    with pytest.raises(PeerError, match=r"^--listen: cannot listen on 256\.1\.1\.1:80$"):
+        PeerNode(0, "256.1.1.1:80")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0 127.0.0.1:5000\n1 127.0.0.1:5001\n7 127.0.0.1:5007\n", r"line 3: node 7 is not a node of the topology"),
+    ("0 127.0.0.1:5000\n", r"has no address for node 1, which this node exchanges with"),
+    ("0 127.0.0.1:5000\n1 localhost\n", r"line 2, node 1: expected HOST:PORT, got 'localhost'"),
+    ("0 127.0.0.1:5000\n1 127.0.0.1:70000\n", r"node 1: expected HOST:PORT"),
+    ("0 127.0.0.1:5000\n0 127.0.0.1:5001\n", r"line 2: node 0 is named twice"),
+    ("node0 127.0.0.1:5000\n", r"line 1: expected NODE HOST:PORT, got 'node0 127.0.0.1:5000'"),
+])
+def test_a_peers_file_that_does_not_fit_the_topology_is_one_line_naming_it(tmp_path, text, message):
+    from fedsim.errors import ScenarioError
+    from fedsim.peers.peers_file import read_peers_file
+
+    path = tmp_path / "peers.txt"
+    path.write_text(text)
+    with pytest.raises(ScenarioError, match=r"^--peers: .*" + message):
+        read_peers_file(path, 4, [0, 1])
+    path.write_text("# ring of four\n0 127.0.0.1:5000\n1 [::1]:5001  # node 1\n")
+    assert read_peers_file(path, 4, [0, 1]) == {0: "127.0.0.1:5000", 1: "[::1]:5001"}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_dsgd_over_four_peer_processes_on_a_ring_equals_the_in_process_run(tmp_path):
+    """Four `fedsim peer` processes on 127.0.0.1 (one per node of a ring): node 0's metrics equal `fedsim.run`'s."""
+    import fedsim
+
+    scenario = {"name": "ring", "seed": 0, "rounds": 3, "num_clients": 4, "data": {"name": "digits"},
+                "partition": {"name": "iid"}, "model": {"name": "logreg"},
+                "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20}, "protocol": {"name": "dsgd"},
+                "topology": {"name": "ring"}, "runtime": {"name": "sequential"}, "output": {"plot": False}}
+    path = tmp_path / "ring.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    peers = tmp_path / "peers.txt"
+    peers.write_text("".join(f"{k} 127.0.0.1:{port}\n" for k, port in enumerate(free_ports(4))))
+    addresses = dict(line.split() for line in peers.read_text().splitlines())
+    processes = [subprocess.Popen([sys.executable, "-m", "fedsim", "peer", str(path), "--node", str(k), "--listen",
+                                   addresses[str(k)], "--peers", str(peers), "--out", str(tmp_path / "run"),
+                                   "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(4)]
+    try:
+        outputs = [p.communicate(timeout=180) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in processes] == [0] * 4, [err for _, err in outputs]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    single = fedsim.run(scenario, write=False).metrics.rows
+    assert len(rows) == len(single) == 4
+    for a, b in zip(rows, single, strict=True):
+        for key in ("loss", "test_loss", "accuracy", "consensus_error", "sim_time", "bytes_up"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), (key, a, b)
+    assert "run directory:" in outputs[0][0] and all("run directory" not in out for out, _ in outputs[1:])
+
+
+def test_a_peer_whose_neighbour_never_comes_ends_with_one_line_naming_it(tmp_path):
+    scenario = {"name": "ring", "seed": 0, "rounds": 2, "num_clients": 3, "data": {"name": "digits"},
+                "model": {"name": "logreg"}, "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20},
+                "protocol": {"name": "dsgd"}, "topology": {"name": "ring"}}
+    path = tmp_path / "ring.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    ports = free_ports(3)
+    peers = tmp_path / "peers.txt"
+    peers.write_text("".join(f"{k} 127.0.0.1:{port}\n" for k, port in enumerate(ports)))
+    done = subprocess.run([sys.executable, "-m", "fedsim", "peer", str(path), "--node", "1", "--listen",
+                           f"127.0.0.1:{ports[1]}", "--peers", str(peers), "--out", str(tmp_path / "run"),
+                           "--timeout", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("fedsim: error: peer 0 at 127.0.0.1:") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("change", "start"), [
+    ({"protocol": {"name": "synchronous"}, "topology": {"name": "star"}, "clients_per_round": 2},
+     "fedsim: error: protocol.name: fedsim peer runs gossip protocols"),
+    ({}, "fedsim: error: --node: 9 is not a node of the topology (0..2)"),
+])
+def test_peer_settings_that_cannot_run_are_one_line(tmp_path, change, start):
+    scenario = {"name": "ring", "seed": 0, "rounds": 2, "num_clients": 3, "data": {"name": "digits"},
+                "model": {"name": "logreg"}, "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20},
+                "protocol": {"name": "dsgd"}, "topology": {"name": "ring"}, **change}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    peers = tmp_path / "peers.txt"
+    peers.write_text("0 127.0.0.1:1\n1 127.0.0.1:2\n2 127.0.0.1:3\n")
+    done = subprocess.run([sys.executable, "-m", "fedsim", "peer", str(path), "--node", "9" if not change else "0",
+                           "--listen", "127.0.0.1:0", "--peers", str(peers)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(start), done.stderr
