@@ -145,12 +145,14 @@ def check(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] |
 
 def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
     """Build every variant's simulation up front (so a bad data directory fails before any training); variants
-    with the same data and partition share one copy of the data."""
+    with the same data and partition share one copy of the data (under MPI, only those that share clients out to
+    ranks alike: striped for client/server protocols, in blocks for gossip)."""
     sims: list[Simulation] = []
     cache: dict[str, Simulation] = {}
     for s in scenarios:
         key = json.dumps([s.spec.seed, s.spec.num_clients, s.components["data"].as_dict(),
-                          s.components["partition"].as_dict()], sort_keys=True)
+                          s.components["partition"].as_dict(),
+                          bool(s.components["protocol"].entry.meta.get("peer_to_peer"))], sort_keys=True)
         with naming_variant(s.declared_name):
             sims.append(build_simulation(s, data=cache[key].data if key in cache else None))
         cache.setdefault(key, sims[-1])
