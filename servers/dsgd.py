@@ -35,7 +35,7 @@ from fedsim.runtime import Job
 from fedsim.runtime.node_transport import local_mixing
 from fedsim.sampling import steps_per_epoch
 from fedsim.servers import PROTOCOLS
-from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, mix, mixing_matrix
+from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, drop_nodes, mix, mixing_matrix
 
 if TYPE_CHECKING:
     from fedsim.scenario import Component, ScenarioSchema
@@ -100,6 +100,8 @@ class DecentralizedSGD(ProtocolBase):
         self.owned = self.transport.owned
         self.neighbourhood = self.transport.connect(self.graph)
         self.W_local = local_mixing(self.W, self.neighbourhood.plan)
+        self.mixed_without: frozenset[int] = frozenset()
+        """The lost nodes W_local leaves out."""
         self.below = sum(j < self.owned.start for j in self.neighbourhood.plan.halo)
         """Halo nodes numbered below the owned block: the mixed rows' offset in W_local's rows."""
         self.nodes = StackedStore.replicate(sim.model.init_params, len(self.owned))
@@ -133,17 +135,26 @@ class DecentralizedSGD(ProtocolBase):
         self.recorder.progress.advance(t, row)
         clock.schedule(seconds, "round_start", round=t + 1)
 
+    def alive(self) -> int:
+        """Nodes still taking part (all of them, except in a peer deployment that lost some)."""
+        return self.spec.num_clients - len(self.transport.lost)
+
     def extra_metrics(self) -> dict[str, float]:
-        """The consensus error (1/n) sum_i ||x_i - x_bar||^2, x_bar the network average in float64."""
-        center = tree_map(lambda v: v / self.spec.num_clients, self.transport.sum(self.nodes.sum()))
+        """The consensus error (1/n) sum_i ||x_i - x_bar||^2, x_bar the network average in float64, over the nodes
+        still taking part, and how many nodes were lost."""
+        total = self.transport.sum(self.nodes.sum())
+        center = tree_map(lambda v: v / self.alive(), total)
         deviation = self.transport.sum({"d": self.nodes.squared_deviation(center)})["d"]
-        return {"consensus_error": float(deviation) / self.spec.num_clients}
+        return {"consensus_error": float(deviation) / self.alive(), "nodes_lost": len(self.transport.lost)}
 
     def mix_nodes(self) -> None:
         """x <- W x over the owned nodes (one sparse product per leaf), their neighbours' rows received from the
         processes holding them."""
         owned = self.nodes.stacked
         halo = self.neighbourhood.exchange(owned)
+        if self.transport.lost != self.mixed_without:  # drop lost peers, re-normalize the rows (peer deployments)
+            self.mixed_without = self.transport.lost
+            self.W_local = local_mixing(drop_nodes(self.W, self.mixed_without), self.neighbourhood.plan)
         rows = tree_map(lambda h, x: torch.cat([h[: self.below], x, h[self.below :]]), halo, owned) \
             if self.neighbourhood.plan.halo else owned
         mixed = mix(self.W_local, rows)
@@ -162,7 +173,9 @@ class DecentralizedSGD(ProtocolBase):
         self.traffic.up += self.model_bytes * int(self.degrees.sum())
         n = self.spec.num_clients
         totals = self.transport.sum({"params": self.nodes.sum(), "work": torch.from_numpy(work).double()})
-        self.state["params"] = tree_map(lambda s, v: (s / n).to(v.dtype), totals["params"], self.sim.model.init_params)
+        alive = self.alive()
+        self.state["params"] = tree_map(lambda s, v: (s / alive).to(v.dtype), totals["params"],
+                                        self.sim.model.init_params)
         if not tree_is_finite(self.state["params"]):
             raise DivergenceError(
                 f"variant {self.sim.scenario.variant}, round {t}: the network-average model has NaN/inf "

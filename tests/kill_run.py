@@ -1,7 +1,8 @@
 """`python tests/kill_run.py POINT N fedsim-arguments...`: run the fedsim command line and SIGKILL this process
 (rank 0 under MPI) at the N-th call of the function named by POINT, the crash points of the resume tests:
 training (a runtime starts a device's jobs), arrival (a result's state is committed), evaluation (the global model
-is being evaluated), checkpoint (a checkpoint file is being written, before the checkpoint is complete)."""
+is being evaluated), checkpoint (a checkpoint file is being written, before the checkpoint is complete), exchange
+(a gRPC peer exchanges rows or sums with the others)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import sys
 
 from fedsim import checkpoint, evaluation, protocol
+from fedsim.peers import transport
 from fedsim.runtime import mpi, sequential, vectorized
 
 POINTS = {
@@ -17,6 +19,7 @@ POINTS = {
     "arrival": [(protocol.ProtocolBase, "commit")],
     "evaluation": [(evaluation.Evaluator, "__call__")],
     "checkpoint": [(checkpoint, "_write_synced")],
+    "exchange": [(transport.PeerTransport, "send_and_receive")],
 }
 
 

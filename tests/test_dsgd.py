@@ -203,3 +203,19 @@ def test_default_local_steps_are_local_epochs_over_each_nodes_minibatches():
         "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20, "local_epochs": 2}})
     sizes = protocol.sim.data.train_sizes
     assert protocol.steps.tolist() == [2 * math.ceil(s / 20) for s in sizes.tolist()]
+
+
+def test_nodes_mix_without_lost_peers_on_rows_renormalized_to_one():
+    """When the transport reports node 3 lost (a peer deployment), the others mix only among themselves: with equal
+    models everywhere but a zeroed node 3, nodes 0-2 keep their model exactly (a row with 3's weight left in would
+    pull nodes 2 and 4 towards zero), and averages count the nodes left."""
+    protocol = protocol_of(scenario(num_clients=6))
+    rows = tree_map(torch.ones_like, protocol.nodes.stacked)
+    for leaf in rows.values():
+        leaf[3] = 0.0
+    protocol.nodes.scatter(torch.arange(6), rows)
+    protocol.transport.lost = frozenset({3})
+    protocol.mix_nodes()
+    for leaf in protocol.nodes.stacked.values():
+        assert torch.equal(leaf[[0, 1, 2, 4, 5]], torch.ones_like(leaf[[0, 1, 2, 4, 5]]))
+    assert protocol.alive() == 5 and protocol.extra_metrics()["nodes_lost"] == 1

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,11 +46,14 @@ def test_payloads_round_trip_bit_exact_with_dtypes_and_keys():
 
 
 def test_every_node_receives_each_neighbours_payload_for_the_round(ring):
-    received, sent = {}, {}
+    received = {}
 
     def run(node):
-        received[node.node], sent[node.node] = node.exchange(7, "params", tree(node.node),
-                                                             [j for j in range(3) if j != node.node])
+        others = [j for j in range(3) if j != node.node]
+        for j in others:
+            node.deliver(j, 7, "params", encode_payload(tree(node.node)))
+        received[node.node] = {j: decode_payload(data)
+                               for j, data in node.mailbox.take(7, "params", others, 5.0, node.peers).items()}
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ring]
     for t in threads:
@@ -60,7 +64,6 @@ def test_every_node_receives_each_neighbours_payload_for_the_round(ring):
         assert sorted(received[i]) == [j for j in range(3) if j != i]
         for j, got in received[i].items():
             assert torch.equal(got["params"]["w"], tree(j)["params"]["w"])
-        assert sent[i] == 2 * len(encode_payload(tree(i)))
 
 
 def test_a_peer_that_starts_late_is_waited_for():
@@ -192,7 +195,9 @@ def test_a_peer_whose_neighbour_never_comes_ends_with_one_line_naming_it(tmp_pat
                            f"127.0.0.1:{ports[1]}", "--peers", str(peers), "--out", str(tmp_path / "run"),
                            "--timeout", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.startswith("fedsim: error: peer 0 at 127.0.0.1:") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"fedsim: error: node 1: no neighbour answers within 2 s (peer 0 at "
+                                  f"127.0.0.1:{ports[0]}, peer 2 at 127.0.0.1:{ports[2]})")
+    assert done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(("change", "start"), [
@@ -212,3 +217,45 @@ def test_peer_settings_that_cannot_run_are_one_line(tmp_path, change, start):
                            "--listen", "127.0.0.1:0", "--peers", str(peers)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and done.stderr.startswith(start), done.stderr
+
+
+def test_dropping_a_node_removes_its_column_and_renormalizes_each_row():
+    from fedsim.topologies.mixing import drop_nodes
+
+    W = torch.tensor([[0.5, 0.25, 0.0, 0.25], [0.25, 0.5, 0.25, 0.0], [0.0, 0.25, 0.5, 0.25],
+                      [0.25, 0.0, 0.25, 0.5]], dtype=torch.float64).to_sparse_csr()
+    dropped = drop_nodes(W, {3}).to_dense()
+    expected = torch.tensor([[2 / 3, 1 / 3, 0, 0], [0.25, 0.5, 0.25, 0], [0, 1 / 3, 2 / 3, 0],
+                             [0.5, 0, 0.5, 0]], dtype=torch.float64)
+    torch.testing.assert_close(dropped, expected)
+    assert drop_nodes(W, set()) is W
+
+
+def test_a_peer_killed_mid_run_is_dropped_and_the_others_finish_reporting_it(tmp_path):
+    """Node 3 of a ring of four is SIGKILLed in round 2: its neighbours time out, mix without it (re-normalized
+    weights), averages and evaluation leave it out, and every metrics row after says one node was lost."""
+    scenario = {"name": "ring", "seed": 0, "rounds": 5, "num_clients": 4, "data": {"name": "digits"},
+                "partition": {"name": "iid"}, "model": {"name": "logreg"},
+                "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20}, "protocol": {"name": "dsgd"},
+                "topology": {"name": "ring"}, "runtime": {"name": "sequential"}, "output": {"plot": False}}
+    path = tmp_path / "ring.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    ports = free_ports(4)
+    peers = tmp_path / "peers.txt"
+    peers.write_text("".join(f"{k} 127.0.0.1:{port}\n" for k, port in enumerate(ports)))
+    kill = [str(Path(__file__).with_name("kill_run.py")), "exchange", "12"]
+    processes = [subprocess.Popen([sys.executable, *(kill if k == 3 else ["-m", "fedsim"]), "peer", str(path),
+                                   "--node", str(k), "--listen", f"127.0.0.1:{ports[k]}", "--peers", str(peers),
+                                   "--out", str(tmp_path / "run"), "--timeout", "3"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
+    try:
+        outputs = [p.communicate(timeout=180) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in processes] == [0, 0, 0, -9], [err for _, err in outputs]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["nodes_lost"] == 0 and rows[-1]["nodes_lost"] == 1
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["consensus_error"]) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import networkx as nx
@@ -118,6 +119,22 @@ def mixing_matrix(name: str, params: Params | dict[str, Any] | None, graph: nx.G
     W = entry.obj(params, graph)
     check_stochastic(W, entry.meta["doubly_stochastic"], f"{field_path}.name")
     return W
+
+
+def drop_nodes(W: torch.Tensor, nodes: Collection[int]) -> torch.Tensor:
+    """W (CSR) without the weights on `nodes`' columns, each row re-normalized to sum to 1: the mixing among the
+    nodes still there when some have stopped answering (the dropped nodes' own rows are re-normalized too, and go
+    unused)."""
+    if not nodes:
+        return W
+    coo = W.to_sparse_coo().coalesce()
+    rows, cols = coo.indices()
+    keep = ~torch.isin(cols, torch.tensor(sorted(nodes), dtype=cols.dtype))
+    values = coo.values()[keep]
+    totals = torch.zeros(W.shape[0], dtype=values.dtype).index_add_(0, rows[keep], values)
+    scaled = values / totals[rows[keep]]
+    return torch.sparse_coo_tensor(torch.stack([rows[keep], cols[keep]]), scaled, W.shape,
+                                   check_invariants=True).coalesce().to_sparse_csr()
 
 
 def mix(W: torch.Tensor, stacked: Pytree) -> Pytree:

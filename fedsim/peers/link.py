@@ -13,7 +13,6 @@ import grpc
 
 from fedsim.errors import FedsimError
 from fedsim.peers import gossip_pb2, gossip_pb2_grpc
-from fedsim.peers.wire import decode_payload, encode_payload
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 """gRPC's 4 MB default would refuse model-sized payloads."""
@@ -40,20 +39,28 @@ class Mailbox(gossip_pb2_grpc.GossipServicer):
             self._arrived.notify_all()
         return gossip_pb2.Ack(accepted=True)
 
-    def take(self, round_index: int, kind: str, senders: list[int], timeout: float,
-             addresses: dict[int, str]) -> dict[int, bytes]:
-        """Wait up to `timeout` seconds for every sender's payload of the round and remove them from the mailbox."""
+    def collect(self, round_index: int, kind: str, senders: list[int], timeout: float) -> dict[int, bytes]:
+        """Wait up to `timeout` seconds for every sender's payload of the round; remove and return those that came
+        (a sender missing from the result sent nothing in time)."""
         keys = {s: (round_index, kind, s) for s in senders}
         deadline = time.monotonic() + timeout
         with self._arrived:
             while not all(k in self._items for k in keys.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    silent = next(s for s, k in keys.items() if k not in self._items)
-                    raise PeerError(f"peer {silent} at {addresses.get(silent, '?')} sent nothing for round "
-                                    f"{round_index} within {timeout:g} s")
+                    break
                 self._arrived.wait(left)
-            return {s: self._items.pop(k) for s, k in keys.items()}
+            return {s: self._items.pop(k) for s, k in keys.items() if k in self._items}
+
+    def take(self, round_index: int, kind: str, senders: list[int], timeout: float,
+             addresses: dict[int, str]) -> dict[int, bytes]:
+        """Every sender's payload of the round (`collect`); a sender silent for `timeout` seconds is an error."""
+        received = self.collect(round_index, kind, senders, timeout)
+        silent = next((s for s in senders if s not in received), None)
+        if silent is not None:
+            raise PeerError(f"peer {silent} at {addresses.get(silent, '?')} sent nothing for round {round_index} "
+                            f"within {timeout:g} s")
+        return received
 
 
 class PeerNode:
@@ -99,14 +106,6 @@ class PeerNode:
         if not ack.accepted:
             raise PeerError(f"peer {peer} at {self.peers[peer]} refused node {self.node}: not its neighbour in the "
                             f"topology it runs (do both nodes use the same scenario and peers file?)")
-
-    def exchange(self, round_index: int, kind: str, tree: Any, neighbours: list[int]) -> tuple[dict[int, Any], int]:
-        """Send `tree` to every neighbour and receive theirs for the round: (their trees by node, bytes sent)."""
-        payload = encode_payload(tree)
-        for peer in neighbours:
-            self.deliver(peer, round_index, kind, payload)
-        received = self.mailbox.take(round_index, kind, neighbours, self.timeout, self.peers)
-        return {peer: decode_payload(data) for peer, data in received.items()}, len(payload) * len(neighbours)
 
     def close(self, grace: float = 5.0) -> None:
         """Close the channels and stop serving, letting deliveries in progress finish for up to `grace` seconds

@@ -189,6 +189,7 @@ class MPINodeTransport:
         self.comm, self.num_nodes = comm, num_nodes
         self.blocks = block_partition(num_nodes, comm.Get_size())
         self.owned = self.blocks[comm.Get_rank()]
+        self.lost: frozenset[int] = frozenset()
 
     def connect(self, graph: nx.Graph) -> MPINeighbourhood:
         """A distributed graph communicator over the ranks whose blocks share an edge of `graph` (collective)."""

@@ -78,6 +78,9 @@ class NodeTransport(Protocol):
     num_nodes: int
     owned: range
     """The nodes whose rows (and data) this process holds."""
+    lost: frozenset[int]
+    """Nodes that stopped answering (peer deployments: their halo rows come back as zeros and sums leave them
+    out); always empty in one process and under MPI, where a dead rank ends the run."""
 
     def connect(self, graph: nx.Graph) -> Neighbourhood:
         """Prepare exchanges along `graph` (every process calls it with the same graph)."""
@@ -104,6 +107,7 @@ class LocalTransport:
     def __init__(self, num_nodes: int) -> None:
         self.num_nodes = num_nodes
         self.owned = range(num_nodes)
+        self.lost: frozenset[int] = frozenset()
 
     def connect(self, graph: nx.Graph) -> LocalNeighbourhood:
         return LocalNeighbourhood(halo_plan(graph, [self.owned], 0))
