@@ -16,7 +16,7 @@ from fedsim.checkpoint import Collective, load_latest
 from fedsim.clock import Clock
 from fedsim.errors import FedsimError, ScenarioError, UsageError
 from fedsim.metrics_table import MetricsTable
-from fedsim.outputs import RunDirectory, choose_run_dir, read_metrics
+from fedsim.outputs import RunDirectory, choose_run_dir, read_metrics, scenario_document
 from fedsim.preflight import check_scenario
 from fedsim.progress import make_progress
 from fedsim.recording import Recorder
@@ -216,10 +216,8 @@ def _check_unchanged(meta: dict[str, Any], stored: list[ResolvedScenario], note:
         note(f"scenario file {source} is gone; resuming from the run directory's copy")
         return
     current, _ = load_scenarios(source, meta.get("overrides") or None, meta.get("selected"))
-    old = {s.variant: s.to_dict() for s in stored}
-    new = {s.variant: s.to_dict() for s in current}
-    field = first_difference(old, new) if len(stored) > 1 else first_difference(old.popitem()[1],
-                                                                                new.popitem()[1])
+    field = first_difference(scenario_document([s.to_dict() for s in stored], [s.variant for s in stored]),
+                             scenario_document([s.to_dict() for s in current], [s.variant for s in current]))
     if field is not None:
         raise ScenarioError(f"{field}: {source} changed since the run started; resuming would not give the "
                             f"uninterrupted run's numbers (start a new run, or restore the file)")

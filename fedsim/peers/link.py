@@ -1,6 +1,7 @@
 """Gossip links between peer processes over gRPC: each node serves a mailbox its neighbours deliver payloads to
 (`Deliver` in `gossip.proto`), and delivers its own to theirs. Deliveries have deadlines and wait for a peer that
-is not up yet; a peer that stays silent is an error naming it and its address."""
+is not up yet; a peer that cannot be reached is an error naming it and its address, and collecting from the mailbox
+says which senders stayed silent (`fedsim.peers.transport` decides what that means)."""
 
 from __future__ import annotations
 
@@ -52,15 +53,6 @@ class Mailbox(gossip_pb2_grpc.GossipServicer):
                 self._arrived.wait(left)
             return {s: self._items.pop(k) for s, k in keys.items() if k in self._items}
 
-    def take(self, round_index: int, kind: str, senders: list[int], timeout: float,
-             addresses: dict[int, str]) -> dict[int, bytes]:
-        """Every sender's payload of the round (`collect`); a sender silent for `timeout` seconds is an error."""
-        received = self.collect(round_index, kind, senders, timeout)
-        silent = next((s for s in senders if s not in received), None)
-        if silent is not None:
-            raise PeerError(f"peer {silent} at {addresses.get(silent, '?')} sent nothing for round {round_index} "
-                            f"within {timeout:g} s")
-        return received
 
 
 class PeerNode:
