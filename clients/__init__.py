@@ -64,6 +64,8 @@ class LocalTrainingParams(Params):
     lr: float = Field(0.01, gt=0)
     batch_size: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, le=10**7, description="minibatch steps per job instead of "
+                                                                      "local_epochs passes over the data")
 
 
 class ClientRule(Protocol):

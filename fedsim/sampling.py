@@ -29,6 +29,21 @@ def steps_per_epoch(train_sizes: np.ndarray, batch_size: int) -> np.ndarray:
     return -(-train_sizes // batch_size)
 
 
+def full_steps(train_sizes: np.ndarray, local_epochs: int, batch_size: int, local_steps: int | None) -> np.ndarray:
+    """Each client's local steps in a full job: `local_steps` minibatches when set (as the pFedMe repo counts its
+    local rounds), else `local_epochs` passes of ceil(n_k / B) minibatches."""
+    if local_steps is not None:
+        return np.full(len(train_sizes), local_steps, dtype=np.int64)
+    return steps_per_epoch(np.asarray(train_sizes), batch_size) * local_epochs
+
+
+def samples_processed(steps: np.ndarray, train_sizes: np.ndarray, batch_size: int) -> np.ndarray:
+    """Samples `steps` minibatches visit: whole epochs of n_k, then full batches of the next (an epoch's short
+    batch is its last, so a partial epoch never reaches it)."""
+    per_epoch = steps_per_epoch(np.asarray(train_sizes), batch_size)
+    return (steps // per_epoch) * train_sizes + (steps % per_epoch) * batch_size
+
+
 def active_count(clients_per_round: int, straggler_fraction: float) -> int:
     """Clients per round that are not stragglers: round(K (1 - d)), not int(): K (1 - d) = 0.9999999999999998 for
     K = 10, d = 0.9 must give 1 (FedProx pitfall)."""
@@ -36,16 +51,21 @@ def active_count(clients_per_round: int, straggler_fraction: float) -> int:
 
 
 def plan_round(seed: int, round_index: int, train_sizes: np.ndarray, clients_per_round: int,
-               straggler_fraction: float, local_epochs: int, batch_size: int) -> RoundPlan:
-    """Draw one round's clients and work; depends only on the seed, the round and the data sizes."""
+               straggler_fraction: float, local_epochs: int, batch_size: int,
+               local_steps: int | None = None) -> RoundPlan:
+    """Draw one round's clients and work; depends only on the seed, the round and the data sizes. A straggler
+    finishes a random number of whole epochs (of steps, with `local_steps`) short of a full job."""
     rng = numpy_rng(seed, Stream.SELECTION, round_index)
     clients = rng.choice(len(train_sizes), clients_per_round, replace=False)
     active = set(rng.choice(clients, active_count(clients_per_round, straggler_fraction), replace=False).tolist())
     straggler = np.array([c not in active for c in clients], dtype=bool)
     per_epoch = steps_per_epoch(train_sizes[clients], batch_size)
-    steps = per_epoch * local_epochs
+    steps = full_steps(train_sizes[clients], local_epochs, batch_size, local_steps)
     for i in np.flatnonzero(straggler):
-        if local_epochs > 1:
+        if local_steps is not None:
+            if local_steps > 1:
+                steps[i] = rng.integers(1, local_steps)
+        elif local_epochs > 1:
             steps[i] = per_epoch[i] * rng.integers(1, local_epochs)
         elif per_epoch[i] > 1:
             steps[i] = rng.integers(1, per_epoch[i])

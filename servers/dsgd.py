@@ -33,7 +33,7 @@ from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job
 from fedsim.runtime.node_transport import local_mixing
-from fedsim.sampling import steps_per_epoch
+from fedsim.sampling import full_steps
 from fedsim.servers import PROTOCOLS
 from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, drop_nodes, mix, mixing_matrix
 
@@ -109,7 +109,7 @@ class DecentralizedSGD(ProtocolBase):
         self.model_bytes = tree_nbytes(sim.model.init_params)
         hp = sim.rule.hp
         self.steps = np.full(n, params.local_steps) if params.local_steps is not None else \
-            hp.local_epochs * steps_per_epoch(np.asarray(sim.data.train_sizes), hp.batch_size)
+            full_steps(np.asarray(sim.data.train_sizes), hp.local_epochs, hp.batch_size, hp.local_steps)
         self.state["params"] = tree_map(torch.clone, sim.model.init_params)
 
     def start(self, clock: Clock) -> None:

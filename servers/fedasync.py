@@ -42,7 +42,7 @@ from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.recording import Recorder, Row
 from fedsim.registry import Params
 from fedsim.runtime import Job, JobResult
-from fedsim.sampling import steps_per_epoch
+from fedsim.sampling import full_steps, samples_processed
 from fedsim.seeding import Stream, numpy_rng
 from fedsim.servers import PROTOCOLS
 
@@ -117,8 +117,8 @@ class FedAsync(ProtocolBase):
         super().__init__(params, sim, recorder)
         hp = sim.rule.hp
         sizes = np.asarray(sim.data.train_sizes)
-        self.job_steps = steps_per_epoch(sizes, hp.batch_size) * hp.local_epochs
-        self.job_work = sizes * hp.local_epochs * sim.rule.step_cost
+        self.job_steps = full_steps(sizes, hp.local_epochs, hp.batch_size, hp.local_steps)
+        self.job_work = samples_processed(self.job_steps, sizes, hp.batch_size) * sim.rule.step_cost
         uplink = build_codec(self.spec.compression.uplink, "compression.uplink")
         self.bytes_up = uplink.payload_bytes(self.template) + SAMPLE_COUNT_BYTES
         self.step = 0

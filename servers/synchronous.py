@@ -53,7 +53,7 @@ class SynchronousRounds(ProtocolBase):
             return
         hp = sim.rule.hp
         plan = plan_round(spec.seed, t, sim.data.train_sizes, spec.clients_per_round, spec.stragglers.fraction,
-                          hp.local_epochs, hp.batch_size)
+                          hp.local_epochs, hp.batch_size, hp.local_steps)
         message, down = self.broadcast(t)
         self.traffic.down += down * len(plan.clients)
         jobs = [Job(t, int(c), int(s), version=t) for c, s, late in zip(plan.clients, plan.steps, plan.straggler,

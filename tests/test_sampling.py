@@ -6,7 +6,7 @@ import numpy as np
 
 import fedsim
 from fedsim.runtime.sequential import SequentialRuntime
-from fedsim.sampling import plan_round, steps_per_epoch
+from fedsim.sampling import plan_round, samples_processed, steps_per_epoch
 
 SIZES = np.array([95, 40, 7, 120, 33, 61, 88, 12, 50, 77, 19, 45])
 
@@ -37,6 +37,33 @@ def test_with_one_epoch_stragglers_run_a_random_part_of_it():
         late = plan.straggler & (full > 1)
         assert ((plan.steps[late] >= 1) & (plan.steps[late] < full[late])).all()
         assert (plan.steps[~plan.straggler] == full[~plan.straggler]).all()
+
+
+def test_local_steps_replace_epochs_and_stragglers_take_fewer_steps():
+    for t in range(50):
+        plan = plan_round(3, t, SIZES, 10, 0.5, 4, 10, local_steps=7)
+        assert (plan.steps[~plan.straggler] == 7).all()
+        assert ((plan.steps[plan.straggler] >= 1) & (plan.steps[plan.straggler] < 7)).all()
+
+
+def test_samples_processed_counts_whole_epochs_then_full_batches():
+    sizes = np.array([25, 25, 30])
+    # 25 samples in batches of 10: epochs of 3 steps (10, 10, 5).
+    assert samples_processed(np.array([3, 4, 6]), sizes, 10).tolist() == [25, 35, 60]
+
+
+def test_local_steps_set_every_jobs_step_count_end_to_end(tiny, monkeypatch):
+    seen: list[int] = []
+    original = SequentialRuntime.run_jobs
+
+    def spy(self, jobs, starts):
+        seen.extend(job.steps for job in jobs)
+        return original(self, jobs, starts)
+
+    monkeypatch.setattr(SequentialRuntime, "run_jobs", spy)
+    fedsim.run({**tiny, "runtime": {"name": "sequential"},
+                "algorithm": {"name": "fedavg", "batch_size": 5, "local_steps": 3}}, write=False)
+    assert seen and set(seen) == {3}
 
 
 def test_plan_depends_only_on_seed_and_round():

@@ -145,8 +145,10 @@ class VectorizedRuntime(PlacedRuntime):
         # A batch larger than every client's data is each client's full data: the same minibatches, less padding.
         largest = max(1, int(context.data.train_sizes.max()))
         self.batch_size = min(context.rule.hp.batch_size, largest)
-        steps = context.rule.hp.local_epochs * -(-largest // self.batch_size)
-        check_fits("algorithm.local_epochs", SCHEDULE_BYTES * steps * self.batch_size,
+        hp = context.rule.hp
+        steps = hp.local_steps or hp.local_epochs * -(-largest // self.batch_size)
+        check_fits("algorithm.local_steps" if hp.local_steps else "algorithm.local_epochs",
+                   SCHEDULE_BYTES * steps * self.batch_size,
                    f"the minibatch schedule of one client ({steps} steps of {self.batch_size} samples)")
         self.per_client_bytes = self._client_bytes()
         budget = int(params.memory_budget)
