@@ -61,31 +61,19 @@ class Evaluator:
         with torch.no_grad():
             if self.whole:
                 d = self.data
-                train = self._split_sums(params, d.x_train, d.y_train)
-                test = self._split_sums(params, d.x_test, d.y_test)
+                train = split_sums(self.objective, params, d.x_train, d.y_train)
+                test = split_sums(self.objective, params, d.x_test, d.y_test)
             else:
-                train, test = self._zero_sums(), self._zero_sums()
+                train, test = zero_sums(self.metrics), zero_sums(self.metrics)
                 for k in self.clients:
-                    train = _add(train, self._split_sums(params, *self.data.client_train(k)))
-                    test = _add(test, self._split_sums(params, *self.data.client_test(k)))
+                    train = _add(train, split_sums(self.objective, params, *self.data.client_train(k)))
+                    test = _add(test, split_sums(self.objective, params, *self.data.client_test(k)))
         sums = {"train_loss": train["loss"], "train_count": train["count"], "test_loss": test["loss"],
                 "test_count": test["count"], **{f"test_{m}": test[m] for m in self.metrics}}
         if self.dissimilarity:
             sums.update(self._gradient_sums(params))
         return sums
 
-    def _zero_sums(self) -> Sums:
-        return {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "count", *self.metrics)}
-
-    def _split_sums(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> Sums:
-        """The task's sums over (x, y) and the row count, chunked to bound memory."""
-        out = self._zero_sums()
-        for start in range(0, len(y), CHUNK_ROWS):
-            outputs = self.objective.model.forward(params, x[start : start + CHUNK_ROWS])
-            chunk = self.objective.task.eval_sums(outputs, y[start : start + CHUNK_ROWS])
-            out = _add(out, {**chunk, "count": torch.tensor(float(len(y[start : start + CHUNK_ROWS])),
-                                                            dtype=torch.float64)})
-        return out
 
     def _gradient_sums(self, params: Pytree) -> Sums:
         """sum_k ||g_k||^2, sum_k g_k, sum_k n_k g_k, sum_k n_k and N: enough to finish the dissimilarity after
@@ -107,6 +95,21 @@ class Evaluator:
         no_key = torch.zeros(2, dtype=torch.int64)
         grads = self.oracle.grad(params, Batch(x, y, torch.ones(len(y)), no_key, torch.zeros((), dtype=torch.int64)))
         return torch.cat([g.reshape(-1) for g in grads.values()]).double()
+
+
+def zero_sums(metrics: Sequence[str]) -> Sums:
+    return {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "count", *metrics)}
+
+
+def split_sums(objective: Objective, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> Sums:
+    """The task's sums (loss, its metrics) over (x, y) and the row count, in float64, chunked to bound memory."""
+    out = zero_sums(objective.task.metrics)
+    for start in range(0, len(y), CHUNK_ROWS):
+        outputs = objective.model.forward(params, x[start : start + CHUNK_ROWS])
+        chunk = objective.task.eval_sums(outputs, y[start : start + CHUNK_ROWS])
+        out = _add(out, {**chunk, "count": torch.tensor(float(len(y[start : start + CHUNK_ROWS])),
+                                                        dtype=torch.float64)})
+    return out
 
 
 def dissimilarity_from_sums(sums: Sums) -> float:

@@ -70,9 +70,11 @@ class ProtocolBase:
 
     def evaluate_if_due(self, steps: int, now: float) -> Row | None:
         """Evaluate the global model every `evaluation.every` server steps and when the budget is spent, with the
-        protocol's own figures (`extra_metrics`)."""
+        protocol's own figures (`extra_metrics`) and, for rules with personal models, their figures."""
         if steps % self.spec.evaluation.every == 0 or self.budget_spent(steps, now):
-            return self.recorder.evaluate(steps, now, self.state["params"], self.traffic, self.extra_metrics())
+            personal = self.sim.personal(self.sim.server.broadcast(self.state)) if self.sim.personal else {}
+            return self.recorder.evaluate(steps, now, self.state["params"], self.traffic,
+                                          {**self.extra_metrics(), **personal})
         return None
 
     def extra_metrics(self) -> dict[str, float]:

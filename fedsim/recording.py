@@ -52,7 +52,7 @@ class Recorder:
         self.started = time.perf_counter() - state["wall_seconds"]
 
     def evaluate(self, round_index: int, sim_time: float, params: Pytree, traffic: Traffic,
-                 extra: Mapping[str, float] | None = None) -> Row:
+                 extra: Mapping[str, Any] | None = None) -> Row:
         """Evaluate the global model, record the row (with a protocol's own figures in `extra`: consensus error,
         staleness ...), and stop the run if the loss is not finite."""
         metrics = self.evaluator(params)

@@ -29,10 +29,13 @@ def _figure(row: Row, key: str) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text table: one line per variant with its final metrics, simulated and real time, and traffic."""
-    headers = ["variant", "round", "accuracy", "best acc", "train loss", "sim time (s)", "wall (s)",
-               "MB up", "MB down"]
+    """A plain-text table: one line per variant with its final metrics, simulated and real time, and traffic (and
+    the personal models' mean accuracy, when the algorithm keeps them)."""
+    personal = any("personal_accuracy" in r for r in rows)
+    headers = ["variant", "round", "accuracy", "best acc", *(["personal acc"] if personal else []), "train loss",
+               "sim time (s)", "wall (s)", "MB up", "MB down"]
     lines = [[r["variant"], str(r["round"]), _figure(r, "accuracy"), _figure(r, "best_accuracy"),
+              *([_figure(r, "personal_accuracy")] if personal else []),
               f"{r['loss']:.4f}", f"{r['sim_time']:.1f}", f"{r['wall_time']:.1f}",
               f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}"] for r in final_rows(rows)]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
@@ -43,20 +46,27 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Accuracy and training loss against rounds (top) and simulated seconds (bottom), one line per variant."""
+    """Accuracy and training loss against rounds (top) and simulated seconds (bottom), one line per variant; with
+    personal models, their mean accuracy dashed next to the global model's and, in a third column, the
+    distribution of per-client personal accuracy at each variant's last evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    personal = any("personal_accuracy_histogram" in r for r in rows)
+    fig, axes = plt.subplots(2, 3 if personal else 2, figsize=(16 if personal else 11, 7.5), squeeze=False)
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     first = ("accuracy", "test accuracy") if all("accuracy" in r for r in rows) else ("test_loss", "test loss")
     for v in variants:
         vr = [r for r in rows if r["variant"] == v]
         for row_i, x_key in enumerate(["round", "sim_time"]):
             for col_i, y_key in enumerate([first[0], "loss"]):
-                axes[row_i][col_i].plot([r[x_key] for r in vr], [r[y_key] for r in vr], label=v)
+                line, = axes[row_i][col_i].plot([r[x_key] for r in vr], [r[y_key] for r in vr], label=v)
+            scored = [r for r in vr if "personal_accuracy" in r]
+            if scored:
+                axes[row_i][0].plot([r[x_key] for r in scored], [r["personal_accuracy"] for r in scored], "--",
+                                    color=line.get_color(), label=f"{v} (personal)" if row_i == 0 else None)
     for row_i, x_label in enumerate(["round", "simulated time (s)"]):
         for col_i, y_label in enumerate([first[1], "training loss"]):
             ax = axes[row_i][col_i]
@@ -64,9 +74,26 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
             ax.set_ylabel(y_label)
             ax.grid(alpha=0.3)
     axes[0][0].legend()
+    if personal:
+        _personal_histograms(axes[0][2], rows, variants)
+        axes[1][2].axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+def _personal_histograms(ax: Any, rows: Sequence[Row], variants: list[str]) -> None:
+    """Per-client personal accuracy at each variant's last evaluation that scored any, as side-by-side bars."""
+    last = {r["variant"]: r["personal_accuracy_histogram"] for r in rows if "personal_accuracy_histogram" in r}
+    shown = [v for v in variants if v in last]
+    bins = len(next(iter(last.values())))
+    width = 1.0 / bins / max(1, len(shown))
+    for i, v in enumerate(shown):
+        ax.bar([b / bins + i * width for b in range(bins)], last[v], width=width, align="edge", label=v)
+    ax.set_xlabel("personal test accuracy (per client, last evaluation)")
+    ax.set_ylabel("clients")
+    ax.set_xlim(0, 1)
+    ax.legend()

@@ -11,8 +11,9 @@ from fedsim.codecs import Codec, build_codec
 from fedsim.data import build_federated_data
 from fedsim.data.base import ClientDataSource
 from fedsim.errors import DataError
-from fedsim.evaluation import Evaluator
+from fedsim.evaluation import Evaluator, no_reduce
 from fedsim.models import Model, build_model
+from fedsim.personal import PersonalEvaluator, has_personal_model
 from fedsim.runtime import RUNTIMES, Runtime, mpi
 from fedsim.runtime.base import RuntimeParams
 from fedsim.runtime.context import ClientStateStore, RuntimeContext, StateStore
@@ -41,6 +42,8 @@ class Simulation:
     notices: list[str]
     transport: NodeTransport | None = None
     """Gossip protocols' nodes over processes (None for client/server protocols)."""
+    personal: PersonalEvaluator | None = None
+    """Scores clients' personal models, for rules that keep one (`rule.personalize`)."""
 
     @property
     def model(self) -> Model:
@@ -97,12 +100,12 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
                              build_codec(spec.compression.uplink, "compression.uplink"), codec_states)
     runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
+    everyone = evaluated if evaluated is not None else range(data.num_clients)
     if transport is not None:  # a process per node (`fedsim peer`): evaluate this node's share, sum over peers
-        mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in transport.owned]
-        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, transport.sum)
+        mine, reduce = [k for k in everyone if k in transport.owned], transport.sum
     elif comm is None:
         transport = LocalTransport(spec.num_clients) if gossip else None
-        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, evaluated)
+        mine, reduce = evaluated, no_reduce
     else:
         if gossip:  # the protocol runs only its own nodes' jobs: the runtime stays this rank's
             transport = mpi.MPINodeTransport(comm, spec.num_clients)
@@ -111,10 +114,12 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
             runtime = mpi.MPIRuntime(runtime, comm)
             reduce = runtime.reduce_sums
         held = set(owned)
-        mine = [k for k in (evaluated if evaluated is not None else range(data.num_clients)) if k in held]
-        evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, reduce)
+        mine = [k for k in everyone if k in held]
         notices.append(f"running on {comm.Get_size()} MPI ranks")
+    evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, reduce)
+    personal = PersonalEvaluator(rule, objective, data, states, everyone, everyone if mine is None else mine,
+                                 reduce) if has_personal_model(rule) else None
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
     downlink = build_codec(spec.compression.downlink, "compression.downlink")
     return Simulation(scenario, data, objective, rule, server, runtime, states, codec_states, downlink, systems,
-                      evaluator, notices, transport)
+                      evaluator, notices, transport, personal)
