@@ -32,10 +32,9 @@ from fedsim.protocol import ProtocolBase
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job
-from fedsim.runtime.node_transport import local_mixing
 from fedsim.sampling import full_steps
 from fedsim.servers import PROTOCOLS
-from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, drop_nodes, mix, mixing_matrix
+from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, drop_nodes, mixing_matrix
 
 if TYPE_CHECKING:
     from fedsim.scenario import Component, ScenarioSchema
@@ -99,11 +98,8 @@ class DecentralizedSGD(ProtocolBase):
         self.transport = sim.transport
         self.owned = self.transport.owned
         self.neighbourhood = self.transport.connect(self.graph)
-        self.W_local = local_mixing(self.W, self.neighbourhood.plan)
-        self.mixed_without: frozenset[int] = frozenset()
-        """The lost nodes W_local leaves out."""
-        self.below = sum(j < self.owned.start for j in self.neighbourhood.plan.halo)
-        """Halo nodes numbered below the owned block: the mixed rows' offset in W_local's rows."""
+        self.W_mixed, self.mixed_without = self.W, frozenset()
+        """The mixing matrix in use, without the lost nodes it leaves out."""
         self.nodes = StackedStore.replicate(sim.model.init_params, len(self.owned))
         """The owned nodes' models (row r is node owned[r]): the protocol's state, what a checkpoint saves."""
         self.model_bytes = tree_nbytes(sim.model.init_params)
@@ -148,18 +144,13 @@ class DecentralizedSGD(ProtocolBase):
         return {"consensus_error": float(deviation) / self.alive(), "nodes_lost": len(self.transport.lost)}
 
     def mix_nodes(self) -> None:
-        """x <- W x over the owned nodes (one sparse product per leaf), their neighbours' rows received from the
-        processes holding them."""
-        owned = self.nodes.stacked
-        halo = self.neighbourhood.exchange(owned)
-        if self.transport.lost != self.mixed_without:  # drop lost peers, re-normalize the rows (peer deployments)
+        """x <- W x over the owned nodes, along the graph through the transport (which brings the neighbours' rows
+        here, or, relayed, has each node mix its own); lost peers are left out on re-normalized rows."""
+        if self.transport.lost != self.mixed_without:
             self.mixed_without = self.transport.lost
-            self.W_local = local_mixing(drop_nodes(self.W, self.mixed_without), self.neighbourhood.plan)
-        rows = tree_map(lambda h, x: torch.cat([h[: self.below], x, h[self.below :]]), halo, owned) \
-            if self.neighbourhood.plan.halo else owned
-        mixed = mix(self.W_local, rows)
-        self.nodes.scatter(torch.arange(len(self.owned)),
-                           tree_map(lambda v: v[self.below : self.below + len(self.owned)], mixed))
+            self.W_mixed = drop_nodes(self.W, self.mixed_without)
+        mixed = self.neighbourhood.gossip(self.nodes.stacked, self.W_mixed)
+        self.nodes.scatter(torch.arange(len(self.owned)), mixed)
 
     def _round(self, t: int) -> float:
         """Round t in the configured order; returns its simulated seconds."""

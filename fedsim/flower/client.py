@@ -21,14 +21,19 @@ from fedsim.oracle import AutogradOracle
 from fedsim.params import Pytree
 from fedsim.runtime import Job
 from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
-from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, run_client
+from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, message_template, run_client
 from fedsim.seeding import Stream
 from fedsim.simulation import Simulation
 
-CLIENT_STATE, CODEC_STATE = "fedsim.client_state", "fedsim.codec_state"
-"""Where a node keeps its client's state and its uplink codec state in `context.state`."""
-START, JOB, PAYLOAD, RESULT, NODE, ERROR = "start", "job", "payload", "result", "node", "error"
+CLIENT_STATE, CODEC_STATE, NODE_ROW = "fedsim.client_state", "fedsim.codec_state", "fedsim.node_row"
+"""Where a node keeps its client's state, its uplink codec state and (relayed gossip) its model in `context.state`."""
+START, JOB, PAYLOAD, RESULT, NODE, ERROR, MIX, ROW = "start", "job", "payload", "result", "node", "error", "mix", "row"
 """Names of the records in the bridge's messages."""
+
+
+def neighbour_key(node: int) -> str:
+    """The record holding neighbour `node`'s model in a relayed gossip step."""
+    return f"from.{node}"
 
 
 class NodeConfigError(FedsimError):
@@ -89,14 +94,45 @@ def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> Re
     if job.client != client:
         raise NodeConfigError(f"node_config.partition-id: this node holds client {client}, but was sent a job of "
                               f"client {job.client}")
-    payload, new_state, new_codec, samples, work = run_job(sim, job, get_tree(content, START),
-                                                           get_tree(context.state, CLIENT_STATE),
+    relayed = START not in content  # a gossip node: its local steps start from the model it holds
+    start = {"params": node_row(sim, context)} if relayed else get_tree(content, START)
+    payload, new_state, new_codec, samples, work = run_job(sim, job, start, get_tree(context.state, CLIENT_STATE),
                                                            get_tree(context.state, CODEC_STATE))
     put_tree(context.state, CLIENT_STATE, new_state)
     put_tree(context.state, CODEC_STATE, new_codec)
+    if relayed:
+        uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
+        delta = uplink.decode(payload, message_template(sim.rule, start))["delta"]
+        put_tree(context.state, NODE_ROW, {k: torch.add(v, delta[k].to(v.dtype)) for k, v in start["params"].items()})
     reply = RecordDict({RESULT: ConfigRecord({"id": job.id, "client": job.client, "num_samples": samples,
                                               "work": work})})
     put_tree(reply, PAYLOAD, payload)
+    return reply
+
+
+def node_row(sim: Simulation, context: Context) -> Pytree:
+    """The model a relayed gossip node holds: the scenario's initial model until its first step."""
+    row = get_tree(context.state, NODE_ROW)
+    return sim.model.init_params if row is None else row
+
+
+def mix(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
+    """A relayed gossip step: this node's model becomes sum_j W_ij x_j over itself and the neighbours' models the
+    message brings (W's row in the order of its columns, as the in-process sparse product sums it)."""
+    sim = built(scenario)
+    node = partition_id(context.node_config, sim.scenario.spec.num_clients)
+    facts = content.config_records[MIX]
+    if int(facts["node"]) != node:
+        raise NodeConfigError(f"node_config.partition-id: this node is gossip node {node}, but was sent node "
+                              f"{facts['node']}'s gossip step")
+    own = node_row(sim, context)
+    rows = [own if j == node else get_tree(content, neighbour_key(j)) for j in facts["columns"]]
+    weights = torch.tensor(list(facts["weights"]), dtype=torch.float64)
+    mixed = {k: torch.tensordot(weights.to(v.dtype), torch.stack([r[k] for r in rows]), dims=1)
+             for k, v in own.items()}
+    put_tree(context.state, NODE_ROW, mixed)
+    reply = RecordDict({MIX: ConfigRecord({"node": node})})
+    put_tree(reply, ROW, mixed)
     return reply
 
 
@@ -110,7 +146,8 @@ def answered(work: Callable[[], RecordDict]) -> RecordDict:
 
 
 def client_app(scenario: ScenarioSource) -> ClientApp:
-    """The ClientApp of a scenario: `query` tells the server which client this node holds, `train` runs a job."""
+    """The ClientApp of a scenario: `query` tells the server which client this node holds, `train` runs a job,
+    `train.mix` takes a relayed gossip step."""
     app = ClientApp()
 
     @app.query()
@@ -123,5 +160,9 @@ def client_app(scenario: ScenarioSource) -> ClientApp:
     @app.train()
     def train_message(message: Message, context: Context) -> Message:
         return Message(answered(lambda: train(scenario, message.content, context)), reply_to=message)
+
+    @app.train(MIX)
+    def mix_message(message: Message, context: Context) -> Message:
+        return Message(answered(lambda: mix(scenario, message.content, context)), reply_to=message)
 
     return app

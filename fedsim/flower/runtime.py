@@ -37,9 +37,13 @@ class FlowerRuntime(InProcess):
 
     threads = 1
 
-    def __init__(self, grid: Grid, rule: ClientRule, uplink: Codec, num_clients: int, timeout: float) -> None:
+    def __init__(self, grid: Grid, rule: ClientRule, uplink: Codec, num_clients: int, timeout: float,
+                 starts_on_nodes: bool = False) -> None:
         self.grid, self.rule, self.uplink = grid, rule, uplink
         self.num_clients, self.timeout = num_clients, timeout
+        self.starts_on_nodes = starts_on_nodes
+        """Relayed gossip: each node starts from the model it holds (jobs carry no start), and a lost job ends the
+        run, since that model lives only on its node."""
         self.nodes: dict[int, int] = {}
         """client -> node id"""
         self.gone: set[int] = set()
@@ -56,7 +60,8 @@ class FlowerRuntime(InProcess):
             if self.nodes[job.client] in self.gone:
                 continue
             content = RecordDict({JOB: job_record(job)})
-            put_tree(content, START, start)
+            if not self.starts_on_nodes:
+                put_tree(content, START, start)
             messages.append(Message(content, self.nodes[job.client], "train", group_id=str(job.id)))
         replies: dict[tuple[int, int], RecordDict] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
@@ -69,6 +74,10 @@ class FlowerRuntime(InProcess):
             content = replies.get((job.id, job.client))
             if content is None:
                 node = self.nodes[job.client]
+                if self.starts_on_nodes:
+                    raise FlowerError(f"nodes: gossip node {job.client} (Flower node {node}) did not answer its "
+                                      f"local steps within {self.timeout:g} s; a relayed gossip run cannot go on "
+                                      f"without it")
                 self.gone.add(node)
                 self.lost.append({"round": job.id, "client": job.client, "node": node})
                 continue

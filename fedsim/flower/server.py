@@ -21,6 +21,7 @@ from fedsim.clock import Clock
 from fedsim.codecs import build_codec
 from fedsim.errors import FedsimError
 from fedsim.flower.build import ScenarioSource, resolve_one
+from fedsim.flower.relay import RelayTransport
 from fedsim.flower.runtime import FlowerRuntime
 from fedsim.outputs import RunDirectory
 from fedsim.recording import Recorder, Row
@@ -35,10 +36,14 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
                 out: str | Path | None = None) -> list[Row]:
     """Run the scenario's protocol with its jobs on the grid's nodes; returns the metrics rows."""
     resolved = resolve_one(scenario)
-    sim = build_simulation(resolved)
     spec = resolved.spec
+    relay = RelayTransport(spec.num_clients) if resolved.components["protocol"].entry.meta.get("peer_to_peer") \
+        else None
+    sim = build_simulation(resolved, transport=relay)
     runtime = FlowerRuntime(grid, sim.rule, build_codec(spec.compression.uplink, "compression.uplink"),
-                            spec.num_clients, timeout)
+                            spec.num_clients, timeout, starts_on_nodes=relay is not None)
+    if relay is not None:
+        relay.runtime = runtime
     sim = replace(sim, runtime=runtime)
     run_dir = RunDirectory(Path(out)) if out else None
 

@@ -15,7 +15,7 @@ import torch
 from fedsim.params import Pytree, tree_map
 from fedsim.peers.link import PeerError, PeerNode
 from fedsim.peers.wire import decode_payload, encode_payload
-from fedsim.runtime.node_transport import HaloPlan, halo_plan
+from fedsim.runtime.node_transport import HaloNeighbourhood, HaloPlan, halo_plan
 
 
 class PeerTransport:
@@ -59,11 +59,12 @@ class PeerTransport:
         return total
 
 
-class PeerNeighbourhood:
+class PeerNeighbourhood(HaloNeighbourhood):
     """The halo of one node: its graph neighbours' rows, one gRPC exchange per call (zeros for lost ones)."""
 
     def __init__(self, plan: HaloPlan, transport: PeerTransport) -> None:
-        self.plan, self.transport = plan, transport
+        super().__init__(plan)
+        self.transport = transport
 
     def exchange(self, rows: Pytree) -> Pytree:
         received = self.transport.send_and_receive("rows", rows, list(self.plan.peers))

@@ -32,7 +32,7 @@ from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job, JobResult, Runtime, Starts, jobs_starts
-from fedsim.runtime.node_transport import HaloPlan, block_partition, halo_plan
+from fedsim.runtime.node_transport import HaloNeighbourhood, HaloPlan, block_partition, halo_plan
 
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -201,12 +201,13 @@ class MPINodeTransport:
         return allreduce_tree(self.comm, tree_map(lambda v: v.detach().double().cpu(), tree))
 
 
-class MPINeighbourhood:
+class MPINeighbourhood(HaloNeighbourhood):
     """Halo exchange along one graph: each row travels as raw bytes (every leaf of a node, one after another),
     one `Neighbor_alltoallv` per exchange, counted in rows of a contiguous MPI datatype."""
 
     def __init__(self, plan: HaloPlan, graph_comm: Any) -> None:
-        self.plan, self.graph_comm = plan, graph_comm
+        super().__init__(plan)
+        self.graph_comm = graph_comm
         start = plan.owned.start
         self.send_index = torch.tensor([i - start for nodes in plan.sends for i in nodes], dtype=torch.long)
         self.send_counts = [len(nodes) for nodes in plan.sends]

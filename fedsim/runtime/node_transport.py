@@ -17,6 +17,7 @@ import networkx as nx
 import torch
 
 from fedsim.params import Pytree, tree_map
+from fedsim.topologies.mixing import mix
 
 
 def block_partition(num_nodes: int, parts: int) -> list[range]:
@@ -62,14 +63,42 @@ def halo_plan(graph: nx.Graph, blocks: list[range], me: int) -> HaloPlan:
 
 
 class Neighbourhood(Protocol):
-    """A graph connected over the transport: its halo plan and the exchange of rows along it."""
+    """A graph connected over the transport: its halo plan and one gossip step along it."""
 
     plan: HaloPlan
+
+    def gossip(self, rows: Pytree, W: torch.Tensor) -> Pytree:
+        """The owned nodes' rows after one gossip step x_i <- sum_j W_ij x_j (W the n x n CSR mixing matrix),
+        given their rows now (leaves shaped (len(owned), ...), in owned order). Every process calls it at the
+        same point, with the same W."""
+        ...
+
+
+class HaloNeighbourhood:
+    """Gossip by exchanging halos: the neighbours' rows come to this process (`exchange`, per transport) and the
+    owned rows are mixed here, one sparse product per leaf over [halo below the block, owned block, halo above]."""
+
+    plan: HaloPlan
+
+    def __init__(self, plan: HaloPlan) -> None:
+        self.plan = plan
+        self.below = sum(j < plan.owned.start for j in plan.halo)
+        """Halo nodes numbered below the owned block: the owned rows' offset in the mixed rows."""
+        self.mixing: tuple[torch.Tensor, torch.Tensor] | None = None
+        """The last W seen and its local rows (`local_mixing`), reused while W stays the same."""
 
     def exchange(self, rows: Pytree) -> Pytree:
         """Given this process's rows (leaves shaped (len(owned), ...), in owned order), the halo's rows (leaves
         shaped (len(plan.halo), ...), in `plan.halo` order). Every process calls it at the same point."""
-        ...
+        raise NotImplementedError
+
+    def gossip(self, rows: Pytree, W: torch.Tensor) -> Pytree:
+        if self.mixing is None or self.mixing[0] is not W:
+            self.mixing = W, local_mixing(W, self.plan)
+        halo = self.exchange(rows)
+        below, owned = self.below, len(self.plan.owned)
+        stacked = tree_map(lambda h, x: torch.cat([h[:below], x, h[below:]]), halo, rows) if self.plan.halo else rows
+        return tree_map(lambda v: v[below : below + owned], mix(self.mixing[1], stacked))
 
 
 class NodeTransport(Protocol):
@@ -91,11 +120,8 @@ class NodeTransport(Protocol):
         ...
 
 
-class LocalNeighbourhood:
+class LocalNeighbourhood(HaloNeighbourhood):
     """One process: no halo."""
-
-    def __init__(self, plan: HaloPlan) -> None:
-        self.plan = plan
 
     def exchange(self, rows: Pytree) -> Pytree:
         return tree_map(lambda v: v[:0], rows)
