@@ -10,11 +10,12 @@ and the `reduce` that adds evaluation sums over processes assembles the whole di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from fedsim.clients import Batch, ClientRule
+from fedsim.clients import Batch, ClientRule, Oracle
 from fedsim.data.base import ClientDataSource
 from fedsim.evaluation import Sums, no_reduce, split_sums
 from fedsim.oracle import AutogradOracle
@@ -25,6 +26,9 @@ from fedsim.tasks import Objective
 HISTOGRAM_BINS = 10
 """Bins of width 0.1 over [0, 1] for the per-client distribution of a bounded metric (accuracy)."""
 WORST_FRACTION = 0.1
+Scorer = Callable[[Pytree, bool, Sequence[tuple[int, int]]], Iterator[tuple[int, Sums]]]
+"""(server message, whether the rule is stateful, (position, client) pairs) -> (position, test sums) of each
+client that has a personal model."""
 
 
 def has_personal_model(rule: ClientRule) -> bool:
@@ -48,6 +52,7 @@ class PersonalEvaluator:
         """This process's share: (position in the vectors, client)."""
         self.oracle = AutogradOracle(objective)
         self.metrics = objective.task.metrics
+        self.scorer: Scorer = self.local_scores
 
     def __call__(self, server_message: Pytree) -> dict[str, float | list[int]]:
         stateful = self.rule.initial_state(server_message) is not None
@@ -55,22 +60,41 @@ class PersonalEvaluator:
         names = [*self.metrics, "loss"]
         scored = torch.zeros(n, dtype=torch.float64)
         sums = {f"{m}_{part}": torch.zeros(n, dtype=torch.float64) for m in names for part in ("sum", "count")}
-        for i, client in self.mine:
-            state = self.states.get(client)
-            if stateful and state is None:
-                continue
-            x, y = self.data.client_train(client)
-            whole = Batch(x, y, torch.ones(len(y)), torch.zeros(2, dtype=torch.int64),
-                          torch.zeros((), dtype=torch.int64))
-            params = self.rule.personalize(server_message, state, whole, self.oracle)
-            with torch.no_grad():
-                test = split_sums(self.objective, params, *self.data.client_test(client))
+        for i, test in self.scorer(server_message, stateful, self.mine):
             scored[i] = 1.0
             for m in names:
                 sums[f"{m}_sum"][i] = test[m]
                 sums[f"{m}_count"][i] = test["count"]
         totals = self.reduce({"scored": scored, **sums})
         return personal_figures(totals, self.metrics)
+
+    def local_scores(self, server_message: Pytree, stateful: bool,
+                     clients: Sequence[tuple[int, int]]) -> Iterator[tuple[int, Sums]]:
+        """(position, test sums) of each of `clients` ((position, client) pairs) that has a personal model, from
+        the client states this process holds."""
+        for i, client in clients:
+            state = self.states.get(client)
+            if not (stateful and state is None):
+                yield i, personal_test_sums(self.rule, self.objective, self.data, client, state, server_message,
+                                            self.oracle)
+
+    def with_scorer(self, scorer: Scorer) -> PersonalEvaluator:
+        """This evaluator with the clients' personal models scored elsewhere (on Flower nodes, which hold the
+        client states)."""
+        other = copy.copy(self)
+        other.scorer = scorer
+        return other
+
+
+def personal_test_sums(rule: ClientRule, objective: Objective, data: ClientDataSource, client: int,
+                       state: Pytree | None, server_message: Pytree, oracle: Oracle) -> Sums:
+    """The task's sums on `client`'s test split for its personal model, which the rule makes from the server's
+    message, the client's state and its whole training split."""
+    x, y = data.client_train(client)
+    whole = Batch(x, y, torch.ones(len(y)), torch.zeros(2, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
+    params = rule.personalize(server_message, state, whole, oracle)
+    with torch.no_grad():
+        return split_sums(objective, params, *data.client_test(client))
 
 
 def personal_figures(totals: Sums, metrics: Sequence[str]) -> dict[str, float | list[int]]:

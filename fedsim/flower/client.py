@@ -19,6 +19,7 @@ from fedsim.flower.build import ScenarioSource, built
 from fedsim.flower.records import get_tree, put_tree
 from fedsim.oracle import AutogradOracle
 from fedsim.params import Pytree
+from fedsim.personal import personal_test_sums
 from fedsim.runtime import Job
 from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
 from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, message_template, run_client
@@ -27,7 +28,8 @@ from fedsim.simulation import Simulation
 
 CLIENT_STATE, CODEC_STATE, NODE_ROW = "fedsim.client_state", "fedsim.codec_state", "fedsim.node_row"
 """Where a node keeps its client's state, its uplink codec state and (relayed gossip) its model in `context.state`."""
-START, JOB, PAYLOAD, RESULT, NODE, ERROR, MIX, ROW = "start", "job", "payload", "result", "node", "error", "mix", "row"
+START, JOB, PAYLOAD, RESULT, NODE, ERROR, MIX, ROW, PERSONAL = ("start", "job", "payload", "result", "node", "error",
+                                                           "mix", "row", "personal")
 """Names of the records in the bridge's messages."""
 
 
@@ -136,6 +138,19 @@ def mix(scenario: ScenarioSource, content: RecordDict, context: Context) -> Reco
     return reply
 
 
+def personal(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
+    """This node's client's personal model scored on its test split (`fedsim.personal`): the task's sums, or
+    `scored: False` when the rule keeps personal state and this client has none yet."""
+    sim = built(scenario)
+    client = partition_id(context.node_config, sim.scenario.spec.num_clients)
+    message, state = get_tree(content, START), get_tree(context.state, CLIENT_STATE)
+    if state is None and sim.rule.initial_state(message) is not None:
+        return RecordDict({PERSONAL: ConfigRecord({"client": client, "scored": False})})
+    sums = personal_test_sums(sim.rule, sim.objective, sim.data, client, state, message, AutogradOracle(sim.objective))
+    return RecordDict({PERSONAL: ConfigRecord({"client": client, "scored": True,
+                                               **{k: float(v) for k, v in sums.items()}})})
+
+
 def answered(work: Callable[[], RecordDict]) -> RecordDict:
     """The reply `work` makes, or an `error` record with the one-line message of a user's mistake (so the server
     reports it as such, whichever transport carried it)."""
@@ -147,7 +162,7 @@ def answered(work: Callable[[], RecordDict]) -> RecordDict:
 
 def client_app(scenario: ScenarioSource) -> ClientApp:
     """The ClientApp of a scenario: `query` tells the server which client this node holds, `train` runs a job,
-    `train.mix` takes a relayed gossip step."""
+    `train.mix` takes a relayed gossip step, `evaluate` scores the client's personal model."""
     app = ClientApp()
 
     @app.query()
@@ -160,6 +175,10 @@ def client_app(scenario: ScenarioSource) -> ClientApp:
     @app.train()
     def train_message(message: Message, context: Context) -> Message:
         return Message(answered(lambda: train(scenario, message.content, context)), reply_to=message)
+
+    @app.evaluate()
+    def evaluate_message(message: Message, context: Context) -> Message:
+        return Message(answered(lambda: personal(scenario, message.content, context)), reply_to=message)
 
     @app.train(MIX)
     def mix_message(message: Message, context: Context) -> Message:

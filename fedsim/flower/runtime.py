@@ -9,16 +9,18 @@ has), later jobs of its client are lost without waiting, and `take_lost` says wh
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.clients import ClientRule
 from fedsim.codecs import Codec
 from fedsim.errors import FedsimError
-from fedsim.flower.client import ERROR, JOB, NODE, PAYLOAD, RESULT, START, NodeConfigError, job_record
+from fedsim.evaluation import Sums
+from fedsim.flower.client import ERROR, JOB, NODE, PAYLOAD, PERSONAL, RESULT, START, NodeConfigError, job_record
 from fedsim.flower.records import data_bytes, get_tree, put_tree
 from fedsim.params import Pytree
 from fedsim.runtime import InProcess, Job, JobResult, Starts, jobs_starts
@@ -112,6 +114,28 @@ class FlowerRuntime(InProcess):
                                       f"({len(nodes)} of {self.num_clients} clients have a node)")
                 time.sleep(POLL_SECONDS)
         return nodes
+
+    def personal_scores(self, server_message: Pytree, stateful: bool,
+                        clients: Sequence[tuple[int, int]]) -> Iterator[tuple[int, Sums]]:
+        """A `fedsim.personal.Scorer` whose clients' personal models are scored on their nodes, which hold the
+        client states (nodes already gone are skipped, and a node silent past the timeout is taken as gone)."""
+        if not self.nodes:
+            self.nodes = self.discover()
+        position = dict((client, i) for i, client in clients)
+        messages = []
+        for _, client in clients:
+            if self.nodes[client] not in self.gone:
+                content = RecordDict()
+                put_tree(content, START, server_message)
+                messages.append(Message(content, self.nodes[client], "evaluate"))
+        answered: set[int] = set()
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
+            facts = checked(reply).config_records[PERSONAL]
+            answered.add(int(facts["client"]))
+            if facts["scored"]:
+                yield position[int(facts["client"])], {k: torch.tensor(v, dtype=torch.float64) for k, v in
+                                                       facts.items() if k not in ("client", "scored")}
+        self.gone.update(self.nodes[c] for _, c in clients if c not in answered)
 
     def take_lost(self) -> list[dict[str, int]]:
         """The jobs lost since the last call (round, client, node), oldest first."""

@@ -44,7 +44,8 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
                             spec.num_clients, timeout, starts_on_nodes=relay is not None)
     if relay is not None:
         relay.runtime = runtime
-    sim = replace(sim, runtime=runtime)
+    personal = sim.personal.with_scorer(runtime.personal_scores) if sim.personal else None
+    sim = replace(sim, runtime=runtime, personal=personal)
     run_dir = RunDirectory(Path(out)) if out else None
 
     def sink(row: Row) -> None:
