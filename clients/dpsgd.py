@@ -4,7 +4,7 @@ divided by the batch size. The mechanism only; accounting (epsilon, delta) and P
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -139,6 +139,13 @@ class DPSGD:
 
     def final(self, state: StepState) -> tuple[Pytree, Pytree | None]:
         return self.rule.final(state)
+
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapped rule has beyond the training contract (a `personalize`), unchanged: the mechanism
+        privatizes training steps; a client scoring its own personal model releases nothing."""
+        if name == "rule":
+            raise AttributeError(name)
+        return getattr(self.rule, name)
 
 
 @PRIVACY.register("dpsgd", params=DPSGDParams, wraps="client")

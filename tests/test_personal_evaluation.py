@@ -131,3 +131,8 @@ def test_the_table_and_plot_show_personal_accuracy(tiny, personal_rules, tmp_pat
     assert "personal acc" in format_table(rows)
     write_plot(rows, tmp_path / "plot.png", "personal")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_dpsgd_keeps_the_wrapped_rules_personal_model(tiny, personal_rules):
+    rows = run(tiny, "keeplast", privacy={"name": "dpsgd", "clip": 1.0, "noise_multiplier": 0.5}).metrics.rows
+    assert rows[-1]["personal_clients"] > 0 and "personal_accuracy" in rows[-1]
