@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -353,3 +354,29 @@ def test_fedprox_and_scaffold_on_a_real_superlink_and_supernodes_give_the_in_pro
         assert done.returncode == 0, done.stdout + done.stderr + processes.logs()
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert_same_metrics(rows, in_process(scenario))
+
+
+def write_mnist_files(directory: Path, samples: int = 60) -> None:
+    """Four small IDX files in MNIST's names: random 28x28 images, labels 0..9."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (samples, 28, 28), dtype=np.uint8)
+    labels = (np.arange(samples) % 10).astype(np.uint8)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in (("train-images-idx3-ubyte", images[:40]), ("train-labels-idx1-ubyte", labels[:40]),
+                        ("t10k-images-idx3-ubyte", images[40:]), ("t10k-labels-idx1-ubyte", labels[40:])):
+        header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+        (directory / name).write_bytes(header + array.tobytes())
+
+
+def test_nodes_read_their_data_from_their_own_data_dir(tmp_path):
+    write_mnist_files(tmp_path / "server")
+    scenario = small("fedavg", data={"name": "mnist", "root": str(tmp_path / "server")}, num_clients=2,
+                     clients_per_round=2, stragglers={"fraction": 0.0})
+    configs = []
+    for k in range(2):
+        write_mnist_files(tmp_path / f"device{k}")
+        configs.append({"partition-id": k, "data-dir": str(tmp_path / f"device{k}")})
+    assert_same_metrics(bridged(scenario, configs), in_process(scenario))
+    missing = [{"partition-id": 0, "data-dir": str(tmp_path / "nowhere")}, {"partition-id": 1}]
+    with pytest.raises(NodeConfigError, match=r"^node_config\.data-dir: '.*nowhere': data\.root"):
+        bridged(scenario, missing)

@@ -33,12 +33,14 @@ _built: dict[str, Simulation] = {}
 _lock = threading.Lock()
 
 
-def built(source: ScenarioSource) -> Simulation:
-    """The simulation a scenario builds, built once per process and scenario (a ClientApp serves many messages)."""
+def built(source: ScenarioSource, overrides: Mapping[str, Any] | None = None) -> Simulation:
+    """The simulation a scenario (with `overrides`, e.g. a node's own data directory) builds, built once per
+    process and scenario (a ClientApp serves many messages)."""
     key = str(Path(source).resolve()) if isinstance(source, (str, Path)) else json.dumps(source, sort_keys=True)
+    key += json.dumps(dict(overrides or {}), sort_keys=True)
     with _lock:
         if key not in _built:
             if len(_built) >= CACHED:
                 del _built[next(iter(_built))]
-            _built[key] = build_simulation(resolve_one(source))
+            _built[key] = build_simulation(resolve_one(source, overrides))
         return _built[key]

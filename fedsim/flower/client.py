@@ -42,6 +42,20 @@ class NodeConfigError(FedsimError):
     """A node's `--node-config` does not say which client it holds, or names one the scenario does not have."""
 
 
+def node_simulation(scenario: ScenarioSource, context: Context) -> Simulation:
+    """What this node builds from the scenario: with `data-dir` in its node config, the data set's files are read
+    from that directory (the device's own copy) instead of the scenario's `data.root`."""
+    data_dir = context.node_config.get("data-dir")
+    if data_dir is None:
+        return built(scenario)
+    if not isinstance(data_dir, str) or not data_dir:
+        raise NodeConfigError(f"node_config.data-dir: expected a directory path, got {data_dir!r}")
+    try:
+        return built(scenario, {"data.root": data_dir})
+    except FedsimError as exc:
+        raise NodeConfigError(f"node_config.data-dir: {data_dir!r}: {exc}") from None
+
+
 def partition_id(node_config: Mapping[str, Any], num_clients: int) -> int:
     """The client a node holds: its `partition-id`, checked against the scenario's clients (and `num-partitions`,
     when the node gives one)."""
@@ -90,7 +104,7 @@ def run_job(sim: Simulation, job: Job, start: Pytree, client_state: Pytree | Non
 
 def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
     """A train message's reply: the job's encoded payload and facts; the node's states are updated in place."""
-    sim = built(scenario)
+    sim = node_simulation(scenario, context)
     client = partition_id(context.node_config, sim.scenario.spec.num_clients)
     job = record_job(content.config_records[JOB])
     if job.client != client:
@@ -121,7 +135,7 @@ def node_row(sim: Simulation, context: Context) -> Pytree:
 def mix(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
     """A relayed gossip step: this node's model becomes sum_j W_ij x_j over itself and the neighbours' models the
     message brings (W's row in the order of its columns, as the in-process sparse product sums it)."""
-    sim = built(scenario)
+    sim = node_simulation(scenario, context)
     node = partition_id(context.node_config, sim.scenario.spec.num_clients)
     facts = content.config_records[MIX]
     if int(facts["node"]) != node:
@@ -141,7 +155,7 @@ def mix(scenario: ScenarioSource, content: RecordDict, context: Context) -> Reco
 def personal(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
     """This node's client's personal model scored on its test split (`fedsim.personal`): the task's sums, or
     `scored: False` when the rule keeps personal state and this client has none yet."""
-    sim = built(scenario)
+    sim = node_simulation(scenario, context)
     client = partition_id(context.node_config, sim.scenario.spec.num_clients)
     message, state = get_tree(content, START), get_tree(context.state, CLIENT_STATE)
     if state is None and sim.rule.initial_state(message) is not None:
@@ -168,7 +182,7 @@ def client_app(scenario: ScenarioSource) -> ClientApp:
     @app.query()
     def query(message: Message, context: Context) -> Message:
         def answer() -> RecordDict:
-            client = partition_id(context.node_config, built(scenario).scenario.spec.num_clients)
+            client = partition_id(context.node_config, node_simulation(scenario, context).scenario.spec.num_clients)
             return RecordDict({NODE: ConfigRecord({"partition-id": client})})
         return Message(answered(answer), reply_to=message)
 
