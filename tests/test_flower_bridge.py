@@ -24,11 +24,13 @@ import yaml
 
 pytest.importorskip("flwr")
 
-from flwr.app import RecordDict  # noqa: E402
+from flwr.app import Error, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.config import get_project_config, validate_config  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.serverapp.server_app import LoadServerAppError  # noqa: E402
 from flwr.supercore.object_ref import load_app  # noqa: E402
+from flwr.superlink.grid import InMemoryGrid  # noqa: E402
 
 import fedsim  # noqa: E402
 from fedsim.cli import main  # noqa: E402
@@ -198,6 +200,24 @@ def test_a_node_that_stops_answering_is_dropped_after_the_timeout_and_the_rows_s
     assert [[(lost["round"], lost["client"]) for lost in row["lost"]] for row in rows[2:]] == [[(1, 3)], [(2, 3)]]
     per_message = full[1]["bytes_up"] // 4
     assert rows[3]["bytes_up"] == (4 + 3 + 3) * per_message
+
+
+def test_a_node_the_superlink_reports_unavailable_loses_its_job_as_a_silent_one(monkeypatch):
+    scenario = small("fedavg", rounds=3, clients_per_round=4, stragglers={"fraction": 0.0})
+    original = InMemoryGrid.send_and_receive
+
+    def node_3_unavailable_from_round_1(self, messages, *, timeout=None):
+        messages = list(messages)
+        dead = [m for m in messages if m.metadata.message_type == "train" and
+                m.content.config_records["job"]["client"] == 3 and m.content.config_records["job"]["id"] >= 1]
+        replies = list(original(self, [m for m in messages if m not in dead], timeout=timeout))
+        return replies + [Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=m)
+                          for m in dead]
+
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", node_3_unavailable_from_round_1)
+    rows = bridged(scenario)
+    assert [[(lost["round"], lost["client"]) for lost in row.get("lost", [])] for row in rows] == \
+        [[], [], [(1, 3)], [(2, 3)]]
 
 
 def test_flower_app_writes_an_app_flower_accepts_that_gives_the_in_process_metrics(tmp_path, capsys):

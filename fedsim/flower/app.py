@@ -42,8 +42,9 @@ serverapp = "{package}.server_app:app"
 clientapp = "{package}.client_app:app"
 
 [tool.flwr.app.config]
-# seconds the ServerApp waits for nodes to connect and for each round's replies
+# seconds the ServerApp waits for each round's replies, and for every client's node to connect
 timeout = 600.0
+connect_timeout = 600.0
 # a directory on the ServerApp's machine for metrics.jsonl ("" writes none; the rows are logged either way)
 out = ""
 """

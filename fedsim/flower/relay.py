@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsim.flower.client import MIX, ROW, neighbour_key
 from fedsim.flower.records import get_tree, put_tree
-from fedsim.flower.runtime import FlowerError, FlowerRuntime, checked
+from fedsim.flower.runtime import FlowerError, FlowerRuntime
 from fedsim.params import Pytree, tree_map, tree_unstack
 from fedsim.runtime.node_transport import HaloPlan, halo_plan
 
@@ -43,8 +43,7 @@ class RelayNeighbourhood:
                     put_tree(content, neighbour_key(j), models[j])
             messages.append(Message(content, runtime.nodes[i], f"train.{MIX}", group_id=f"mix.{i}"))
         mixed: dict[int, Pytree] = {}
-        for reply in runtime.grid.send_and_receive(messages, timeout=runtime.timeout):
-            content = checked(reply)
+        for _, content in runtime.answers(messages):
             mixed[int(content.config_records[MIX]["node"])] = get_tree(content, ROW)
         missing = [i for i in self.plan.owned if i not in mixed]
         if missing:

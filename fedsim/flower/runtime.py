@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedsim.clients import ClientRule
@@ -40,9 +41,12 @@ class FlowerRuntime(InProcess):
     threads = 1
 
     def __init__(self, grid: Grid, rule: ClientRule, uplink: Codec, num_clients: int, timeout: float,
-                 starts_on_nodes: bool = False) -> None:
+                 starts_on_nodes: bool = False, connect_timeout: float | None = None) -> None:
         self.grid, self.rule, self.uplink = grid, rule, uplink
         self.num_clients, self.timeout = num_clients, timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        """Seconds to wait for every client's node to connect and say which client it holds (the first answer of
+        a node starts its ClientApp, which can take longer than a round's replies)."""
         self.starts_on_nodes = starts_on_nodes
         """Relayed gossip: each node starts from the model it holds (jobs carry no start), and a lost job ends the
         run, since that model lives only on its node."""
@@ -66,8 +70,7 @@ class FlowerRuntime(InProcess):
                 put_tree(content, START, start)
             messages.append(Message(content, self.nodes[job.client], "train", group_id=str(job.id)))
         replies: dict[tuple[int, int], RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
-            content = checked(reply)
+        for _, content in self.answers(messages):
             facts = content.config_records[RESULT]
             replies[int(facts["id"]), int(facts["client"])] = content
         templates: dict[int, Pytree] = {}
@@ -95,13 +98,13 @@ class FlowerRuntime(InProcess):
         """Ask every node which client it holds, until every client has a node (or the timeout passes)."""
         nodes: dict[int, int] = {}
         asked: set[int] = set()
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.connect_timeout
         while len(nodes) < self.num_clients:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             asked.update(new)
             queries = [Message(RecordDict(), n, "query") for n in new]
-            for reply in self.grid.send_and_receive(queries, timeout=self.timeout) if queries else []:
-                client = int(checked(reply).config_records[NODE]["partition-id"])
+            for reply, content in self.answers(queries, self.connect_timeout):
+                client = int(content.config_records[NODE]["partition-id"])
                 node = reply.metadata.src_node_id
                 if client in nodes:
                     raise NodeConfigError(f"node_config.partition-id: nodes {nodes[client]} and {node} both hold "
@@ -110,7 +113,8 @@ class FlowerRuntime(InProcess):
             if len(nodes) < self.num_clients:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(self.num_clients)) - set(nodes))
-                    raise FlowerError(f"nodes: no node holds client(s) {shorten(missing)} after {self.timeout:g} s "
+                    raise FlowerError(f"nodes: no node holds client(s) {shorten(missing)} after "
+                                      f"{self.connect_timeout:g} s "
                                       f"({len(nodes)} of {self.num_clients} clients have a node)")
                 time.sleep(POLL_SECONDS)
         return nodes
@@ -129,13 +133,23 @@ class FlowerRuntime(InProcess):
                 put_tree(content, START, server_message)
                 messages.append(Message(content, self.nodes[client], "evaluate"))
         answered: set[int] = set()
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
-            facts = checked(reply).config_records[PERSONAL]
+        for _, content in self.answers(messages):
+            facts = content.config_records[PERSONAL]
             answered.add(int(facts["client"]))
             if facts["scored"]:
                 yield position[int(facts["client"])], {k: torch.tensor(v, dtype=torch.float64) for k, v in
                                                        facts.items() if k not in ("client", "scored")}
         self.gone.update(self.nodes[c] for _, c in clients if c not in answered)
+
+    def answers(self, messages: Sequence[Message], timeout: float | None = None) -> list[tuple[Message, RecordDict]]:
+        """Send `messages` and wait for their replies (up to `timeout`, else the run's): each reply with its
+        content. A node the SuperLink reports unavailable (it stopped heartbeating) gives no reply, as a node
+        silent past the timeout does; a node's error is raised (`checked`)."""
+        if not messages:
+            return []
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout if timeout is None else timeout)
+        return [(reply, checked(reply)) for reply in replies
+                if not (reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE)]
 
     def take_lost(self) -> list[dict[str, int]]:
         """The jobs lost since the last call (round, client, node), oldest first."""

@@ -29,11 +29,11 @@ from fedsim.simulation import build_simulation
 
 METRICS = "fedsim.metrics"
 DEFAULT_TIMEOUT = 600.0
-"""Seconds the server waits for nodes to connect, and for a round's replies (run config `timeout`)."""
+"""Seconds the server waits for a round's replies (run config `timeout`), and by default for nodes to connect."""
 
 
 def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_TIMEOUT,
-                out: str | Path | None = None) -> list[Row]:
+                out: str | Path | None = None, connect_timeout: float | None = None) -> list[Row]:
     """Run the scenario's protocol with its jobs on the grid's nodes; returns the metrics rows."""
     resolved = resolve_one(scenario)
     spec = resolved.spec
@@ -41,7 +41,8 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
         else None
     sim = build_simulation(resolved, transport=relay)
     runtime = FlowerRuntime(grid, sim.rule, build_codec(spec.compression.uplink, "compression.uplink"),
-                            spec.num_clients, timeout, starts_on_nodes=relay is not None)
+                            spec.num_clients, timeout, starts_on_nodes=relay is not None,
+                            connect_timeout=connect_timeout)
     if relay is not None:
         relay.runtime = runtime
     personal = sim.personal.with_scorer(runtime.personal_scores) if sim.personal else None
@@ -74,13 +75,16 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
 
 
 def server_app(scenario: ScenarioSource) -> ServerApp:
-    """The ServerApp of a scenario; run config `timeout` (seconds) and `out` (a directory for metrics.jsonl)."""
+    """The ServerApp of a scenario; run config `timeout` (seconds for a round's replies), `connect_timeout`
+    (seconds for every client's node to connect; `timeout` by default) and `out` (a directory for metrics.jsonl)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config: dict[str, Any] = dict(context.run_config)
-        rows = run_on_grid(scenario, grid, float(config.get("timeout", DEFAULT_TIMEOUT)), config.get("out") or None)
+        connect = config.get("connect_timeout")
+        rows = run_on_grid(scenario, grid, float(config.get("timeout", DEFAULT_TIMEOUT)), config.get("out") or None,
+                           None if connect is None else float(connect))
         context.state[METRICS] = ConfigRecord({"rows": [json.dumps(row) for row in rows]})
 
     return app
