@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from rulekit import FixedGradient, aggregate_of, batch_of
+from rulekit import FixedGradient, aggregate_of, batch_of, spy_on_run
 
 import fedsim
 from fedsim import api
@@ -60,19 +60,7 @@ def test_server_adds_the_mean_change_and_the_population_mean_of_accumulated_chan
 
 
 def test_server_drift_is_minus_the_mean_dual_state_over_alpha_end_to_end(tiny, monkeypatch):
-    sims, servers = [], []
-    original_update = FedDynServer.update
-
-    def keep_sim(scenario, data=None):
-        sims.append(build_simulation(scenario, data))
-        return sims[-1]
-
-    def keep_state(self, state, aggregate):
-        servers.append(original_update(self, state, aggregate))
-        return servers[-1]
-
-    monkeypatch.setattr(api, "build_simulation", keep_sim)
-    monkeypatch.setattr(FedDynServer, "update", keep_state)
+    sims, servers = spy_on_run(monkeypatch, FedDynServer)
     alpha = 0.1
     fedsim.run({**tiny, "algorithm": {"name": "feddyn", "lr": 0.05, "batch_size": 20, "alpha": alpha}}, write=False)
     sim, m = sims[0], tiny["num_clients"]

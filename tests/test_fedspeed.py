@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 import torch
-from rulekit import aggregate_of, batch_of
+from rulekit import aggregate_of, batch_of, spy_on_run
 
 import fedsim
 from fedsim import api
@@ -149,19 +149,7 @@ def test_with_every_client_sampled_and_alpha_one_the_paper_and_fl_simulator_form
 
 
 def test_fl_simulator_server_correction_stays_the_mean_of_every_clients_h_end_to_end(tiny, monkeypatch):
-    sims, servers = [], []
-    original_update = FedSpeedFLSimulatorServer.update
-
-    def keep_sim(scenario, data=None):
-        sims.append(build_simulation(scenario, data))
-        return sims[-1]
-
-    def keep_state(self, state, aggregate):
-        servers.append(original_update(self, state, aggregate))
-        return servers[-1]
-
-    monkeypatch.setattr(api, "build_simulation", keep_sim)
-    monkeypatch.setattr(FedSpeedFLSimulatorServer, "update", keep_state)
+    sims, servers = spy_on_run(monkeypatch, FedSpeedFLSimulatorServer)
     fedsim.run({**tiny, "algorithm": {"name": "fedspeed_fl_simulator", "lr": 0.05, "batch_size": 20}}, write=False)
     sim = sims[0]
     sampled = {int(c) for t in range(tiny["rounds"]) for c in plan_round(

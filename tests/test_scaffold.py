@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from rulekit import FixedGradient, aggregate_of, batch_of
+from rulekit import FixedGradient, aggregate_of, batch_of, spy_on_run
 from torch.func import vmap
 
 import fedsim
@@ -78,19 +78,7 @@ def test_with_identical_client_data_scaffold_follows_fedavg_as_control_variates_
 
 
 def test_server_control_stays_the_mean_of_every_clients_control_end_to_end(tiny, monkeypatch):
-    sims, servers = [], []
-    original_update = ScaffoldServer.update
-
-    def keep_sim(scenario, data=None):
-        sims.append(build_simulation(scenario, data))
-        return sims[-1]
-
-    def keep_state(self, state, aggregate):
-        servers.append(original_update(self, state, aggregate))
-        return servers[-1]
-
-    monkeypatch.setattr(api, "build_simulation", keep_sim)
-    monkeypatch.setattr(ScaffoldServer, "update", keep_state)
+    sims, servers = spy_on_run(monkeypatch, ScaffoldServer)
     algorithm = {"name": "scaffold", "lr": 0.05, "batch_size": 20, "local_epochs": 1}
     fedsim.run({**tiny, "algorithm": algorithm}, write=False)
     sim = sims[0]
