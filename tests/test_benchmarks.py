@@ -38,3 +38,14 @@ def test_runtimes_benchmark_quick_prints_its_ratios():
     for name in ("sequential_over_vectorized", "vectorized_over_handvmap", "handloop_over_vectorized"):
         assert {name, f"{name}_logreg_100", f"{name}_mlp_100"} <= set(ratios)
     assert all(r > 0 for r in ratios.values())
+
+
+def test_algorithms_benchmark_quick_prints_every_algorithms_ratios_to_fedavg():
+    from fedsim.clients import ALGORITHMS
+
+    out = run_benchmark("algorithms.py")
+    ratios = json.loads(out.strip().splitlines()[-1])
+    names = [n for n in ALGORITHMS.names() if n != "fedavg" and f"skipped: {n}:" not in out]
+    assert {"fedprox", "scaffold", "fedsam", "pfedme"} <= set(names)
+    assert set(ratios) == {f"{n}_over_fedavg" for n in names} | {f"{n}_step_over_fedavg_step" for n in names}
+    assert all(ratios[f"{n}_over_fedavg"] > 0 for n in names)
