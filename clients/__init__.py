@@ -91,8 +91,11 @@ ALGORITHMS: Registry = Registry("algorithm")
 """Entries: a ClientRule class constructed with its validated hyperparameters.
 
 Metadata: `stragglers` ("drop": stragglers' work is discarded, as FedAvg in the FedProx paper; "keep": partial
-work is aggregated), `server` (the default server rule's name), `protocol` (the default protocol's name,
-"synchronous" when not given) and `vectorizable` (default True; a rule whose step cannot run under
+work is aggregated), `server` (the default server rule's name, or a function of the validated parameters giving
+it, for an algorithm whose forms need different servers), `check` (a function of (params, scenario, components)
+raising ScenarioError for settings that do not fit together, such as a form paired with another form's server),
+`protocol` (the default protocol's name, "synchronous" when not given) and `vectorizable` (default True; a rule
+whose step cannot run under
 `torch.func.vmap` sets it False and runs sequentially, with a notice).
 """
 

@@ -298,8 +298,9 @@ def _resolve_components(spec: ScenarioSchema) -> dict[str, Component]:
     if specs["task"] is None:
         specs["task"] = {"name": data_entry.meta.get("task", "classification")}
     if specs["server"] is None or specs["protocol"] is None:
-        algo, _ = ALGORITHMS.resolve(specs["algorithm"], "algorithm")
-        specs["server"] = specs["server"] or {"name": algo.meta["server"]}
+        algo, algo_params = ALGORITHMS.resolve(specs["algorithm"], "algorithm")
+        server = algo.meta["server"]
+        specs["server"] = specs["server"] or {"name": server(algo_params) if callable(server) else server}
         specs["protocol"] = specs["protocol"] or {"name": algo.meta.get("protocol", "synchronous")}
     out = {}
     for key, registry in COMPONENTS.items():
@@ -353,9 +354,10 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if missing is not None:
         raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")
     _check_message_keys(components)
-    protocol_check = protocol.entry.meta.get("check")
-    if protocol_check is not None:
-        protocol_check(protocol.params, spec, components)
+    for kind in ("protocol", "algorithm"):  # a rule's own cross-field checks (a protocol's settings, a server pairing)
+        check = components[kind].entry.meta.get("check")
+        if check is not None:
+            check(components[kind].params, spec, components)
     data_task = components["data"].entry.meta.get("task", "classification")
     if components["task"].name != data_task:
         raise ScenarioError(f"task.name: {components['task'].name!r} does not fit data set "

@@ -1,6 +1,7 @@
 """FedSpeed's servers (Sun et al., ICLR 2023): the paper's x^{t+1} = (1/|P|) sum_{i in P} x^_i over the active
 clients' hat variables, and FL-Simulator's x^{t+1} = mean_P x_{i,K} + mean over all N clients of h_i
-(server/FedSpeed.py global_update), which keeps the summed displacements h_i of clients not sampled in the sum."""
+(server/FedSpeed.py global_update), which keeps the summed displacements h_i of clients not sampled in the sum.
+They are the defaults of algorithm `fedspeed`'s two forms, `form: paper` and `form: fl_simulator`."""
 
 from __future__ import annotations
 

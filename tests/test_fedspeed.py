@@ -1,6 +1,6 @@
-"""FedSpeed (Sun et al., ICLR 2023, Algorithm 1) and FL-Simulator's form of it: the client's quasi-gradient steps with
-the prox pull and prox-correction term, the hat variable, both servers, the switches that reduce it to FedAvg, and
-end-to-end behaviour."""
+"""FedSpeed (Sun et al., ICLR 2023, Algorithm 1) and FL-Simulator's form of it (`form: fl_simulator`): the client's
+quasi-gradient steps with the prox pull and prox-correction term, the hat variable, both servers and which form gets
+which, the switches that reduce it to FedAvg, what each form refuses, and end-to-end behaviour."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from rulekit import aggregate_of, batch_of, spy_on_run
 import fedsim
 from fedsim import api
 from fedsim.clients import ALGORITHMS
-from fedsim.clients.fedspeed import FedSpeed, FedSpeedBaseParams, FedSpeedFLSimulator, FedSpeedParams
+from fedsim.clients.fedspeed import FedSpeed, FedSpeedParams
 from fedsim.errors import ScenarioError
 from fedsim.runtime.local import job_info
 from fedsim.sampling import plan_round
+from fedsim.scenario import resolve
 from fedsim.servers import SERVERS
 from fedsim.servers.fedspeed import FedSpeedFLSimulatorServer, FedSpeedFLSimulatorServerParams, FedSpeedServer
 from fedsim.simulation import build_simulation
 
 A = torch.tensor([1.0, 3.0])
+FL_SIMULATOR = {"name": "fedspeed", "form": "fl_simulator"}
 
 
 class Quadratic:
@@ -93,7 +95,7 @@ def test_without_correction_the_rule_is_stateless_and_sends_its_model_change():
 
 def test_fl_simulator_form_steps_on_the_ascent_gradient_alone_and_sends_the_model_change():
     lr, rho, lam = 0.1, 0.3, 2.0
-    rule = FedSpeedFLSimulator(FedSpeedBaseParams(lr=lr, rho=rho, lam=lam))
+    rule = FedSpeed(FedSpeedParams(lr=lr, rho=rho, lam=lam, form="fl_simulator"))
     anchor, h = torch.tensor([2.0, -1.0]), torch.tensor([0.2, 0.4])
     x = anchor.clone()
     for _ in range(2):
@@ -114,11 +116,21 @@ def test_fl_simulator_server_adds_its_all_client_correction_grown_by_the_sampled
     assert server.broadcast(new).keys() == {"params"}
 
 
-def test_registry_pairs_each_form_with_its_server_and_both_average_uniformly():
-    for name in ("fedspeed", "fedspeed_fl_simulator"):
-        entry = ALGORITHMS.get(name)
-        assert entry.meta["server"] == name and entry.obj.step_cost == 2
+@pytest.mark.parametrize(("algorithm", "server"), [
+    ({"name": "fedspeed"}, "fedspeed"),
+    ({"name": "fedspeed", "form": "paper", "alpha": 0.5}, "fedspeed"),
+    (FL_SIMULATOR, "fedspeed_fl_simulator"),
+    ({**FL_SIMULATOR, "alpha": 1.0}, "fedspeed_fl_simulator"),
+])
+def test_each_form_gets_its_own_server_by_default(tiny, algorithm, server):
+    assert resolve({**tiny, "algorithm": algorithm}, None).components["server"].name == server
+
+
+def test_registry_holds_one_fedspeed_of_two_gradients_a_step_and_both_servers_average_uniformly():
+    assert [name for name in ALGORITHMS.names() if name.startswith("fedspeed")] == ["fedspeed"]
+    assert ALGORITHMS.get("fedspeed").obj.step_cost == 2
     assert SERVERS.get("fedspeed").obj is FedSpeedServer
+    assert SERVERS.get("fedspeed_fl_simulator").obj is FedSpeedFLSimulatorServer
     assert FedSpeedServer(SERVERS.get("fedspeed").params()).weighting({"delta": {}}) == {"delta": "uniform"}
 
 
@@ -140,7 +152,7 @@ def test_with_every_client_sampled_and_alpha_one_the_paper_and_fl_simulator_form
     base = {**tiny, "clients_per_round": tiny["num_clients"], "partition": {"name": "labeldir", "alpha": 0.3}}
     local = {"lr": 0.2, "batch_size": 20, "local_epochs": 2, "lam": 1.0}
     paper = fedsim.run({**base, "algorithm": {"name": "fedspeed", "alpha": 1.0, **local}}, write=False).metrics.rows
-    flsim = fedsim.run({**base, "algorithm": {"name": "fedspeed_fl_simulator", **local}}, write=False).metrics.rows
+    flsim = fedsim.run({**base, "algorithm": {**FL_SIMULATOR, **local}}, write=False).metrics.rows
     fedavg = fedsim.run({**base, "algorithm": {"name": "fedavg", "lr": 0.2, "batch_size": 20, "local_epochs": 2}},
                         write=False).metrics.last()
     for a, b in zip(paper, flsim, strict=True):
@@ -150,7 +162,7 @@ def test_with_every_client_sampled_and_alpha_one_the_paper_and_fl_simulator_form
 
 def test_fl_simulator_server_correction_stays_the_mean_of_every_clients_h_end_to_end(tiny, monkeypatch):
     sims, servers = spy_on_run(monkeypatch, FedSpeedFLSimulatorServer)
-    fedsim.run({**tiny, "algorithm": {"name": "fedspeed_fl_simulator", "lr": 0.05, "batch_size": 20}}, write=False)
+    fedsim.run({**tiny, "algorithm": {**FL_SIMULATOR, "lr": 0.05, "batch_size": 20}}, write=False)
     sim = sims[0]
     sampled = {int(c) for t in range(tiny["rounds"]) for c in plan_round(
         tiny["seed"], t, sim.data.train_sizes, tiny["clients_per_round"], 0.0, 1, 20).clients}
@@ -161,7 +173,7 @@ def test_fl_simulator_server_correction_stays_the_mean_of_every_clients_h_end_to
     torch.testing.assert_close(servers[-1]["correction"], mean_h, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("algorithm", ["fedspeed", "fedspeed_fl_simulator"])
+@pytest.mark.parametrize("algorithm", [{"name": "fedspeed"}, FL_SIMULATOR], ids=["paper", "fl_simulator"])
 def test_vectorized_fedspeed_gives_the_sequential_numbers_and_states_with_stragglers_kept(tiny, algorithm,
                                                                                         monkeypatch):
     stores = {}
@@ -173,7 +185,7 @@ def test_vectorized_fedspeed_gives_the_sequential_numbers_and_states_with_stragg
 
     monkeypatch.setattr(api, "build_simulation", keep)
     base = {**tiny, "rounds": 4, "partition": {"name": "labeldir", "alpha": 0.5},
-            "algorithm": {"name": algorithm, "lr": 0.05, "batch_size": 7, "local_epochs": 2},
+            "algorithm": {**algorithm, "lr": 0.05, "batch_size": 7, "local_epochs": 2},
             "stragglers": {"fraction": 0.5, "handling": "keep"}}
     sequential = fedsim.run({**base, "runtime": {"name": "sequential"}}, write=False)
     vectorized = fedsim.run({**base, "runtime": {"name": "vectorized", "chunk_size": 3, "min_batch": 1}},
@@ -188,22 +200,23 @@ def test_vectorized_fedspeed_gives_the_sequential_numbers_and_states_with_stragg
         torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
 
 
-def skewed_digits(algorithm: str, seed: int, clients_per_round: int) -> dict:
+def skewed_digits(algorithm: dict, seed: int, clients_per_round: int) -> dict:
     """Digits over 20 clients by Dirichlet(0.1) label skew, many local steps at a large step size: clients drift to
     their own optima, which FedSpeed's prox pull and correction are meant to counter."""
     return {"name": "drift", "seed": seed, "rounds": 10, "num_clients": 20, "clients_per_round": clients_per_round,
             "data": {"name": "digits"}, "partition": {"name": "labeldir", "alpha": 0.1}, "model": {"name": "logreg"},
-            "algorithm": {"name": algorithm, "lr": 0.5, "batch_size": 40, "local_epochs": 3},
+            "algorithm": {**algorithm, "lr": 0.5, "batch_size": 40, "local_epochs": 3},
             "evaluation": {"every": 10}}
 
 
-@pytest.mark.parametrize(("algorithm", "clients_per_round"), [("fedspeed", 20), ("fedspeed_fl_simulator", 5)])
+@pytest.mark.parametrize(("algorithm", "clients_per_round"), [({"name": "fedspeed"}, 20), (FL_SIMULATOR, 5)],
+                         ids=["paper", "fl_simulator"])
 def test_fedspeed_reaches_lower_training_loss_than_fedavg_under_label_skew(algorithm, clients_per_round):
-    losses = {a: [fedsim.run(skewed_digits(a, seed, clients_per_round), write=False).metrics.last()["loss"]
-                  for seed in range(2)] for a in ("fedavg", algorithm)}
+    losses = {name: [fedsim.run(skewed_digits(a, seed, clients_per_round), write=False).metrics.last()["loss"]
+                     for seed in range(2)] for name, a in (("fedavg", {"name": "fedavg"}), ("fedspeed", algorithm))}
     for name, values in losses.items():
         print(f"{name}: training loss mean {statistics.mean(values):.4f} per seed {[round(v, 4) for v in values]}")
-    assert all(s < f - 0.1 for s, f in zip(losses[algorithm], losses["fedavg"], strict=True))
+    assert all(s < f - 0.1 for s, f in zip(losses["fedspeed"], losses["fedavg"], strict=True))
 
 
 @pytest.mark.parametrize(("algorithm", "message"), [
@@ -213,8 +226,11 @@ def test_fedspeed_reaches_lower_training_loss_than_fedavg_under_label_skew(algor
     ({"name": "fedspeed", "lam": math.nan}, r"^algorithm\.lam: Input should be greater than 0"),
     ({"name": "fedspeed", "alpha": -0.1}, r"^algorithm\.alpha: Input should be greater than or equal to 0"),
     ({"name": "fedspeed", "alpha": 1.5}, r"^algorithm\.alpha: Input should be less than or equal to 1"),
-    ({"name": "fedspeed_fl_simulator", "alpha": 0.5}, r"^algorithm\.alpha: unknown field"),
-    ({"name": "fedspeed_fl_simulator", "lam": 0.0}, r"^algorithm\.lam: Input should be greater than 0"),
+    ({"name": "fedspeed", "form": "flsim"}, r"^algorithm\.form: Input should be 'paper' or 'fl_simulator'"),
+    ({**FL_SIMULATOR, "alpha": 0.5}, r"^algorithm\.alpha: the fl_simulator form steps on the ascent-point gradient "),
+    ({**FL_SIMULATOR, "alpha": 1.5}, r"^algorithm\.alpha: Input should be less than or equal to 1"),
+    ({**FL_SIMULATOR, "correction": False}, r"^algorithm\.correction: the fl_simulator form always keeps h_i"),
+    ({**FL_SIMULATOR, "lam": 0.0}, r"^algorithm\.lam: Input should be greater than 0"),
 ])
 def test_bad_hyperparameters_are_refused_naming_the_field(tiny, algorithm, message):
     with pytest.raises(ScenarioError, match=message):
@@ -223,5 +239,12 @@ def test_bad_hyperparameters_are_refused_naming_the_field(tiny, algorithm, messa
 
 def test_fl_simulator_server_refuses_sample_weighting(tiny):
     with pytest.raises(ScenarioError, match=r"^server\.weighting: Input should be 'uniform'"):
-        fedsim.run({**tiny, "algorithm": {"name": "fedspeed_fl_simulator"},
+        fedsim.run({**tiny, "algorithm": FL_SIMULATOR,
                     "server": {"name": "fedspeed_fl_simulator", "weighting": "samples"}}, write=False)
+
+
+@pytest.mark.parametrize(("form", "server"), [("fl_simulator", "fedspeed"), ("paper", "fedspeed_fl_simulator")])
+def test_a_form_paired_with_the_other_forms_server_is_refused(tiny, form, server):
+    with pytest.raises(ScenarioError, match=rf"^server\.name: FedSpeed's {form} form needs server"):
+        fedsim.run({**tiny, "algorithm": {"name": "fedspeed", "form": form}, "server": {"name": server}},
+                   write=False)

@@ -37,7 +37,7 @@ def test_every_registered_rule_on_two_ranks_gives_the_single_process_metrics(tin
     """One mpiexec runs each rule as a variant; every figure of every row but wall time matches one process. A fixed
     evaluation sample puts clients at positions other than their ids in the per-client vectors ranks add up."""
     names = [name for name in ALGORITHMS._entries if name not in COVERED_BY_TEST_MPI]
-    assert {"feddyn", "fedsam", "fedspeed", "fedspeed_fl_simulator", "pfedme", "ditto", "perfedavg"} <= set(names)
+    assert {"feddyn", "fedsam", "fedspeed", "pfedme", "ditto", "perfedavg"} <= set(names)
     scenario = {**tiny, "partition": {"name": "quantity"}, "evaluation": {"clients": 7},
                 "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20, "local_epochs": 1},
                 "variants": {name: {"algorithm": {"name": name}} for name in names}}
