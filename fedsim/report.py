@@ -30,12 +30,13 @@ def _figure(row: Row, key: str) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table: one line per variant with its final metrics, simulated and real time, and traffic (and
-    the personal models' mean accuracy, when the algorithm keeps them)."""
-    personal = any("personal_accuracy" in r for r in rows)
+    the personal models' accuracy pooled over their test samples, as the global accuracy is, when the algorithm
+    keeps them)."""
+    personal = any("personal_accuracy_pooled" in r for r in rows)
     headers = ["variant", "round", "accuracy", "best acc", *(["personal acc"] if personal else []), "train loss",
                "sim time (s)", "wall (s)", "MB up", "MB down"]
     lines = [[r["variant"], str(r["round"]), _figure(r, "accuracy"), _figure(r, "best_accuracy"),
-              *([_figure(r, "personal_accuracy")] if personal else []),
+              *([_figure(r, "personal_accuracy_pooled")] if personal else []),
               f"{r['loss']:.4f}", f"{r['sim_time']:.1f}", f"{r['wall_time']:.1f}",
               f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}"] for r in final_rows(rows)]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
@@ -47,7 +48,8 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
     """Accuracy and training loss against rounds (top) and simulated seconds (bottom), one line per variant; with
-    personal models, their mean accuracy dashed next to the global model's and, in a third column, the
+    personal models, their accuracy (pooled over the scored clients' test samples, as the global model's) dashed next
+    to the global model's and, in a third column, the
     distribution of per-client personal accuracy at each variant's last evaluation."""
     import matplotlib
 
@@ -63,9 +65,9 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
         for row_i, x_key in enumerate(["round", "sim_time"]):
             for col_i, y_key in enumerate([first[0], "loss"]):
                 line, = axes[row_i][col_i].plot([r[x_key] for r in vr], [r[y_key] for r in vr], label=v)
-            scored = [r for r in vr if "personal_accuracy" in r]
+            scored = [r for r in vr if "personal_accuracy_pooled" in r]
             if scored:
-                axes[row_i][0].plot([r[x_key] for r in scored], [r["personal_accuracy"] for r in scored], "--",
+                axes[row_i][0].plot([r[x_key] for r in scored], [r["personal_accuracy_pooled"] for r in scored], "--",
                                     color=line.get_color(), label=f"{v} (personal)" if row_i == 0 else None)
     for row_i, x_label in enumerate(["round", "simulated time (s)"]):
         for col_i, y_label in enumerate([first[1], "training loss"]):
