@@ -11,7 +11,7 @@ the vmap axis). The network average and the consensus error are sums over proces
 
 Cost model: each round every node sends its model (the half-step model under ATC, its current one under CTA) to
 each neighbour, counted as `bytes_up` (bytes per directed edge = the model's bytes; there is no download). A
-round lasts as long as its slowest node's `job_seconds(i, work_i, 0, model_bytes * degree_i)`: a simplification
+round t lasts as long as its slowest node's `job_seconds(t, i, work_i, 0, model_bytes * degree_i)`: a simplification
 that charges a node's sends one after another on its uplink, plus one latency each way, and ignores that a node
 must wait for its neighbours' models rather than only its own work.
 """
@@ -173,7 +173,7 @@ class DecentralizedSGD(ProtocolBase):
                 f"parameters; the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
         systems, work = self.sim.systems, totals["work"].long().tolist()
-        return max(systems.job_seconds(i, work[i], 0, self.model_bytes * int(self.degrees[i])) for i in range(n))
+        return max(systems.job_seconds(t, i, work[i], 0, self.model_bytes * int(self.degrees[i])) for i in range(n))
 
     def _local_steps(self, t: int) -> tuple[Pytree, np.ndarray]:
         """Every owned node's change from its local steps started at its own model (zero for nodes with no steps),

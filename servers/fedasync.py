@@ -182,7 +182,7 @@ class FedAsync(ProtocolBase):
         self.in_flight[self.step] += 1
         self.pending.append((job, message))
         self.traffic.down += down
-        seconds = self.sim.systems.job_seconds(client, int(self.job_work[client]), down, self.bytes_up)
+        seconds = self.sim.systems.job_seconds(job.id, client, int(self.job_work[client]), down, self.bytes_up)
         clock.schedule(seconds, "arrival", job=job)
 
     def _arrive(self, job: Job, clock: Clock) -> None:

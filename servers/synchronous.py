@@ -63,7 +63,7 @@ class SynchronousRounds(ProtocolBase):
         self.round, self.awaiting, self.received = t, len(results), []
         for order, result in enumerate(results):
             up = result.message_bytes + SAMPLE_COUNT_BYTES
-            seconds = sim.systems.job_seconds(result.client, result.work, down, up)
+            seconds = sim.systems.job_seconds(result.job.id, result.client, result.work, down, up)
             clock.schedule(seconds, "arrival", result=result, order=order, bytes_up=up)
         self.recorder.progress.advance(t, row)
         if not results:

@@ -88,7 +88,7 @@ def test_a_supernode_killed_mid_run_is_lost_in_every_later_round_and_the_run_fin
     # Each later round trains on node0 alone: one message up, a new model, a round as long as client 0's job.
     sim = built(path)
     down, up = before[1]["bytes_down"] // 2, before[1]["bytes_up"] // 2
-    seconds = [sim.systems.job_seconds(c, sim.data.train_sizes[c], down, up) for c in (0, 1)]
+    seconds = [sim.systems.job_seconds(1, c, sim.data.train_sizes[c], down, up) for c in (0, 1)]  # constant compute
     assert math.isclose(before[1]["sim_time"], max(seconds)) and seconds[0] < seconds[1]
     for previous, row in zip(rows[1:], rows[2:], strict=False):
         assert row["bytes_up"] - previous["bytes_up"] == up and row["loss"] != previous["loss"]
