@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import fedsim
 from fedsim import api
 from fedsim.aggregation import Aggregate
 from fedsim.clients import Batch
@@ -49,3 +50,29 @@ def spy_on_run(monkeypatch, server_class) -> tuple[list, list]:
     monkeypatch.setattr(api, "build_simulation", keep_sim)
     monkeypatch.setattr(server_class, "update", keep_state)
     return sims, servers
+
+
+def sequential_and_vectorized(monkeypatch, scenario: dict, vectorized: dict) -> tuple:
+    """`scenario` run under the sequential runtime and under `vectorized` (the runtime section's other settings):
+    (sequential result, vectorized result, {runtime name: its simulation})."""
+    sims = {}
+
+    def keep(resolved, data=None):
+        sims[resolved.components["runtime"].name] = build_simulation(resolved, data)
+        return sims[resolved.components["runtime"].name]
+
+    monkeypatch.setattr(api, "build_simulation", keep)
+    results = [fedsim.run({**scenario, "runtime": runtime}, write=False)
+               for runtime in ({"name": "sequential"}, {"name": "vectorized", **vectorized})]
+    return results[0], results[1], sims
+
+
+def assert_same_client_states(sims: dict, num_clients: int) -> list[int]:
+    """The vectorized run holds a state for exactly the clients the sequential one does, equal to float tolerance;
+    returns those clients (at least one)."""
+    seq, vec = sims["sequential"].states, sims["vectorized"].states
+    held = [k for k in range(num_clients) if seq.get(k) is not None]
+    assert held and [k for k in range(num_clients) if vec.get(k) is not None] == held
+    for k in held:
+        torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
+    return held

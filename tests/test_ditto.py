@@ -8,10 +8,9 @@ import statistics
 
 import pytest
 import torch
-from rulekit import FixedGradient, batch_of
+from rulekit import FixedGradient, assert_same_client_states, batch_of, sequential_and_vectorized
 
 import fedsim
-from fedsim import api
 from fedsim.clients import ALGORITHMS, Batch, LocalTrainingParams
 from fedsim.clients.ditto import Ditto, DittoParams
 from fedsim.clients.fedavg import LocalSGD
@@ -20,7 +19,6 @@ from fedsim.models import MLPParams, build_model
 from fedsim.oracle import AutogradOracle
 from fedsim.registry import NoParams
 from fedsim.runtime.local import job_info, local_steps, run_client
-from fedsim.simulation import build_simulation
 from fedsim.tasks import Classification, Objective
 
 W = {"w": torch.tensor([1.0, -2.0])}
@@ -121,27 +119,15 @@ def test_personal_models_fit_their_clients_test_data_better_than_the_global_mode
 
 
 def test_vectorized_ditto_keeps_the_sequential_personal_models_with_stragglers(tiny, monkeypatch):
-    sims = {}
-
-    def keep(scenario, data=None):
-        sims[scenario.components["runtime"].name] = build_simulation(scenario, data)
-        return sims[scenario.components["runtime"].name]
-
-    monkeypatch.setattr(api, "build_simulation", keep)
     base = {**tiny, "rounds": 4, "partition": {"name": "labeldir", "alpha": 0.5},
             "algorithm": {"name": "ditto", "lr": 0.05, "batch_size": 7, "local_epochs": 3, "lam": 0.5,
                           "personal_lr": 0.1},
             "stragglers": {"fraction": 0.5, "handling": "keep"}}
-    sequential = fedsim.run({**base, "runtime": {"name": "sequential"}}, write=False)
-    vectorized = fedsim.run({**base, "runtime": {"name": "vectorized", "chunk_size": 3, "min_batch": 1}}, write=False)
+    sequential, vectorized, sims = sequential_and_vectorized(monkeypatch, base, {"chunk_size": 3, "min_batch": 1})
     assert "personal_accuracy" in sequential.metrics.last()
     for a, b in zip(sequential.metrics.rows, vectorized.metrics.rows, strict=True):
         assert a["personal_clients"] == b["personal_clients"]
         for key in ("loss", "accuracy", "personal_accuracy", "personal_test_loss"):
             if key in a:
                 assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-9), (key, a, b)
-    seq, vec = sims["sequential"].states, sims["vectorized"].states
-    assert len(seq) == len(vec) > 0
-    for k in range(tiny["num_clients"]):
-        if seq.get(k) is not None:
-            torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
+    assert_same_client_states(sims, tiny["num_clients"])

@@ -7,17 +7,22 @@ import math
 
 import pytest
 import torch
-from rulekit import FixedGradient, aggregate_of, batch_of, spy_on_run
+from rulekit import (
+    FixedGradient,
+    aggregate_of,
+    assert_same_client_states,
+    batch_of,
+    sequential_and_vectorized,
+    spy_on_run,
+)
 
 import fedsim
-from fedsim import api
 from fedsim.clients import ALGORITHMS
 from fedsim.clients.feddyn import FedDyn, FedDynParams
 from fedsim.errors import ScenarioError
 from fedsim.runtime.local import job_info
 from fedsim.servers import SERVERS
 from fedsim.servers.feddyn import FedDynServer, FedDynServerParams
-from fedsim.simulation import build_simulation
 
 
 def test_local_steps_follow_the_regularized_gradient_and_the_dual_moves_by_minus_alpha_delta():
@@ -122,27 +127,14 @@ def test_feddyn_reaches_the_global_optimum_where_fedavgs_many_local_steps_stall(
 
 
 def test_vectorized_feddyn_with_adaptive_alpha_gives_the_sequential_numbers_and_states(tiny, monkeypatch):
-    stores = {}
-
-    def keep(scenario, data=None):
-        sim = build_simulation(scenario, data)
-        stores[scenario.components["runtime"].name] = sim
-        return sim
-
-    monkeypatch.setattr(api, "build_simulation", keep)
     base = {**tiny, "rounds": 4, "partition": {"name": "quantity", "sigma": 1.0},
             "algorithm": {"name": "feddyn", "lr": 0.05, "batch_size": 7, "local_epochs": 2, "alpha": 0.1,
                           "alpha_samples": 30.0},
             "stragglers": {"fraction": 0.5, "handling": "keep"}}
-    sequential = fedsim.run({**base, "runtime": {"name": "sequential"}}, write=False)
-    vectorized = fedsim.run({**base, "runtime": {"name": "vectorized", "chunk_size": 3, "min_batch": 1}}, write=False)
+    sequential, vectorized, sims = sequential_and_vectorized(monkeypatch, base, {"chunk_size": 3, "min_batch": 1})
     assert_close_rows(sequential, vectorized, rel=1e-5)
-    seq, vec = stores["sequential"].states, stores["vectorized"].states
-    held = [k for k in range(tiny["num_clients"]) if seq.get(k) is not None]
-    assert held and all(vec.get(k) is not None for k in held)
-    for k in held:
-        torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
-    assert len(set(stores["sequential"].data.train_sizes.tolist())) > 1  # the clients' alphas differ
+    assert_same_client_states(sims, tiny["num_clients"])
+    assert len(set(sims["sequential"].data.train_sizes.tolist())) > 1  # the clients' alphas differ
 
 
 @pytest.mark.parametrize(("field", "value"), [("alpha", -1.0), ("alpha", 0.0), ("alpha_samples", 0.0)])

@@ -9,10 +9,9 @@ import statistics
 
 import pytest
 import torch
-from rulekit import aggregate_of, batch_of, spy_on_run
+from rulekit import aggregate_of, assert_same_client_states, batch_of, sequential_and_vectorized, spy_on_run
 
 import fedsim
-from fedsim import api
 from fedsim.clients import ALGORITHMS
 from fedsim.clients.fedspeed import FedSpeed, FedSpeedParams
 from fedsim.errors import ScenarioError
@@ -21,7 +20,6 @@ from fedsim.sampling import plan_round
 from fedsim.scenario import resolve
 from fedsim.servers import SERVERS
 from fedsim.servers.fedspeed import FedSpeedFLSimulatorServer, FedSpeedFLSimulatorServerParams, FedSpeedServer
-from fedsim.simulation import build_simulation
 
 A = torch.tensor([1.0, 3.0])
 FL_SIMULATOR = {"name": "fedspeed", "form": "fl_simulator"}
@@ -176,28 +174,14 @@ def test_fl_simulator_server_correction_stays_the_mean_of_every_clients_h_end_to
 @pytest.mark.parametrize("algorithm", [{"name": "fedspeed"}, FL_SIMULATOR], ids=["paper", "fl_simulator"])
 def test_vectorized_fedspeed_gives_the_sequential_numbers_and_states_with_stragglers_kept(tiny, algorithm,
                                                                                         monkeypatch):
-    stores = {}
-
-    def keep(scenario, data=None):
-        sim = build_simulation(scenario, data)
-        stores[scenario.components["runtime"].name] = sim
-        return sim
-
-    monkeypatch.setattr(api, "build_simulation", keep)
     base = {**tiny, "rounds": 4, "partition": {"name": "labeldir", "alpha": 0.5},
             "algorithm": {**algorithm, "lr": 0.05, "batch_size": 7, "local_epochs": 2},
             "stragglers": {"fraction": 0.5, "handling": "keep"}}
-    sequential = fedsim.run({**base, "runtime": {"name": "sequential"}}, write=False)
-    vectorized = fedsim.run({**base, "runtime": {"name": "vectorized", "chunk_size": 3, "min_batch": 1}},
-                            write=False)
+    sequential, vectorized, sims = sequential_and_vectorized(monkeypatch, base, {"chunk_size": 3, "min_batch": 1})
     for a, b in zip(sequential.metrics.rows, vectorized.metrics.rows, strict=True):
         for key in ("loss", "test_loss", "accuracy", "bytes_up"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-9), (key, a, b)
-    seq, vec = stores["sequential"].states, stores["vectorized"].states
-    held = [k for k in range(tiny["num_clients"]) if seq.get(k) is not None]
-    assert held
-    for k in held:
-        torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
+    assert_same_client_states(sims, tiny["num_clients"])
 
 
 def skewed_digits(algorithm: dict, seed: int, clients_per_round: int) -> dict:

@@ -8,11 +8,17 @@ import statistics
 
 import pytest
 import torch
-from rulekit import FixedGradient, aggregate_of, batch_of, spy_on_run
+from rulekit import (
+    FixedGradient,
+    aggregate_of,
+    assert_same_client_states,
+    batch_of,
+    sequential_and_vectorized,
+    spy_on_run,
+)
 from torch.func import vmap
 
 import fedsim
-from fedsim import api
 from fedsim.aggregation import Aggregate, finish_means, total_weights, weighted_sums
 from fedsim.clients import ALGORITHMS, Batch, LocalTrainingParams
 from fedsim.clients.fedavg import LocalSGD
@@ -27,7 +33,6 @@ from fedsim.sampling import plan_round
 from fedsim.servers import SERVERS, ServerParams
 from fedsim.servers.fedavg import FedAvgServer
 from fedsim.servers.scaffold import ScaffoldServer, ScaffoldServerParams
-from fedsim.simulation import build_simulation
 from fedsim.tasks import Classification, Objective
 
 HP = LocalTrainingParams(lr=0.1, batch_size=8, local_epochs=1)
@@ -164,27 +169,14 @@ def test_scaffold_reaches_lower_training_loss_than_fedavg_under_label_skew():
 @pytest.mark.parametrize("runtime", [{"chunk_size": 3, "min_batch": 1}, {"min_batch": 3}],
                          ids=["always-vmapped", "last-few-unbatched"])
 def test_vectorized_scaffold_gives_the_sequential_numbers_with_stragglers_kept(tiny, runtime, monkeypatch):
-    stores = {}
-
-    def keep(scenario, data=None):
-        sim = build_simulation(scenario, data)
-        stores[scenario.components["runtime"].name] = sim
-        return sim
-
-    monkeypatch.setattr(api, "build_simulation", keep)
     base = {**tiny, "rounds": 5, "partition": {"name": "labeldir", "alpha": 0.5},
             "algorithm": {"name": "scaffold", "lr": 0.05, "batch_size": 7, "local_epochs": 3},
             "stragglers": {"fraction": 0.5, "handling": "keep"}}
-    sequential = fedsim.run({**base, "runtime": {"name": "sequential"}}, write=False)
-    vectorized = fedsim.run({**base, "runtime": {"name": "vectorized", **runtime}}, write=False)
-    sim = stores["sequential"]
+    sequential, vectorized, sims = sequential_and_vectorized(monkeypatch, base, runtime)
+    sim = sims["sequential"]
     plans = [plan_round(0, t, sim.data.train_sizes, 4, 0.5, 3, 7) for t in range(5)]
     assert any(len(set(p.steps.tolist())) > 1 and p.straggler.any() for p in plans)  # K differs between clients
     for a, b in zip(sequential.metrics.rows, vectorized.metrics.rows, strict=True):
         for key in ("loss", "test_loss", "accuracy", "bytes_up"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-9), (key, a, b)
-    seq, vec = stores["sequential"].states, stores["vectorized"].states
-    assert len(seq) == len(vec) > 0
-    for k in range(tiny["num_clients"]):
-        if seq.get(k) is not None:
-            torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
+    assert_same_client_states(sims, tiny["num_clients"])
