@@ -44,6 +44,8 @@ class ProtocolBase:
         self.downlink_state: Pytree | None = None
         self.server_steps = 0
         """Server steps taken so far (rounds, asynchronous updates, gossip rounds)."""
+        self.client_updates = 0
+        """Client results that went into server steps so far (a gossip round counts each node's local update)."""
 
     def start(self, clock: Clock) -> None:
         raise NotImplementedError
@@ -52,12 +54,13 @@ class ProtocolBase:
         """The protocol's run state (server state, traffic, downlink codec state, and what subclasses add: jobs in
         flight and their results), plain data for a checkpoint; `server_steps` tells checkpoints when to fall."""
         return {"server": self.state, "traffic": [self.traffic.down, self.traffic.up],
-                "downlink": self.downlink_state, "server_steps": self.server_steps}
+                "downlink": self.downlink_state, "server_steps": self.server_steps,
+                "client_updates": self.client_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state, self.downlink_state = state["server"], state["downlink"]
         self.traffic = Traffic(*state["traffic"])
-        self.server_steps = state["server_steps"]
+        self.server_steps, self.client_updates = state["server_steps"], state["client_updates"]
 
     def handle(self, event: Event, clock: Clock) -> None:
         raise NotImplementedError
@@ -70,11 +73,13 @@ class ProtocolBase:
 
     def evaluate_if_due(self, steps: int, now: float) -> Row | None:
         """Evaluate the global model every `evaluation.every` server steps and when the budget is spent, with the
-        protocol's own figures (`extra_metrics`) and, for rules with personal models, their figures."""
+        client updates so far, the protocol's own figures (`extra_metrics`) and, for rules with personal models,
+        their figures."""
         if steps % self.spec.evaluation.every == 0 or self.budget_spent(steps, now):
             personal = self.sim.personal(self.sim.server.broadcast(self.state)) if self.sim.personal else {}
             return self.recorder.evaluate(steps, now, self.state["params"], self.traffic,
-                                          {**self.extra_metrics(), **personal})
+                                          {"client_updates": self.client_updates, **self.extra_metrics(),
+                                           **personal})
         return None
 
     def extra_metrics(self) -> dict[str, float]:
@@ -99,7 +104,9 @@ class ProtocolBase:
         return self.sim.downlink.decode(payload, message), self.sim.downlink.payload_bytes(message)
 
     def aggregate(self, results: Sequence[JobResult], steps: int) -> Aggregate:
-        """The server rule's view of `results` (in a fixed order), reduced over devices and ranks."""
+        """The server rule's view of `results`, reduced over devices and ranks in client order (then job id), so
+        the sums do not depend on the order results arrived or were sampled in."""
+        results = sorted(results, key=lambda r: (r.client, r.job.id))
         runtime = self.sim.runtime
         sums = runtime.reduce(results, self.weighting, self.template)
         totals = total_weights(results, self.weighting)
@@ -109,9 +116,12 @@ class ProtocolBase:
         return Aggregate(mean, self.weighting, totals, len(results), self.sim.data.num_clients, steps, results,
                          messages, key)
 
-    def apply(self, results: Sequence[JobResult], steps: int) -> None:
-        """Update the server state with `results` as server step `steps`; a non-finite model stops the run."""
+    def apply(self, results: Sequence[JobResult], steps: int, now: float) -> None:
+        """Update the server state with `results` as server step `steps` at simulated time `now` (on the timeline);
+        a non-finite model stops the run."""
         self.state = self.sim.server.update(self.state, self.aggregate(results, steps))
+        self.client_updates += len(results)
+        self.recorder.timeline.server_step(now)
         if not tree_is_finite(self.state["params"]):
             raise DivergenceError(
                 f"variant {self.sim.scenario.variant}, round {steps}: the global model has NaN/inf parameters; "

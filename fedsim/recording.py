@@ -1,5 +1,6 @@
 """Collects one metrics row per evaluation (round, simulated and real seconds, accuracy, losses, bytes) and
-passes each to a sink (the run directory's writer) and a progress display."""
+passes each to a sink (the run directory's writer) and a progress display; and the timeline of client jobs and
+server steps on the virtual clock, for the time-based reports (`fedsim.timeline`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from fedsim.errors import DivergenceError
 from fedsim.evaluation import Evaluator
@@ -22,6 +25,48 @@ class Traffic:
 
     down: int = 0
     up: int = 0
+
+
+OUTCOMES = ("used", "stale", "dropped")
+"""What became of a finished job: its message went into a server step; it was refused as too stale; it was lost
+(the client dropped out, or missed the round's deadline under a rule that drops late work)."""
+
+
+class JobLog:
+    """Every job that reached its end on the virtual clock (its id, client, the server version it started from,
+    when it started, finished downloading, finished training and arrived, its staleness where it was used, and its
+    outcome) and the simulated time of every server step: what the timeline, staleness, participation and idle
+    reports are drawn from."""
+
+    COLUMNS = ("job", "client", "version", "start", "downloaded", "trained", "end", "staleness", "outcome")
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[float]] = {name: [] for name in self.COLUMNS}
+        self.server_steps: list[float] = []
+
+    def job(self, job: Any, start: float, phases: Any, outcome: str, staleness: int = 0) -> None:
+        """Record job `job` (a `Job`), started at `start` with `phases` (`fedsim.systems.JobPhases`)."""
+        downloaded = start + phases.download
+        trained = downloaded + phases.compute
+        values = (job.id, job.client, job.version, start, downloaded, trained, trained + phases.upload, staleness,
+                  OUTCOMES.index(outcome))
+        for name, value in zip(self.COLUMNS, values, strict=True):
+            self.columns[name].append(value)
+
+    def server_step(self, now: float) -> None:
+        self.server_steps.append(now)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The columns as arrays (float64), plus `server_steps`."""
+        out = {name: np.asarray(values, dtype=np.float64) for name, values in self.columns.items()}
+        return {**out, "server_steps": np.asarray(self.server_steps, dtype=np.float64)}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.arrays()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.columns = {name: state[name].tolist() for name in self.COLUMNS}
+        self.server_steps = state["server_steps"].tolist()
 
 
 class Progress:
@@ -42,14 +87,18 @@ class Recorder:
     progress: Progress = field(default_factory=Progress)
     rows: list[Row] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    timeline: JobLog = field(default_factory=JobLog)
 
     def state_dict(self) -> dict[str, Any]:
-        """The rows recorded so far and the real seconds the run has taken (resumed runs count on from there)."""
-        return {"rows": self.rows, "wall_seconds": time.perf_counter() - self.started}
+        """The rows and timeline recorded so far and the real seconds the run has taken (resumed runs count on from
+        there)."""
+        return {"rows": self.rows, "wall_seconds": time.perf_counter() - self.started,
+                "timeline": self.timeline.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = list(state["rows"])
         self.started = time.perf_counter() - state["wall_seconds"]
+        self.timeline.load_state_dict(state["timeline"])
 
     def evaluate(self, round_index: int, sim_time: float, params: Pytree, traffic: Traffic,
                  extra: Mapping[str, Any] | None = None) -> Row:

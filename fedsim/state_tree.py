@@ -1,6 +1,6 @@
 """Run state as plain data, without pickle: a tree of dicts, lists, tuples, numbers, strings, tensors, numpy arrays
-and the few record types registered in STATE_TYPES (jobs, results, events) becomes a JSON-able skeleton plus a
-flat name -> tensor map (what safetensors stores), and back.
+and the few record types registered in STATE_TYPES (jobs, results, events, job phases) becomes a JSON-able
+skeleton plus a flat name -> tensor map (what safetensors stores), and back.
 
 Objects that appear twice in a tree (a broadcast message shared by several jobs, a tensor held by two holders)
 are stored once and come back as one object, so code that batches by identity behaves as before. Floats
@@ -18,8 +18,9 @@ import torch
 
 from fedsim.clock import Event
 from fedsim.runtime import Job, JobResult
+from fedsim.systems import JobPhases
 
-STATE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, JobResult, Event)}
+STATE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, JobResult, Event, JobPhases)}
 """The record types a state tree may hold, by name: only these are rebuilt from a checkpoint."""
 
 

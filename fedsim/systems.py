@@ -48,6 +48,19 @@ class ComputeDraw:
 
 
 @dataclass(frozen=True)
+class JobPhases:
+    """A job's simulated seconds: receiving the model, training, sending its message."""
+
+    download: float
+    compute: float
+    upload: float
+
+    @property
+    def total(self) -> float:
+        return self.download + self.compute + self.upload
+
+
+@dataclass(frozen=True)
 class ClientSystems:
     """Per-client arrays: speed (sample-gradient evaluations per second), latency (s), bandwidths (bytes per second)."""
 
@@ -57,12 +70,22 @@ class ClientSystems:
     bandwidth_down: np.ndarray
     compute: ComputeDraw = ComputeDraw("constant", 0.0, 0)
 
-    def job_seconds(self, job: int, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
-        """Simulated duration of job `job` of `client`: download, local training (`work` sample-gradient
+    def job_phases(self, job: int, client: int, work: int, bytes_down: int, bytes_up: int) -> JobPhases:
+        """Simulated seconds of job `job` of `client`: download, local training (`work` sample-gradient
         evaluations, times the job's compute factor), upload."""
         down = self.latency[client] + bytes_down / self.bandwidth_down[client]
         up = self.latency[client] + bytes_up / self.bandwidth_up[client]
-        return float(down + work / self.speed[client] * self.compute(job, client) + up)
+        return JobPhases(float(down), float(work / self.speed[client] * self.compute(job, client)), float(up))
+
+    def job_seconds(self, job: int, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
+        """Simulated duration of job `job` of `client`, its three phases together."""
+        return self.job_phases(job, client, work, bytes_down, bytes_up).total
+
+    def mean_job_seconds(self, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
+        """A job's expected duration (the compute factor's mean is 1): what FedFix's weights and ticks use."""
+        down = self.latency[client] + bytes_down / self.bandwidth_down[client]
+        up = self.latency[client] + bytes_up / self.bandwidth_up[client]
+        return float(down + work / self.speed[client] + up)
 
 
 SYSTEMS: Registry = Registry("systems profile")

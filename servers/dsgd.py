@@ -128,6 +128,7 @@ class DecentralizedSGD(ProtocolBase):
             return
         seconds = self._round(t)
         self.server_steps = t + 1
+        self.client_updates += self.alive()
         self.recorder.progress.advance(t, row)
         clock.schedule(seconds, "round_start", round=t + 1)
 

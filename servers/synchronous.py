@@ -63,8 +63,9 @@ class SynchronousRounds(ProtocolBase):
         self.round, self.awaiting, self.received = t, len(results), []
         for order, result in enumerate(results):
             up = result.message_bytes + SAMPLE_COUNT_BYTES
-            seconds = sim.systems.job_seconds(result.job.id, result.client, result.work, down, up)
-            clock.schedule(seconds, "arrival", result=result, order=order, bytes_up=up)
+            phases = sim.systems.job_phases(result.job.id, result.client, result.work, down, up)
+            clock.schedule(phases.total, "arrival", result=result, order=order, bytes_up=up, start=clock.now,
+                           phases=phases)
         self.recorder.progress.advance(t, row)
         if not results:
             clock.schedule(0.0, "round_start", round=t + 1)
@@ -72,9 +73,11 @@ class SynchronousRounds(ProtocolBase):
     def _arrive(self, event: Event, clock: Clock) -> None:
         self.traffic.up += event.payload["bytes_up"]
         self.commit(event.payload["result"])
+        payload = event.payload
+        self.recorder.timeline.job(payload["result"].job, payload["start"], payload["phases"], "used")
         self.received.append((event.payload["order"], event.payload["result"]))
         if len(self.received) < self.awaiting:
             return
-        self.apply([r for _, r in sorted(self.received, key=lambda pair: pair[0])], self.round)
+        self.apply([r for _, r in sorted(self.received, key=lambda pair: pair[0])], self.round, clock.now)
         self.server_steps, self.received = self.round + 1, []
         clock.schedule(0.0, "round_start", round=self.round + 1)

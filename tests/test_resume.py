@@ -33,11 +33,15 @@ ENV = {**os.environ, "UCX_TLS": "self,sm"}
 
 
 def scenario_for(protocol: str, tiny: dict, runtime: str = "sequential") -> dict:
-    """A short run of `protocol` that checkpoints after every server step."""
+    """A short run of `protocol` that checkpoints after every server step (every client in flight where the
+    protocol does not take `clients_per_round`)."""
     out = {**tiny, "rounds": 6, "protocol": {"name": protocol}, "runtime": {"name": runtime},
            "checkpoint": {"every": 1}, "output": {"plot": False}}
-    if PROTOCOLS.get(protocol).meta.get("peer_to_peer"):
-        out.update(topology={"name": "ring"}, clients_per_round=None)
+    meta = PROTOCOLS.get(protocol).meta
+    if meta.get("peer_to_peer"):
+        out.update(topology={"name": "ring"})
+    if "clients_per_round" not in meta.get("needs", ()):
+        out.update(clients_per_round=None)
     return out
 
 

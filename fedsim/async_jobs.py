@@ -1,0 +1,127 @@
+"""What asynchronous protocols (FedAsync, FedBuff, FedFix, asynchronous FedAvg) share: jobs dispatched from the
+model version current at dispatch, run batched when the first of them is needed, and the clients not training.
+
+A job's start model is fixed when it is dispatched, so its result does not depend on when it is computed.
+Dispatched jobs wait with their start message; the first arrival of a job not yet run runs every waiting job in
+one `run_jobs` call (per-job starts of different versions; jobs of one version share the message object), which
+the vectorized runtime stacks on its vmap axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsim.codecs import build_codec
+from fedsim.params import Pytree
+from fedsim.protocol import SAMPLE_COUNT_BYTES
+from fedsim.runtime import Job, JobResult
+from fedsim.sampling import full_steps, samples_processed
+
+
+@dataclass(frozen=True)
+class JobSizes:
+    """Per client: local steps and work (sample-gradient evaluations) of a full job; bytes of one upload."""
+
+    steps: np.ndarray
+    work: np.ndarray
+    bytes_up: int
+
+
+def job_sizes(sim: Any, template: Pytree) -> JobSizes:
+    """A full job's steps and work per client, and the uplink payload's exact bytes (with the sample count)."""
+    hp = sim.rule.hp
+    sizes = np.asarray(sim.data.train_sizes)
+    steps = full_steps(sizes, hp.local_epochs, hp.batch_size, hp.local_steps)
+    work = samples_processed(steps, sizes, hp.batch_size) * sim.rule.step_cost
+    uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
+    return JobSizes(steps, work, uplink.payload_bytes(template) + SAMPLE_COUNT_BYTES)
+
+
+class JobBook:
+    """Jobs in flight: the model versions they start from, jobs dispatched but not yet run, and results computed
+    but not yet arrived."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.versions: dict[int, tuple[Pytree, int, Pytree]] = {}
+        """Per version jobs in flight started from: the message they start from (the broadcast as clients decode
+        it), its bytes on a link, and the server's model then (x_tau, what a client's change is added to)."""
+        self.in_flight: dict[int, int] = {}
+        """Jobs in flight per start version: a version is dropped when none are left."""
+        self.pending: list[tuple[Job, Pytree]] = []
+        self.done: dict[int, JobResult] = {}
+        self.latest = -1
+        """The version new jobs start from (kept while no job uses it)."""
+
+    def publish(self, version: int, message: Pytree, down: int, params: Pytree) -> None:
+        """Make `message` (its bytes `down`, the server model `params`) what new jobs start from, as `version`."""
+        previous, self.latest = self.latest, version
+        self._forget_if_unused(previous)
+        self.versions[version] = (message, down, params)
+        self.in_flight[version] = 0
+
+    def dispatch(self, job: Job) -> int:
+        """Queue `job` from its version's message; returns the download's bytes."""
+        message, down, _ = self.versions[job.version]
+        self.in_flight[job.version] += 1
+        self.pending.append((job, message))
+        return down
+
+    def result(self, job: Job) -> JobResult:
+        """`job`'s result, running every waiting job in one batched call if it has not run yet; the job leaves the
+        book (its version is forgotten once no job in flight started from it)."""
+        if job.id not in self.done:
+            jobs, starts = zip(*self.pending, strict=True)
+            self.done.update((r.job.id, r) for r in self.runtime.run_jobs(list(jobs), list(starts)))
+            self.pending = []
+        result = self.done.pop(job.id)
+        self.in_flight[job.version] -= 1
+        self._forget_if_unused(job.version)
+        return result
+
+    def start_params(self, version: int) -> Pytree:
+        """The server's model when `version` was published (x_tau)."""
+        return self.versions[version][2]
+
+    def _forget_if_unused(self, version: int) -> None:
+        if version != self.latest and self.in_flight.get(version) == 0:
+            del self.in_flight[version], self.versions[version]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"versions": self.versions, "in_flight": self.in_flight, "pending": self.pending, "done": self.done,
+                "latest": self.latest}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.versions, self.in_flight = state["versions"], state["in_flight"]
+        self.pending, self.done, self.latest = state["pending"], state["done"], state["latest"]
+
+
+class IdleClients:
+    """Clients not training, drawn uniformly in O(1): a swap-remove array, its order a function of the history."""
+
+    def __init__(self, num_clients: int, busy: np.ndarray) -> None:
+        self.clients = np.setdiff1d(np.arange(num_clients), busy)
+        self.clients = np.concatenate([self.clients, np.zeros(len(busy), dtype=self.clients.dtype)])
+        self.count = num_clients - len(busy)
+
+    def free(self, client: int) -> None:
+        """Put a client whose job arrived back among the idle."""
+        self.clients[self.count] = client
+        self.count += 1
+
+    def draw(self, rng: np.random.Generator) -> int:
+        """Remove and return a uniformly drawn idle client."""
+        i = int(rng.integers(self.count))
+        client = int(self.clients[i])
+        self.count -= 1
+        self.clients[i] = self.clients[self.count]
+        return client
+
+    def state_dict(self) -> list[Any]:
+        return [self.clients, self.count]
+
+    def load_state_dict(self, state: list[Any]) -> None:
+        self.clients, self.count = state
