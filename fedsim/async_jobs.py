@@ -4,7 +4,8 @@ model version current at dispatch, run batched when the first of them is needed,
 A job's start model is fixed when it is dispatched, so its result does not depend on when it is computed.
 Dispatched jobs wait with their start message; the first arrival of a job not yet run runs every waiting job in
 one `run_jobs` call (per-job starts of different versions; jobs of one version share the message object), which
-the vectorized runtime stacks on its vmap axis.
+the vectorized runtime stacks on its vmap axis. A runtime on real devices (`FlowerRuntime`: `submit`, `take`)
+gets each job when it is dispatched instead, and hands its result over when it has arrived.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class JobBook:
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
+        self.submits = hasattr(runtime, "submit")
+        """Whether jobs go to real devices as they are dispatched."""
         self.versions: dict[int, tuple[Pytree, int, Pytree]] = {}
         """Per version jobs in flight started from: the message they start from (the broadcast as clients decode
         it), its bytes on a link, and the server's model then (x_tau, what a client's change is added to)."""
@@ -67,13 +70,18 @@ class JobBook:
         """Queue `job` from its version's message; returns the download's bytes."""
         message, down, _ = self.versions[job.version]
         self.in_flight[job.version] += 1
-        self.pending.append((job, message))
+        if self.submits:
+            self.runtime.submit(job, message)
+        else:
+            self.pending.append((job, message))
         return down
 
     def result(self, job: Job) -> JobResult:
         """`job`'s result, running every waiting job in one batched call if it has not run yet; the job leaves the
         book (its version is forgotten once no job in flight started from it)."""
-        if job.id not in self.done:
+        if self.submits:
+            self.done[job.id] = self.runtime.take(job)
+        elif job.id not in self.done:
             jobs, starts = zip(*self.pending, strict=True)
             self.done.update((r.job.id, r) for r in self.runtime.run_jobs(list(jobs), list(starts)))
             self.pending = []

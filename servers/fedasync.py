@@ -84,7 +84,7 @@ def check_fedasync(params: FedAsyncParams, spec: ScenarioSchema, components: dic
 
 
 @PROTOCOLS.register("fedasync", params=FedAsyncParams, needs=("clients_per_round",), carries=("delta",),
-                    check=check_fedasync)
+                    check=check_fedasync, asynchronous=True)
 class FedAsync(ProtocolBase):
     """Asynchronous updates; `clients_per_round` is the concurrency (clients training at once). Events: `start`
     and `arrival`; jobs are numbered by dispatch, server steps by update."""

@@ -308,7 +308,8 @@ class FlowerProcesses:
             self.procs.append(subprocess.Popen([str(FLOWER_BIN / args[0]), *args[1:]], env=self.env(name),
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
-    def start_federation(self, nodes: int) -> None:
+    def start_federation(self, nodes: int, node_config: dict[int, str] | None = None) -> None:
+        """A SuperLink and `nodes` SuperNodes (node k holding client k, with `node_config[k]` added)."""
         self.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
                    "--disable-runtime-dependency-installation")
         deadline = time.monotonic() + 60
@@ -317,15 +318,17 @@ class FlowerProcesses:
             time.sleep(0.2)
         for k in range(nodes):
             self.start(f"node{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                       "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions={nodes}")
+                       "--port", str(free_port()), "--node-config",
+                       f"partition-id={k} num-partitions={nodes} {(node_config or {}).get(k, '')}".strip())
 
-    def flwr_run(self, app: Path, out: Path) -> subprocess.CompletedProcess:
+    def flwr_run(self, app: Path, out: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
         env = self.env("cli")
         (self.root / "cli" / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
             f"insecure = true\n")
         return subprocess.run([str(FLOWER_BIN / "flwr"), "run", str(app), "local", "--stream", "--run-config",
-                               f"out='{out}' timeout=120.0"], env=env, capture_output=True, text=True, timeout=300)
+                               f"out='{out}' timeout={timeout}"], env=env, capture_output=True, text=True,
+                              timeout=300)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))

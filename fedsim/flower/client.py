@@ -6,6 +6,8 @@ start. The client's persistent state and its codec state (error-feedback residua
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,10 +122,20 @@ def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> Re
         uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
         delta = uplink.decode(payload, message_template(sim.rule, start))["delta"]
         put_tree(context.state, NODE_ROW, {k: torch.add(v, delta[k].to(v.dtype)) for k, v in start["params"].items()})
+    time.sleep(train_delay(context.node_config))
     reply = RecordDict({RESULT: ConfigRecord({"id": job.id, "client": job.client, "num_samples": samples,
                                               "work": work})})
     put_tree(reply, PAYLOAD, payload)
     return reply
+
+
+def train_delay(node_config: Mapping[str, Any]) -> float:
+    """Node config `train-delay`: seconds a node waits after each job before replying (0 by default), to make
+    devices of different speeds out of equal machines, as asynchronous protocols need to be tried."""
+    value = node_config.get("train-delay", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise NodeConfigError(f"node_config.train-delay: expected seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def node_row(sim: Simulation, context: Context) -> Pytree:

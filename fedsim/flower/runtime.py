@@ -9,7 +9,7 @@ has), later jobs of its client are lost without waiting, and `take_lost` says wh
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ from fedsim.runtime.local import message_template
 
 POLL_SECONDS = 0.5
 """How often the server looks for nodes that have not connected yet."""
+PULL_SECONDS = 0.02
+"""How often an asynchronous run pulls replies while none has come."""
 
 
 class FlowerError(FedsimError):
@@ -56,6 +58,12 @@ class FlowerRuntime(InProcess):
         """Nodes that missed a reply deadline."""
         self.lost: list[dict[str, int]] = []
         """Jobs lost since `take_lost` was last called: round (job id), client and node."""
+        self.submitted: dict[str, tuple[Job, Pytree]] = {}
+        """Asynchronous jobs pushed and not yet answered, by message id, with their starts."""
+        self.arrived: dict[int, JobResult] = {}
+        """Asynchronous results pulled and not yet taken, by job id, in arrival order."""
+        self.announced: set[int] = set()
+        """Job ids `wait_arrival` has returned."""
 
     def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
         if not self.nodes:
@@ -73,7 +81,6 @@ class FlowerRuntime(InProcess):
         for _, content in self.answers(messages):
             facts = content.config_records[RESULT]
             replies[int(facts["id"]), int(facts["client"])] = content
-        templates: dict[int, Pytree] = {}
         results = []
         for job, start in zip(jobs, per_job, strict=True):
             content = replies.get((job.id, job.client))
@@ -86,13 +93,61 @@ class FlowerRuntime(InProcess):
                 self.gone.add(node)
                 self.lost.append({"round": job.id, "client": job.client, "node": node})
                 continue
-            if id(start) not in templates:
-                templates[id(start)] = message_template(self.rule, start)
-            facts = content.config_records[RESULT]
-            message = self.uplink.decode(get_tree(content, PAYLOAD), templates[id(start)])
-            results.append(JobResult(job, message, int(facts["num_samples"]), int(facts["work"]),
-                                     data_bytes(content.array_records[PAYLOAD])))
+            results.append(self.decoded(job, start, content))
         return results
+
+    def decoded(self, job: Job, start: Pytree, content: RecordDict) -> JobResult:
+        """A reply's result, its payload decoded against the message template of the job's start."""
+        facts = content.config_records[RESULT]
+        message = self.uplink.decode(get_tree(content, PAYLOAD), message_template(self.rule, start))
+        return JobResult(job, message, int(facts["num_samples"]), int(facts["work"]),
+                         data_bytes(content.array_records[PAYLOAD]))
+
+    def submit(self, job: Job, start: Pytree) -> None:
+        """Push one job to its client's node now, without waiting (asynchronous protocols: `fedsim.async_jobs`)."""
+        if not self.nodes:
+            self.nodes = self.discover()
+        content = RecordDict({JOB: job_record(job)})
+        put_tree(content, START, start)
+        message = Message(content, self.nodes[job.client], "train", group_id=str(job.id))
+        (message_id,) = self.grid.push_messages([message])
+        self.submitted[message_id] = (job, start)
+
+    def wait_arrival(self, timeout: float | None) -> int | None:
+        """The id of the next submitted job whose result arrived (up to `timeout` seconds; None then)."""
+        if not self._pull_until(lambda: bool(self.arrived.keys() - self.announced), timeout):
+            return None
+        job_id = next(j for j in self.arrived if j not in self.announced)
+        self.announced.add(job_id)
+        return job_id
+
+    def take(self, job: Job) -> JobResult:
+        """The result of a submitted job, waiting for it if it has not arrived yet."""
+        self._pull_until(lambda: job.id in self.arrived, None)
+        self.announced.discard(job.id)
+        return self.arrived.pop(job.id)
+
+    def _pull_until(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Pull replies until `ready()`; False after `timeout` seconds, or, with no timeout, after the run's
+        `timeout` an error naming the nodes still working."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not ready():
+            for reply in self.grid.pull_messages(list(self.submitted)):
+                job, start = self.submitted.pop(reply.metadata.reply_to_message_id)
+                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    raise FlowerError(f"nodes: node {self.nodes[job.client]} (client {job.client}) became "
+                                      f"unavailable with job {job.id} in flight")
+                self.arrived[job.id] = self.decoded(job, start, checked(reply))
+            if ready():
+                break
+            if time.monotonic() > deadline:
+                if timeout is not None:
+                    return False
+                waiting = sorted({self.nodes[job.client] for job, _ in self.submitted.values()})
+                raise FlowerError(f"nodes: no result arrived within {self.timeout:g} s from node(s) "
+                                  f"{shorten(waiting)}; an asynchronous run cannot tell which job to give up")
+            time.sleep(PULL_SECONDS)
+        return True
 
     def discover(self) -> dict[int, int]:
         """Ask every node which client it holds, until every client has a node (or the timeout passes)."""

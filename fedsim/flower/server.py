@@ -1,8 +1,13 @@
 """The ServerApp side of the bridge: fedsim's own protocol for the scenario (synchronous rounds, sampling,
 server rule, aggregate, evaluation on the virtual clock), unchanged, with its jobs run on Flower nodes by a
-`FlowerRuntime`. The metrics rows are those of an in-process run; they go to `context.state` (record
-`fedsim.metrics`, one JSON line per row) and, when the run config names an `out` directory, to its
-metrics.jsonl. A row after jobs were lost (nodes that did not answer in time) lists them under `lost`."""
+`FlowerRuntime`. Asynchronous protocols (registered `asynchronous=True`: FedAsync, FedBuff) run on a
+`RealTimeClock` instead: each job is pushed to its node when dispatched and its arrival handled when its reply
+comes, so staleness and buffers follow the devices' real speeds, and simulated seconds are real ones.
+
+The metrics rows are those of an in-process run (for asynchronous protocols: of the arrivals as they came); they
+go to `context.state` (record `fedsim.metrics`, one JSON line per row) and, when the run config names an `out`
+directory, to its metrics.jsonl. A row after jobs were lost (nodes that did not answer in time) lists them under
+`lost`."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.clock import Clock
+from fedsim.clock import Clock, RealTimeClock
 from fedsim.codecs import build_codec
 from fedsim.errors import FedsimError
 from fedsim.flower.build import ScenarioSource, resolve_one
@@ -60,6 +65,9 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
     recorder = Recorder(resolved.variant, sim.evaluator, sink=sink)
     component = resolved.components["protocol"]
     clock = Clock()
+    if component.entry.meta.get("asynchronous"):
+        runtime.nodes = runtime.discover()  # real seconds count from when every node is there
+        clock = RealTimeClock(runtime)
     threads = torch.get_num_threads()
     torch.set_num_threads(resolved.components["runtime"].params.threads)
     try:

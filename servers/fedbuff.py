@@ -1,0 +1,219 @@
+"""FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation", AISTATS 2022, arXiv
+2106.06639) on the virtual clock: `clients_per_round` = C clients train at once, each arrival's change goes into a
+buffer, and every K = `buffer_size` buffered changes make one server step.
+
+Concurrency: a hard cap of C jobs in flight. An arrival frees its client, then a client drawn uniformly from the
+idle ones (the one that arrived included) starts a job from the current model at once, so clients never wait for
+the buffer to fill (unlike the JMLR "FedBuff-c" of Fraboni et al.); K changes may come from one client twice.
+
+Staleness tau is the number of server steps since the job's start version. The client's change Delta (final local
+model minus its start model; the paper and FLSim send its negative and subtract it) is scaled by s(tau):
+"constant" 1; "polynomial" (1 + tau)^-exponent (the paper's, exponent 0.5); "threshold" 1 up to `cutoff` and
+`value_after` beyond. FLSim divides every weight by s(1) so that s(1) = 1 (`normalize_at: 1`); by default
+(`normalize_at: None`) weights are not normalized, as in the paper. A result staler than `max_staleness` is refused:
+not buffered, logged as "stale", counted in `rejected`; the client did train, so its client state is still
+committed, and its slot is refilled as for any arrival.
+
+The step: `reduction: mean` (default) hands the server rule the K buffered s(tau_k) Delta_k, whose weighted mean
+times the server lr is the paper's x <- x - eta_g Delta_bar / K (the paper's Delta is start minus final, hence its
+minus). The paper's plain mean is `server: {name: fedavg, weighting: uniform}`; the server's default weighting by
+samples gives sum_k n_k s(tau_k) Delta_k / sum_k n_k. `reduction: sum` multiplies each buffered change by K, so with
+uniform weighting the step is the sum lr sum_k s(tau_k) Delta_k, as FLSim's FedBuff aggregator (HybridAggregator in
+`flsim/optimizers/async_aggregators.py`, whose reducer defaults to WEIGHTED_SUM) computes; its lr then absorbs the
+1/K. Any server rule applies: a FedOpt rule (fedavgm, fedadam) runs its optimizer on the buffered mean.
+
+Jobs run batched (`fedsim.async_jobs`): jobs in flight from several versions run in one `run_jobs` call, which the
+vectorized runtime stacks on its vmap axis. Budget: `rounds` server steps and/or `time_budget` simulated seconds,
+checked at server steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field
+
+from fedsim.async_jobs import IdleClients, JobBook, job_sizes
+from fedsim.clock import Clock, Event
+from fedsim.errors import ScenarioError
+from fedsim.params import tree_map
+from fedsim.protocol import ProtocolBase
+from fedsim.recording import Recorder, Row
+from fedsim.registry import Params
+from fedsim.runtime import Job, JobResult
+from fedsim.seeding import Stream, numpy_rng
+from fedsim.servers import PROTOCOLS
+
+if TYPE_CHECKING:
+    from fedsim.scenario import Component, ScenarioSchema
+
+Weighting = Literal["constant", "polynomial", "threshold"]
+
+
+class FedBuffParams(Params):
+    """FedBuff's buffer size K, staleness weighting s(tau), refusal of stale results and buffer reduction."""
+
+    buffer_size: int | None = Field(None, ge=1, description="K, changes per server step (default min(10, C))")
+    staleness: Weighting = Field("polynomial", description="s(tau): constant 1; polynomial (1 + tau)^-exponent; "
+                                                           "threshold 1 if tau <= cutoff else value_after")
+    exponent: float = Field(0.5, ge=0, description="polynomial exponent (the paper's 0.5)")
+    cutoff: int | None = Field(None, ge=0, description="threshold: staleness up to which changes keep weight 1")
+    value_after: float | None = Field(None, ge=0, description="threshold: the weight beyond the cutoff")
+    normalize_at: int | None = Field(None, ge=0, description="divide weights by s(normalize_at) (FLSim: 1)")
+    max_staleness: int | None = Field(None, ge=0, description="refuse results staler than this (default: none)")
+    reduction: Literal["mean", "sum"] = Field("mean", description="mean: the paper's step; sum: FLSim's")
+
+
+def raw_weight(params: FedBuffParams, staleness: int) -> float:
+    """s(tau) before normalization."""
+    if params.staleness == "constant":
+        return 1.0
+    if params.staleness == "polynomial":
+        return float((1 + staleness) ** -params.exponent)
+    return 1.0 if staleness <= params.cutoff else float(params.value_after)
+
+
+def staleness_weight(params: FedBuffParams, staleness: int) -> float:
+    """The factor a change `staleness` server steps old is scaled by (normalized to 1 at `normalize_at`)."""
+    weight = raw_weight(params, staleness)
+    return weight if params.normalize_at is None else weight / raw_weight(params, params.normalize_at)
+
+
+def check_fedbuff(params: FedBuffParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
+    """Refuse settings FedBuff cannot honour when the scenario is validated."""
+    if params.buffer_size is not None and params.buffer_size > spec.clients_per_round:
+        raise ScenarioError(f"protocol.buffer_size: {params.buffer_size} is more than the {spec.clients_per_round} "
+                            f"clients in flight (clients_per_round); the buffer would never fill")
+    if params.staleness == "threshold":
+        missing = next((f for f in ("cutoff", "value_after") if getattr(params, f) is None), None)
+        if missing is not None:
+            raise ScenarioError(f"protocol.{missing}: the threshold staleness weighting needs it; set it")
+    if params.normalize_at is not None and raw_weight(params, params.normalize_at) == 0:
+        raise ScenarioError(f"protocol.normalize_at: the weight at staleness {params.normalize_at} is 0; "
+                            f"choose a staleness with a positive weight")
+    if spec.stragglers.fraction > 0:
+        raise ScenarioError("stragglers.fraction: protocol 'fedbuff' models slow clients by their systems "
+                            "speed, not by stragglers; set it to 0")
+
+
+@PROTOCOLS.register("fedbuff", params=FedBuffParams, needs=("clients_per_round",), carries=("delta",),
+                    check=check_fedbuff, asynchronous=True)
+class FedBuff(ProtocolBase):
+    """Buffered asynchronous aggregation; `clients_per_round` is the concurrency. Events: `start` and `arrival`;
+    jobs are numbered by dispatch, server steps by buffer."""
+
+    def __init__(self, params: FedBuffParams, sim, recorder: Recorder) -> None:
+        super().__init__(params, sim, recorder)
+        self.sizes = job_sizes(sim, self.template)
+        concurrency = self.spec.clients_per_round
+        self.buffer_size = params.buffer_size or min(10, concurrency)
+        self.scale = float(self.buffer_size) if params.reduction == "sum" else 1.0
+        self.step = 0
+        self.dispatched = 0
+        self.book = JobBook(sim.runtime)
+        num_clients = sim.data.num_clients
+        self.first = numpy_rng(self.spec.seed, Stream.PROTOCOL, 0).choice(num_clients, concurrency, replace=False)
+        self.idle = IdleClients(num_clients, self.first)
+        self.buffer: list[JobResult] = []
+        """Weighted results waiting for the next server step."""
+        self.rejected = 0
+        self.recent = [0, 0]
+        """Staleness sum and count of the changes buffered since the previous metrics row."""
+
+    def start(self, clock: Clock) -> None:
+        clock.schedule(0.0, "start")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "step": self.step, "dispatched": self.dispatched,
+                "book": self.book.state_dict(), "idle": self.idle.state_dict(), "buffer": self.buffer,
+                "rejected": self.rejected, "recent": self.recent}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.step, self.dispatched, self.rejected = state["step"], state["dispatched"], state["rejected"]
+        self.buffer, self.recent = list(state["buffer"]), list(state["recent"])
+        self.book.load_state_dict(state["book"])
+        self.idle.load_state_dict(state["idle"])
+
+    def handle(self, event: Event, clock: Clock) -> None:
+        if event.kind == "start":
+            self._start(clock)
+        elif event.kind == "arrival":
+            self._arrive(event, clock)
+        else:
+            raise ValueError(f"fedbuff got an unknown event {event.kind!r}")
+
+    def _start(self, clock: Clock) -> None:
+        self.evaluate_if_due(0, clock.now)
+        self._publish()
+        for client in self.first.tolist():
+            self._dispatch(int(client), clock)
+
+    def _publish(self) -> None:
+        """Make the current model the version new jobs start from (one downlink encoding per version)."""
+        message, down = self.broadcast(self.step)
+        self.book.publish(self.step, message, down, self.state["params"])
+
+    def _dispatch(self, client: int, clock: Clock) -> None:
+        """Start a job from the current version; its duration is known now, its result is computed on demand."""
+        job = Job(self.dispatched, client, int(self.sizes.steps[client]), version=self.step)
+        self.dispatched += 1
+        down = self.book.dispatch(job)
+        self.traffic.down += down
+        phases = self.sim.systems.job_phases(job.id, client, int(self.sizes.work[client]), down, self.sizes.bytes_up)
+        clock.schedule(phases.total, "arrival", job=job, start=clock.now, phases=phases)
+
+    def _arrive(self, event: Event, clock: Clock) -> None:
+        job = event.payload["job"]
+        result = self.book.result(job)
+        self.traffic.up += self.sizes.bytes_up
+        self.commit(result)
+        staleness = self.step - job.version
+        refused = self.params.max_staleness is not None and staleness > self.params.max_staleness
+        self.recorder.timeline.job(job, event.payload["start"], event.payload["phases"],
+                                   "stale" if refused else "used", staleness)
+        if refused:
+            self.rejected += 1
+        else:
+            self.buffer.append(self._weighted(result, staleness_weight(self.params, staleness) * self.scale))
+            self.recent = [self.recent[0] + staleness, self.recent[1] + 1]
+        if len(self.buffer) == self.buffer_size and self._server_step(clock):
+            return
+        self.idle.free(job.client)
+        self._dispatch(self.idle.draw(numpy_rng(self.spec.seed, Stream.PROTOCOL, self.dispatched)), clock)
+
+    def _server_step(self, clock: Clock) -> bool:
+        """Apply the buffer as the next server step; returns whether that spent the budget (the clock stops)."""
+        self.step += 1
+        self.server_steps = self.step
+        self.apply(self.buffer, self.step, clock.now)
+        self.buffer = []
+        row = self.evaluate_if_due(self.step, clock.now)
+        self.recorder.progress.advance(self.step, row)
+        if self.budget_spent(self.step, clock.now):
+            clock.stop()
+            return True
+        self._publish()
+        return False
+
+    @staticmethod
+    def _weighted(result: JobResult, weight: float) -> JobResult:
+        """The result with its change scaled by `weight` (None stays None: another MPI rank holds the message)."""
+        if not result.here:
+            return result
+        delta = tree_map(lambda d: torch.mul(d, weight), result.message["delta"])
+        return replace(result, message={**result.message, "delta": delta})
+
+    def evaluate_if_due(self, steps: int, now: float) -> Row | None:
+        row = super().evaluate_if_due(steps, now)
+        if row is not None:
+            self.recent = [0, 0]
+        return row
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Mean staleness of the changes buffered since the previous row (0 where there are none), results refused
+        as too stale so far, and the server steps so far (rows may be `evaluation.every` steps apart)."""
+        total, count = self.recent
+        return {"staleness": total / count if count else 0.0, "rejected": self.rejected, "server_steps": self.step}
