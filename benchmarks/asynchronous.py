@@ -10,7 +10,7 @@ updates. Why: an asynchronous run handles its jobs one arrival at a time, but ru
 (`fedsim.async_jobs`), so its throughput should stay within a small factor of synchronous vectorized rounds
 (target: at least half), and its memory should follow the clients in flight, not the population.
 Nothing is asserted; the last line is one JSON object of figures, including `"async_over_sync_updates_per_s"`.
-`--quick` runs 20,000 clients with 200 in flight.
+`--quick` runs 10,000 clients with 100 in flight.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def measure(config: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20,000 clients, 200 in flight")
+    parser.add_argument("--quick", action="store_true", help="10,000 clients, 100 in flight")
     args = parser.parse_args()
-    clients, concurrency = (20_000, 200) if args.quick else (100_000, 1000)
+    clients, concurrency = (10_000, 100) if args.quick else (100_000, 1000)
     updates = 10 * concurrency
     buffer = concurrency // 10
     runs = {"sync": measure(scenario(clients, concurrency, updates, {"name": "synchronous"})),

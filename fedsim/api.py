@@ -6,39 +6,44 @@ import json
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsim.checkpoint import Collective, load_latest
 from fedsim.clock import Clock
 from fedsim.errors import FedsimError, ScenarioError, UsageError
 from fedsim.metrics_table import MetricsTable
-from fedsim.outputs import RunDirectory, choose_run_dir, read_metrics, scenario_document
+from fedsim.outputs import RunDirectory, choose_run_dir, read_arrays, read_metrics, scenario_document, timeline_file
 from fedsim.preflight import check_scenario
 from fedsim.progress import make_progress
-from fedsim.recording import Recorder
-from fedsim.report import final_rows, format_table, write_plot
+from fedsim.recording import OUTCOMES, Recorder
+from fedsim.report import final_rows, format_table, targets_of, write_pictures
 from fedsim.run_state import Checkpointing, RunState, SignalFlag
 from fedsim.runtime import mpi
 from fedsim.scenario import ResolvedScenario, load_scenarios, naming_variant
 from fedsim.simulation import Simulation, build_simulation
+from fedsim.timeline import check_target, target_of, variant_report
 
 
 @dataclass
 class RunResult:
     """What a run produced: the metrics table (a `variant` column tells variants apart), the resolved scenarios,
-    the run directory (None when nothing was written) and notices for the user."""
+    the run directory (None when nothing was written), notices for the user, and each variant's job timeline
+    (`JobLog.arrays()`; None for a variant finished before a resume whose run directory holds none)."""
 
     metrics: MetricsTable
     scenarios: list[ResolvedScenario]
     out_dir: Path | None
     notices: list[str]
+    timelines: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return format_table(self.metrics.rows)
+        """The result table, with each variant's simulated seconds to its target when one is set."""
+        return format_table(self.metrics.rows, targets_of(self.scenarios))
 
 
 def run(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -92,7 +97,7 @@ def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], No
         return RunResult(MetricsTable(rows), stored, None, [])
     _check_unchanged(meta, stored, note)
     for scenario in stored:
-        check_scenario(scenario)
+        _check_one(scenario)
     sims = build_all(stored)
     notices = [n for sim in sims for n in sim.notices]
     for notice in notices:
@@ -105,27 +110,48 @@ def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], No
 def run_variants(sims: Sequence[Simulation], run_dir: RunDirectory | None, root: Path | None, progress: bool,
                  note: Callable[[str], None], finished: dict[str, list[dict[str, Any]]], resume: bool,
                  notices: list[str]) -> RunResult:
-    """Run the variants not `finished` in order (the first of them from its checkpoint when `resume`), recording
-    each finished one in progress.json, then write the summary and plot."""
+    """Run the variants not `finished` in order (the first of them from its checkpoint when `resume`), writing
+    each finished one's job timeline and recording it in progress.json, then write the summary and pictures (from
+    the timelines in the run directory for variants finished before a resume)."""
     rows: list[dict[str, Any]] = []
+    timelines: dict[str, dict[str, np.ndarray] | None] = {}
     done = list(finished)
     for sim in sims:
         variant = sim.scenario.variant
         if variant in finished:
             rows += finished[variant]
+            timelines[variant] = _read_timeline(run_dir.path / timeline_file(variant)) if run_dir else None
             continue
-        rows += _run_one(sim, run_dir, root, progress, note, resume)
+        variant_rows, timelines[variant] = _run_one(sim, run_dir, root, progress, note, resume)
+        rows += variant_rows
         resume = False
         done.append(variant)
         if run_dir:
+            run_dir.write_arrays(timeline_file(variant), {**timelines[variant], "outcome_names": np.array(OUTCOMES)})
             run_dir.write_json("progress.json", {"finished": done, "complete": False})
     scenarios = [sim.scenario for sim in sims]
     if run_dir:
-        run_dir.write_json("summary.json", final_rows(rows))
-        if any(s.spec.output.plot for s in scenarios):
-            write_plot(rows, run_dir.path / "plot.png", scenarios[0].spec.name)
+        run_dir.write_json("summary.json", summary_document(rows, scenarios, timelines))
+        write_pictures(run_dir.path, rows, scenarios, timelines)
         run_dir.write_json("progress.json", {"finished": done, "complete": True})
-    return RunResult(MetricsTable(rows), scenarios, run_dir.path if run_dir else None, notices)
+    return RunResult(MetricsTable(rows), scenarios, run_dir.path if run_dir else None, notices, timelines)
+
+
+def summary_document(rows: list[dict[str, Any]], scenarios: Sequence[ResolvedScenario],
+                     timelines: dict[str, dict[str, np.ndarray] | None]) -> list[dict[str, Any]]:
+    """summary.json: each variant's last row with its best accuracy, the simulated seconds, server steps and client
+    updates to its target (`time_to_target`, when `evaluation` sets one) and its job figures (`timeline`)."""
+    spec = {s.variant: s.spec for s in scenarios}
+    return [{**last, **variant_report([r for r in rows if r["variant"] == last["variant"]],
+                                      target_of(spec[last["variant"]].evaluation), timelines.get(last["variant"]),
+                                      spec[last["variant"]].num_clients)}
+            for last in final_rows(rows)]
+
+
+def _read_timeline(path: Path) -> dict[str, np.ndarray] | None:
+    """A finished variant's job timeline from its .npz file, without the outcome names stored beside it."""
+    arrays = read_arrays(path)
+    return None if arrays is None else {k: v for k, v in arrays.items() if k != "outcome_names"}
 
 
 def check(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -135,12 +161,19 @@ def check(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] |
     directory (when `write`). Returns the resolved variants, notices, and the run directory a run would use."""
     scenarios, notices = load_scenarios(source, overrides, variants)
     for scenario in scenarios:
-        check_scenario(scenario)
+        _check_one(scenario)
     first = scenarios[0].spec
     setting = "--out" if out is not None else "output.dir"
     out_path = choose_run_dir(first.output.dir if out is None else out, first.name, overwrite, setting) \
         if write else None
     return scenarios, notices, out_path
+
+
+def _check_one(scenario: ResolvedScenario) -> None:
+    """`check_scenario`, and that an accuracy target has an accuracy to reach (the variant named in an error)."""
+    check_scenario(scenario)
+    with naming_variant(scenario.declared_name):
+        check_target(scenario)
 
 
 def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
@@ -160,9 +193,10 @@ def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
 
 
 def _run_one(sim: Simulation, run_dir: RunDirectory | None, root: Path | None, progress: bool,
-             note: Callable[[str], None], resume: bool) -> list[dict[str, Any]]:
-    """One variant on the virtual clock; with a run directory (`root`), checkpointed, and restored from its last
-    good checkpoint when `resume`."""
+             note: Callable[[str], None], resume: bool) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """One variant on the virtual clock, returning its metrics rows and job timeline (`JobLog.arrays()`); with a
+    run directory (`root`), checkpointed, and restored from its last good checkpoint (rows and timeline so far
+    included) when `resume`."""
     spec, variant = sim.scenario.spec, sim.scenario.variant
     recorder = Recorder(variant, sim.evaluator,
                         sink=(lambda row: run_dir.append_metrics([row])) if run_dir else (lambda row: None),
@@ -186,7 +220,7 @@ def _run_one(sim: Simulation, run_dir: RunDirectory | None, root: Path | None, p
     if not clock.stopped:
         raise FedsimError(f"variant {variant}: protocol {component.name!r} ran out of events at "
                           f"simulated time {clock.now:.6g} s before its budget was spent; its metrics so far are kept")
-    return recorder.rows
+    return recorder.rows, recorder.timeline.arrays()
 
 
 def _restore(saving: Checkpointing, run_dir: RunDirectory | None, note: Callable[[str], None]) -> bool:
@@ -216,10 +250,10 @@ def _check_unchanged(meta: dict[str, Any], stored: list[ResolvedScenario], note:
         note(f"scenario file {source} is gone; resuming from the run directory's copy")
         return
     current, _ = load_scenarios(source, meta.get("overrides") or None, meta.get("selected"))
-    field = first_difference(scenario_document([s.to_dict() for s in stored], [s.variant for s in stored]),
-                             scenario_document([s.to_dict() for s in current], [s.variant for s in current]))
-    if field is not None:
-        raise ScenarioError(f"{field}: {source} changed since the run started; resuming would not give the "
+    differing = first_difference(scenario_document([s.to_dict() for s in stored], [s.variant for s in stored]),
+                                 scenario_document([s.to_dict() for s in current], [s.variant for s in current]))
+    if differing is not None:
+        raise ScenarioError(f"{differing}: {source} changed since the run started; resuming would not give the "
                             f"uninterrupted run's numbers (start a new run, or restore the file)")
 
 

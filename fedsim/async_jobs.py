@@ -1,5 +1,6 @@
 """What asynchronous protocols (FedAsync, FedBuff, FedFix, asynchronous FedAvg) share: jobs dispatched from the
-model version current at dispatch, run batched when the first of them is needed, and the clients not training.
+model version current at dispatch, run batched when the first of them is needed, the clients not training, and
+(`AsyncProtocol`) keeping a number of jobs in flight.
 
 A job's start model is fixed when it is dispatched, so its result does not depend on when it is computed.
 Dispatched jobs wait with their start message; the first arrival of a job not yet run runs every waiting job in
@@ -10,16 +11,19 @@ gets each job when it is dispatched instead, and hands its result over when it h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedsim.clock import Clock, Event
 from fedsim.codecs import build_codec
 from fedsim.params import Pytree
-from fedsim.protocol import SAMPLE_COUNT_BYTES
+from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.runtime import Job, JobResult
 from fedsim.sampling import full_steps, samples_processed
+from fedsim.seeding import Stream, numpy_rng
 
 
 @dataclass(frozen=True)
@@ -133,3 +137,101 @@ class IdleClients:
 
     def load_state_dict(self, state: list[Any]) -> None:
         self.clients, self.count = state
+
+
+class AsyncProtocol(ProtocolBase):
+    """A protocol keeping C = `clients_per_round` jobs in flight (FedAsync, FedBuff): C clients drawn at time 0,
+    and, whenever a job ends (its result arrives, or its client drops out), a client drawn uniformly from the idle
+    ones (the one just freed included) starts a job from the current model at once. Jobs are numbered by dispatch.
+
+    With an availability model in the systems profile the draw prefers clients available now (up to
+    `AVAILABLE_TRIES` uniform draws; failing that, the one that comes online first, whose job waits for it), and a
+    job whose client drops out (`ClientSystems.drop_time`) is never run: it ends with a `dropout` event, logged as
+    dropped. Subclasses implement `_arrive(event, clock)` (the result's server step, ending with `_refill`)."""
+
+    AVAILABLE_TRIES = 16
+
+    def __init__(self, params: Any, sim: Any, recorder: Any) -> None:
+        super().__init__(params, sim, recorder)
+        self.sizes = job_sizes(sim, self.template)
+        self.step = 0
+        self.dispatched = 0
+        self.book = JobBook(sim.runtime)
+        num_clients = sim.data.num_clients
+        self.first = numpy_rng(self.spec.seed, Stream.PROTOCOL, 0).choice(num_clients, self.spec.clients_per_round,
+                                                                          replace=False)
+        self.idle = IdleClients(num_clients, self.first)
+
+    def start(self, clock: Clock) -> None:
+        clock.schedule(0.0, "start")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "step": self.step, "dispatched": self.dispatched,
+                "book": self.book.state_dict(), "idle": self.idle.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.step, self.dispatched = state["step"], state["dispatched"]
+        self.book.load_state_dict(state["book"])
+        self.idle.load_state_dict(state["idle"])
+
+    def handle(self, event: Event, clock: Clock) -> None:
+        if event.kind == "start":
+            self.evaluate_if_due(0, clock.now)
+            self._publish()
+            for client in self.first.tolist():
+                self._dispatch(int(client), clock)
+        elif event.kind == "arrival":
+            self._arrive(event, clock)
+        elif event.kind == "dropout":
+            self.recorder.timeline.job(event.payload["job"], event.payload["start"], event.payload["phases"],
+                                       "dropped")
+            self._refill(event.payload["job"], clock)
+        else:
+            raise ValueError(f"{type(self).__name__} got an unknown event {event.kind!r}")
+
+    def _arrive(self, event: Event, clock: Clock) -> None:
+        raise NotImplementedError
+
+    def _publish(self) -> None:
+        """Make the current model the version new jobs start from (one downlink encoding per version)."""
+        message, down = self.broadcast(self.step)
+        self.book.publish(self.step, message, down, self.state["params"])
+
+    def _dispatch(self, client: int, clock: Clock) -> None:
+        """Start a job from the current version once its client is available; its duration is known now, its
+        result is computed on demand (or never, when its client drops out first)."""
+        systems = self.sim.systems
+        job = Job(self.dispatched, client, int(self.sizes.steps[client]), version=self.step)
+        self.dispatched += 1
+        start = clock.now if systems.always_available else systems.available_from(client, clock.now)
+        if not math.isfinite(start):
+            return  # the client never comes online: its slot stays empty
+        down = self.book.versions[self.step][1]
+        self.traffic.down += down
+        phases = systems.job_phases(job.id, client, int(self.sizes.work[client]), down, self.sizes.bytes_up)
+        drop = systems.drop_time(job.id, client, start, phases)
+        if drop is not None:
+            clock.schedule(start - clock.now + drop, "dropout", job=job, start=start, phases=phases.until(drop))
+            return
+        self.book.dispatch(job)
+        clock.schedule(start - clock.now + phases.total, "arrival", job=job, start=start, phases=phases)
+
+    def _refill(self, job: Job, clock: Clock) -> None:
+        """Free the ended job's client and start a job for a drawn idle client."""
+        self.idle.free(job.client)
+        self._dispatch(self._draw(clock.now), clock)
+
+    def _draw(self, now: float) -> int:
+        """A uniformly drawn idle client, preferring one available at `now` (keyed by the dispatch count)."""
+        rng = numpy_rng(self.spec.seed, Stream.PROTOCOL, self.dispatched)
+        systems = self.sim.systems
+        if systems.always_available:
+            return self.idle.draw(rng)
+        tried = [self.idle.draw(rng) for _ in range(min(self.AVAILABLE_TRIES, self.idle.count))]
+        times = systems.available_times(tried, now)
+        chosen = int(np.argmin(times))
+        for i, client in enumerate(tried):
+            if i != chosen:
+                self.idle.free(client)
+        return tried[chosen]

@@ -1,14 +1,18 @@
-"""The run directory: resolved scenario, metrics.jsonl, summary and plot, each written atomically (a temporary
-file renamed into place), so a killed run never leaves a half-written file."""
+"""The run directory: resolved scenario, metrics.jsonl, summary, job timelines and pictures, each written atomically
+(a temporary file renamed into place), so a killed run never leaves a half-written file."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.strict_input import dump_yaml, shorten_key
@@ -124,6 +128,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         raise FedsimError(f"{path / 'metrics.jsonl'}: not valid JSON lines") from None
 
 
+def timeline_file(variant: str) -> str:
+    """The name of a variant's job timeline file in the run directory."""
+    return f"timeline-{variant}.npz"
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz file written by `RunDirectory.write_arrays` (None when there is none: a run directory
+    from before timelines were written)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise FedsimError(f"{path}: not a readable .npz file") from None
+
+
 def scenario_document(resolved: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Resolved variants as one loadable document: the mapping itself, or `variants` of full mappings."""
     if len(resolved) == 1 and names == [resolved[0]["name"]]:
@@ -148,6 +169,12 @@ class RunDirectory:
 
     def write_json(self, name: str, payload: Any) -> None:
         write_atomic(self.path / name, json.dumps(payload, indent=2) + "\n")
+
+    def write_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Named arrays as an uncompressed .npz file (`numpy.load` reads it, no pickling)."""
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_atomic(self.path / name, buf.getvalue())
 
     def append_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
         """Add rows to metrics.jsonl; the whole file is rewritten atomically, so it is always complete."""

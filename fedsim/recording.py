@@ -101,18 +101,21 @@ class Recorder:
         self.timeline.load_state_dict(state["timeline"])
 
     def evaluate(self, round_index: int, sim_time: float, params: Pytree, traffic: Traffic,
-                 extra: Mapping[str, Any] | None = None) -> Row:
+                 extra: Mapping[str, Any] | None = None, evaluator: Evaluator | None = None,
+                 variant: str | None = None) -> Row:
         """Evaluate the global model, record the row (with a protocol's own figures in `extra`: consensus error,
-        staleness ...), and stop the run if the loss is not finite."""
-        metrics = self.evaluator(params)
-        row = {"variant": self.variant, "round": round_index, "sim_time": sim_time,
+        staleness ...), and stop the run if the loss is not finite. A protocol training several models at once
+        passes each one's `evaluator` and row `variant` (the recorder's own by default)."""
+        metrics = (self.evaluator if evaluator is None else evaluator)(params)
+        variant = variant or self.variant
+        row = {"variant": variant, "round": round_index, "sim_time": sim_time,
                "wall_time": time.perf_counter() - self.started, **metrics, **(extra or {}),
                "bytes_up": traffic.up, "bytes_down": traffic.down}
         self.rows.append(row)
         self.sink(row)
         if not all(math.isfinite(v) for v in metrics.values()):
             raise DivergenceError(
-                f"variant {self.variant}, round {round_index}: the run diverged (training loss {metrics['loss']}); "
+                f"variant {variant}, round {round_index}: the run diverged (training loss {metrics['loss']}); "
                 f"its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
         return row

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 import fedsim.data  # noqa: F401  (fill the data registries)
 from fedsim.clients import ALGORITHMS
@@ -45,16 +45,33 @@ MAX_NAME = 100
 
 
 class StragglerSpec(Params):
-    """FedProx's systems heterogeneity: a fraction of each round's clients cannot finish their epochs."""
+    """Clients of a synchronous round that cannot finish their epochs (`fedsim.sampling`): a fraction drawn apart
+    from device speed (the FedProx paper's protocol), or those whose job outlasts a deadline (tied to speed)."""
 
-    fraction: float = Field(0.0, ge=0, le=1)
+    fraction: float = Field(0.0, ge=0, le=1, description="FedProx's protocol: this share of each round's clients "
+                                                        "runs fewer epochs, whatever their speed")
+    deadline: float | None = Field(None, gt=0, description="simulated seconds a round lasts at most; a client whose "
+                                                           "job would end later runs the steps that fit, or is "
+                                                           "dropped (`handling`)")
     handling: Literal["auto", "drop", "keep"] = "auto"
 
 
 class EvaluationSpec(Params):
+    """When and where the global model is evaluated, and the target whose first crossing the summary reports
+    (simulated seconds, server steps and client updates to reach it)."""
+
     every: int = Field(1, ge=1, description="evaluate before every n-th round, and after the last")
     dissimilarity: bool = False
     clients: int | None = Field(None, ge=1, description="evaluate on a fixed sample of this many clients")
+    target: float | None = Field(None, gt=0, le=1, description="test accuracy to reach (tasks with accuracy)")
+    target_loss: float | None = Field(None, ge=0, description="test loss to reach (instead of target)")
+
+    @field_validator("target_loss", mode="after")
+    @classmethod
+    def _one_target(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("target") is not None:
+            raise ValueError("give target (accuracy) or target_loss (test loss), not both")
+        return value
 
 
 class CompressionSpec(Params):
@@ -76,8 +93,12 @@ class CheckpointSpec(Params):
 
 
 class OutputSpec(Params):
+    """Where a run writes and whether it draws its pictures (plot.png, timeline.png, async.png)."""
+
     dir: str | None = Field(None, min_length=1, description="run directory (default: runs/<name>)")
     plot: bool = True
+    timeline_seconds: float | None = Field(None, gt=0, description="simulated seconds timeline.png shows (default: "
+                                                                   "10% of the run, at least 3 median jobs)")
 
 
 class ScenarioSchema(Params):
@@ -354,7 +375,7 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if missing is not None:
         raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")
     _check_message_keys(components)
-    for kind in ("protocol", "algorithm"):  # a rule's own cross-field checks (a protocol's settings, a server pairing)
+    for kind in ("protocol", "algorithm", "systems"):  # own cross-field checks (a protocol's settings, a trace)
         check = components[kind].entry.meta.get("check")
         if check is not None:
             check(components[kind].params, spec, components)
@@ -385,6 +406,13 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
             f"partition.name: {components['data'].name!r} generates its clients on demand and cannot be "
             f"re-partitioned; use partition 'natural'"
         )
+    if spec.stragglers.deadline is not None and spec.stragglers.fraction > 0:
+        raise ScenarioError("stragglers.fraction, stragglers.deadline: choose one straggler model, the FedProx "
+                            "paper's fraction or a deadline in simulated seconds")
+    if spec.stragglers.deadline is not None and not protocol.entry.meta.get("deadline"):
+        fitting = [e.name for e in PROTOCOLS if e.meta.get("deadline")]
+        raise ScenarioError(f"stragglers.deadline: protocol {protocol.name!r} has no round deadline; use "
+                            f"{' or '.join(fitting)}, or model slow clients by the systems profile")
     active = active_count(spec.clients_per_round or spec.num_clients, spec.stragglers.fraction)
     if straggler_handling(spec, components) == "drop" and active == 0:
         raise ScenarioError(

@@ -1,24 +1,31 @@
-"""System heterogeneity: each client's compute speed and link, and how they turn work and bytes into seconds.
+"""System heterogeneity: each client's compute speed and link, its availability, and how they turn work and bytes
+into seconds.
 
 Profiles are registry entries `fn(params, num_clients, rng) -> ClientSystems`; the clock charges a job
-`latency + bytes_down / bandwidth_down` to receive the model, `work / speed * factor` to train (work: samples
-processed times the rule's gradient evaluations per step; factor: 1, or drawn per job with mean 1 from the profile's
-`compute` distribution, keyed by (seed, job, client) so every runtime and protocol order sees the same draws), and
-`latency + bytes_up / bandwidth_up` to send its message.
+`latency + bytes_down / bandwidth_down` to receive the model, its compute time to train (`work / speed * factor`,
+work: samples processed times the rule's gradient evaluations per step; factor: 1, or drawn per job with mean 1 from
+the profile's `compute` distribution; or a value replayed from a trace), and `latency + bytes_up / bandwidth_up` to
+send its message. Every profile also takes `availability` (always; on/off windows; available with probability p per
+period) and `dropout` (the probability a job is abandoned midway); a job whose client stops being available before
+it ends is abandoned then. Every draw is keyed by (seed, job, client) or (seed, period, client), so every runtime
+and protocol order sees the same ones.
 """
-
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+import torch
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from fedsim.errors import ScenarioError
+from fedsim.keyed_random import key_from_seed, philox4x32
 from fedsim.registry import Params, Registry
 from fedsim.seeding import Stream, numpy_rng
+from fedsim.systems_traces import ComputeModel, TraceCompute, read_trace
 
 Compute = Literal["constant", "exponential", "shifted_exponential", "half_normal", "lognormal", "uniform"]
 
@@ -59,36 +66,265 @@ class JobPhases:
     def total(self) -> float:
         return self.download + self.compute + self.upload
 
+    def until(self, seconds: float) -> JobPhases:
+        """The part of these phases within their first `seconds` (a job cut short by a dropout or deadline)."""
+        download = min(self.download, seconds)
+        compute = min(self.compute, seconds - download)
+        return JobPhases(download, compute, min(self.upload, seconds - download - compute))
+
+
+@dataclass(frozen=True)
+class SpeedCompute:
+    """Compute time from a per-client speed (sample-gradient evaluations per second): work / speed times the job's
+    compute factor."""
+
+    speed: np.ndarray
+    draw: ComputeDraw = ComputeDraw("constant", 0.0, 0)
+
+    def seconds(self, job: int, client: int, work: int) -> float:
+        return float(work / self.speed[client] * self.draw(job, client))
+
+    def mean_seconds(self, client: int, work: int) -> float:
+        """Work over speed: the compute factor's mean is 1."""
+        return float(work / self.speed[client])
+
+
+@dataclass(frozen=True)
+class AlwaysAvailable:
+    """Every client is available at every moment."""
+
+    def mask(self, clients: np.ndarray, t: float) -> np.ndarray:
+        return np.ones(len(clients), dtype=bool)
+
+    def times(self, clients: np.ndarray, t: float) -> np.ndarray:
+        return np.full(len(clients), float(t))
+
+    def offline_within(self, client: int, start: float, end: float) -> float | None:
+        return None
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Each client cycles through `on` seconds available then `off` seconds away; client c's cycles start at
+    k (on + off) - phase[c] for every integer k. Times are compared with those exact expressions, so the moment
+    `times` returns is one `mask` calls available."""
+
+    on: float
+    off: float
+    phase: np.ndarray
+
+    def _cycle(self, clients: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """The index k of each client's cycle holding t (start <= t < next start), and its phase."""
+        cycle, phase = self.on + self.off, self.phase[clients]
+        k = np.floor((t + phase) / cycle)
+        k = np.where((k + 1) * cycle - phase <= t, k + 1, k)
+        return np.where(k * cycle - phase > t, k - 1, k), phase
+
+    def _window_end(self, clients: np.ndarray, t: float) -> np.ndarray:
+        k, phase = self._cycle(clients, t)
+        return k * (self.on + self.off) - phase + self.on
+
+    def mask(self, clients: np.ndarray, t: float) -> np.ndarray:
+        return t < self._window_end(clients, t)
+
+    def times(self, clients: np.ndarray, t: float) -> np.ndarray:
+        k, phase = self._cycle(clients, t)
+        cycle = self.on + self.off
+        return np.where(t < k * cycle - phase + self.on, float(t), (k + 1) * cycle - phase)
+
+    def offline_within(self, client: int, start: float, end: float) -> float | None:
+        window_end = float(self._window_end(np.asarray([client]), start)[0])
+        if start >= window_end:
+            return float(start)
+        return window_end if window_end < end else None
+
+
+MAX_SCAN_PERIODS = 1_000_000
+"""Periods `PerPeriod.times` looks ahead for a client's next available one before answering math.inf (never): with
+p >= 1e-4 the chance that a client is away that long is below e^-100."""
+_SCAN_CELLS = 1 << 18
+"""Most (period, client) draws made at once while looking ahead."""
+_WORD = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class PerPeriod:
+    """Time cut into periods [k period, (k + 1) period); in each, client c is available with probability p, from a
+    counter-based draw keyed by (seed, k, c) (Philox), so any set of periods and clients is drawn at once."""
+
+    p: float
+    period: float
+    key: torch.Tensor
+
+    def _index(self, t: float) -> int:
+        """The period k with k period <= t < (k + 1) period, in those exact expressions."""
+        k = math.floor(t / self.period)
+        if (k + 1) * self.period <= t:
+            return k + 1
+        return k - 1 if k * self.period > t else k
+
+    def _on(self, periods: np.ndarray | int, clients: np.ndarray | int) -> np.ndarray:
+        k, c = np.broadcast_arrays(np.asarray(periods, dtype=np.int64), np.asarray(clients, dtype=np.int64))
+        counter = torch.from_numpy(np.stack([k & _WORD, k >> 32, c & _WORD, c >> 32], axis=-1))
+        return philox4x32(counter, self.key)[..., 0].numpy() < self.p * 2.0**32
+
+    def mask(self, clients: np.ndarray, t: float) -> np.ndarray:
+        return self._on(self._index(t), clients)
+
+    def times(self, clients: np.ndarray, t: float) -> np.ndarray:
+        k = self._index(t)
+        clients = np.asarray(clients, dtype=np.int64)
+        out = np.full(len(clients), math.inf)
+        now = self._on(k, clients)
+        out[now] = t
+        left, scanned, block = np.flatnonzero(~now), 0, 8
+        while left.size and self.p > 0 and scanned < MAX_SCAN_PERIODS:
+            block = max(1, min(2 * block, MAX_SCAN_PERIODS - scanned, _SCAN_CELLS // left.size))
+            periods = k + 1 + scanned + np.arange(block)
+            hits = self._on(periods[:, None], clients[left][None, :])
+            found = hits.any(axis=0)
+            out[left[found]] = periods[hits.argmax(axis=0)[found]] * self.period
+            left, scanned = left[~found], scanned + block
+        return out
+
+    def offline_within(self, client: int, start: float, end: float) -> float | None:
+        k = self._index(start)
+        if not self._on(k, client):
+            return float(start)
+        last, block = self._index(end) if math.isfinite(end) else k + MAX_SCAN_PERIODS, 8
+        while self.p < 1 and k < last:
+            block = min(2 * block, last - k, _SCAN_CELLS)
+            periods = k + 1 + np.arange(block)
+            off = np.flatnonzero(~self._on(periods, client))
+            if off.size:
+                when = float(periods[off[0]] * self.period)
+                return when if when < end else None
+            k = int(periods[-1])
+        return None
+
+
+Availability = AlwaysAvailable | Windows | PerPeriod
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A job is abandoned with probability p, at a moment uniform over its duration; keyed by (seed, job, client)."""
+
+    p: float
+    seed: int
+
+    def time(self, job: int, client: int, duration: float) -> float | None:
+        if self.p == 0:
+            return None
+        rng = numpy_rng(self.seed, Stream.SYSTEMS, job, client)
+        return float(rng.uniform(0.0, duration)) if rng.random() < self.p else None
+
 
 @dataclass(frozen=True)
 class ClientSystems:
-    """Per-client arrays: speed (sample-gradient evaluations per second), latency (s), bandwidths (bytes per second)."""
+    """Per-client compute model and links (latency in s, bandwidths in bytes per second), availability, dropouts."""
 
-    speed: np.ndarray
+    compute: ComputeModel
     latency: np.ndarray
     bandwidth_up: np.ndarray
     bandwidth_down: np.ndarray
-    compute: ComputeDraw = ComputeDraw("constant", 0.0, 0)
+    availability: Availability = AlwaysAvailable()
+    dropout: Dropout = Dropout(0.0, 0)
+
+    @property
+    def speed(self) -> np.ndarray:
+        """Per-client speeds of speed-based profiles (sample-gradient evaluations per second)."""
+        return self.compute.speed
+
+    @property
+    def always_available(self) -> bool:
+        """Whether every client is available at every moment (protocols then skip availability lookups)."""
+        return isinstance(self.availability, AlwaysAvailable)
+
+    def _transfers(self, client: int, bytes_down: int, bytes_up: int) -> tuple[float, float]:
+        down = self.latency[client] + bytes_down / self.bandwidth_down[client]
+        up = self.latency[client] + bytes_up / self.bandwidth_up[client]
+        return float(down), float(up)
 
     def job_phases(self, job: int, client: int, work: int, bytes_down: int, bytes_up: int) -> JobPhases:
         """Simulated seconds of job `job` of `client`: download, local training (`work` sample-gradient
-        evaluations, times the job's compute factor), upload."""
-        down = self.latency[client] + bytes_down / self.bandwidth_down[client]
-        up = self.latency[client] + bytes_up / self.bandwidth_up[client]
-        return JobPhases(float(down), float(work / self.speed[client] * self.compute(job, client)), float(up))
+        evaluations, timed by the profile's compute model), upload."""
+        down, up = self._transfers(client, bytes_down, bytes_up)
+        return JobPhases(down, self.compute.seconds(job, client, work), up)
 
     def job_seconds(self, job: int, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
         """Simulated duration of job `job` of `client`, its three phases together."""
         return self.job_phases(job, client, work, bytes_down, bytes_up).total
 
     def mean_job_seconds(self, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
-        """A job's expected duration (the compute factor's mean is 1): what FedFix's weights and ticks use."""
-        down = self.latency[client] + bytes_down / self.bandwidth_down[client]
-        up = self.latency[client] + bytes_up / self.bandwidth_up[client]
-        return float(down + work / self.speed[client] + up)
+        """A job's expected duration (the compute factor's mean is 1; a trace's mean over the client's rows): what
+        FedFix's weights and ticks use."""
+        down, up = self._transfers(client, bytes_down, bytes_up)
+        return float(down + self.compute.mean_seconds(client, work) + up)
+
+    def available_mask(self, clients: np.ndarray | Sequence[int], t: float) -> np.ndarray:
+        """Which of `clients` are available at simulated time t (a bool array)."""
+        return self.availability.mask(np.asarray(clients, dtype=np.int64), t)
+
+    def available_times(self, clients: np.ndarray | Sequence[int], t: float) -> np.ndarray:
+        """For each of `clients`, the earliest time >= t it is available (t when it is now; math.inf: never)."""
+        return self.availability.times(np.asarray(clients, dtype=np.int64), t)
+
+    def available_from(self, client: int, t: float) -> float:
+        """The earliest time >= t `client` is available: t when it is now, math.inf when never."""
+        return float(self.available_times([client], t)[0])
+
+    def drop_time(self, job: int, client: int, start: float, phases: JobPhases) -> float | None:
+        """Seconds after `start` at which job `job` of `client` (lasting `phases`) is abandoned, or None when it
+        completes: the earlier of its keyed dropout draw and the moment its client stops being available (0 when it
+        is not available at `start`; a job ending exactly as its window closes completes)."""
+        drawn = self.dropout.time(job, client, phases.total)
+        offline = self.availability.offline_within(client, start, start + phases.total)
+        found = [d for d in (drawn, None if offline is None else offline - start) if d is not None]
+        return min(found) if found else None
 
 
 SYSTEMS: Registry = Registry("systems profile")
+
+
+class AvailabilityParams(Params):
+    kind: Literal["always", "windows", "bernoulli"] = Field(
+        "always", description="always; windows: each client on for `on` s then off for `off` s, in turn; bernoulli: "
+                              "in each `period` of seconds a client is available with probability `p`")
+    on: float | None = Field(None, gt=0, description="windows: seconds available per cycle")
+    off: float | None = Field(None, ge=0, description="windows: seconds away per cycle")
+    phase: Literal["random", "zero"] | None = Field(None, description="windows: each client's cycle offset, drawn "
+                                                                      "once per client (random, the default) or 0")
+    p: float | None = Field(None, ge=0, le=1, description="bernoulli: probability of being available in a period")
+    period: float | None = Field(None, gt=0, description="bernoulli: seconds per period")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> AvailabilityParams:
+        takes = {"always": (), "windows": ("on", "off", "phase"), "bernoulli": ("p", "period")}[self.kind]
+        missing = [f for f in takes if f != "phase" and getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"kind {self.kind} needs {' and '.join(missing)}")
+        stray = [f for f in ("on", "off", "phase", "p", "period") if f not in takes and getattr(self, f) is not None]
+        if stray:
+            raise ValueError(f"{stray[0]} does not apply to kind {self.kind}, which takes "
+                             f"{', '.join(takes) or 'nothing else'}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dump the kind and the fields it takes (`{kind: always}`, not a row of nulls)."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def build(self, num_clients: int, rng: np.random.Generator) -> Availability:
+        """The availability model, with windows' phases (or the bernoulli key) drawn from the profile's stream."""
+        if self.kind == "windows" and self.off:
+            assert self.on is not None
+            phase = np.zeros(num_clients) if self.phase == "zero" else rng.uniform(0.0, self.on + self.off, num_clients)
+            return Windows(self.on, self.off, phase)
+        if self.kind == "bernoulli" and self.p != 1:
+            assert self.p is not None and self.period is not None
+            return PerPeriod(self.p, self.period, key_from_seed(int(rng.integers(2**62))))
+        return AlwaysAvailable()
 
 
 class HomogeneousParams(Params):
@@ -100,18 +336,30 @@ class HomogeneousParams(Params):
                                                      "mean 1 drawn per job from this distribution")
     compute_spread: float = Field(0.5, ge=0, le=1, description="shifted_exponential: the shift; lognormal: the "
                                                                "log-space std; uniform: the half-width")
+    availability: AvailabilityParams = Field(AvailabilityParams(), description="when clients can take and keep jobs")
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a job is abandoned, at a moment uniform over "
+                                                        "its duration; drawn per (job, client)")
 
     def compute_draw(self, rng: np.random.Generator) -> ComputeDraw:
         """The per-job factor, keyed by a seed drawn once from the profile's stream."""
         return ComputeDraw(self.compute, self.compute_spread, int(rng.integers(2**62)))
+
+    def client_systems(self, compute: ComputeModel, latency: np.ndarray, bandwidth_up: np.ndarray,
+                       bandwidth_down: np.ndarray, rng: np.random.Generator) -> ClientSystems:
+        """Add dropouts and availability, drawing their seeds after the profile's other draws (so they leave the
+        speeds and compute factors of a seed as they were without them)."""
+        dropout = Dropout(self.dropout, int(rng.integers(2**62)))
+        return ClientSystems(compute, latency, bandwidth_up, bandwidth_down,
+                             self.availability.build(len(latency), rng), dropout)
 
 
 @SYSTEMS.register("homogeneous", params=HomogeneousParams)
 def homogeneous(params: HomogeneousParams, num_clients: int, rng: np.random.Generator) -> ClientSystems:
     """Every client has the same speed and link."""
     full = np.full(num_clients, 1.0)
-    return ClientSystems(full * params.speed, full * params.latency, full * params.bandwidth_up,
-                         full * params.bandwidth_down, params.compute_draw(rng))
+    compute = SpeedCompute(full * params.speed, params.compute_draw(rng))
+    return params.client_systems(compute, full * params.latency, full * params.bandwidth_up,
+                                 full * params.bandwidth_down, rng)
 
 
 class LogNormalParams(HomogeneousParams):
@@ -125,8 +373,9 @@ def lognormal(params: LogNormalParams, num_clients: int, rng: np.random.Generato
     """Speeds and bandwidths lognormal around the given medians (a common model of device heterogeneity)."""
     speed = params.speed * rng.lognormal(0.0, params.speed_sigma, num_clients)
     link = rng.lognormal(0.0, params.bandwidth_sigma, num_clients)
-    return ClientSystems(speed, np.full(num_clients, params.latency), params.bandwidth_up * link,
-                         params.bandwidth_down * link, params.compute_draw(rng))
+    compute = SpeedCompute(speed, params.compute_draw(rng))
+    return params.client_systems(compute, np.full(num_clients, params.latency), params.bandwidth_up * link,
+                                 params.bandwidth_down * link, rng)
 
 
 class TiersParams(HomogeneousParams):
@@ -149,8 +398,9 @@ def tiers(params: TiersParams, num_clients: int, rng: np.random.Generator) -> Cl
     counts.append(num_clients - sum(counts))
     per_client = np.repeat(params.multipliers, np.maximum(counts, 0))[:num_clients]
     full = np.full(num_clients, 1.0)
-    return ClientSystems(params.speed * per_client[rng.permutation(num_clients)], full * params.latency,
-                         full * params.bandwidth_up, full * params.bandwidth_down, params.compute_draw(rng))
+    compute = SpeedCompute(params.speed * per_client[rng.permutation(num_clients)], params.compute_draw(rng))
+    return params.client_systems(compute, full * params.latency, full * params.bandwidth_up,
+                                 full * params.bandwidth_down, rng)
 
 
 class LinearParams(HomogeneousParams):
@@ -164,5 +414,29 @@ def linear(params: LinearParams, num_clients: int, rng: np.random.Generator) -> 
     tau_i = 1 - i (X/100) / (N - 1) of client 0's, so speed_i = speed / tau_i (client 0 slowest)."""
     tau = 1.0 - np.arange(num_clients) * (params.spread / 100.0) / max(1, num_clients - 1)
     full = np.full(num_clients, 1.0)
-    return ClientSystems(params.speed / tau, full * params.latency, full * params.bandwidth_up,
-                         full * params.bandwidth_down, params.compute_draw(rng))
+    return params.client_systems(SpeedCompute(params.speed / tau, params.compute_draw(rng)), full * params.latency,
+                                 full * params.bandwidth_up, full * params.bandwidth_down, rng)
+
+
+class TraceParams(HomogeneousParams):
+    path: str = Field(min_length=1, description="CSV file with header client,duration (seconds of a job's local "
+                                                "training) or client,samples_per_second")
+    missing: Literal["error", "speed"] = Field("error", description="clients without a row: an error, or timed "
+                                                                    "by speed (and compute) as in homogeneous")
+
+
+def check_trace(params: TraceParams, spec: Any, components: Any) -> None:
+    """Read the trace when the scenario is checked, so a bad file is refused before anything is built."""
+    read_trace(params.path, spec.num_clients, params.missing == "speed")
+
+
+@SYSTEMS.register("trace", params=TraceParams, check=check_trace)
+def trace(params: TraceParams, num_clients: int, rng: np.random.Generator) -> ClientSystems:
+    """Compute times replayed from a CSV trace of (client, duration) or (client, samples/s) rows: each job draws
+    one of its client's rows; links as in homogeneous."""
+    table = read_trace(params.path, num_clients, params.missing == "speed")
+    full = np.full(num_clients, 1.0)
+    draw = params.compute_draw(rng)
+    compute = TraceCompute(table, draw.seed, SpeedCompute(full * params.speed, draw))
+    return params.client_systems(compute, full * params.latency, full * params.bandwidth_up,
+                                 full * params.bandwidth_down, rng)

@@ -33,15 +33,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim.async_jobs import IdleClients, JobBook, job_sizes
+from fedsim.async_jobs import AsyncProtocol
 from fedsim.clock import Clock, Event
 from fedsim.errors import ScenarioError
 from fedsim.params import Pytree, tree_map
-from fedsim.protocol import ProtocolBase
 from fedsim.recording import Recorder, Row
 from fedsim.registry import Params
-from fedsim.runtime import Job, JobResult
-from fedsim.seeding import Stream, numpy_rng
+from fedsim.runtime import JobResult
 from fedsim.servers import PROTOCOLS
 
 if TYPE_CHECKING:
@@ -85,66 +83,22 @@ def check_fedasync(params: FedAsyncParams, spec: ScenarioSchema, components: dic
 
 @PROTOCOLS.register("fedasync", params=FedAsyncParams, needs=("clients_per_round",), carries=("delta",),
                     check=check_fedasync, asynchronous=True)
-class FedAsync(ProtocolBase):
-    """Asynchronous updates; `clients_per_round` is the concurrency (clients training at once). Events: `start`
-    and `arrival`; jobs are numbered by dispatch, server steps by update."""
+class FedAsync(AsyncProtocol):
+    """Asynchronous updates; `clients_per_round` is the concurrency (clients training at once). Events: `start`,
+    `arrival`, `dropout`; jobs are numbered by dispatch, server steps by update."""
 
     def __init__(self, params: FedAsyncParams, sim, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
-        self.sizes = job_sizes(sim, self.template)
-        self.step = 0
-        self.dispatched = 0
-        self.book = JobBook(sim.runtime)
-        num_clients = sim.data.num_clients
-        self.first = numpy_rng(self.spec.seed, Stream.PROTOCOL, 0).choice(num_clients, self.spec.clients_per_round,
-                                                                          replace=False)
-        self.idle = IdleClients(num_clients, self.first)
         self.staleness_log: list[int] = []
         """Each server update's staleness, in update order."""
         self.since_row = 0
 
-    def start(self, clock: Clock) -> None:
-        clock.schedule(0.0, "start")
-
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step": self.step, "dispatched": self.dispatched,
-                "book": self.book.state_dict(), "idle": self.idle.state_dict(), "staleness_log": self.staleness_log,
-                "since_row": self.since_row}
+        return {**super().state_dict(), "staleness_log": self.staleness_log, "since_row": self.since_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.step, self.dispatched, self.since_row = state["step"], state["dispatched"], state["since_row"]
-        self.staleness_log = state["staleness_log"]
-        self.book.load_state_dict(state["book"])
-        self.idle.load_state_dict(state["idle"])
-
-    def handle(self, event: Event, clock: Clock) -> None:
-        if event.kind == "start":
-            self._start(clock)
-        elif event.kind == "arrival":
-            self._arrive(event, clock)
-        else:
-            raise ValueError(f"fedasync got an unknown event {event.kind!r}")
-
-    def _start(self, clock: Clock) -> None:
-        self.evaluate_if_due(0, clock.now)
-        self._publish()
-        for client in self.first.tolist():
-            self._dispatch(int(client), clock)
-
-    def _publish(self) -> None:
-        """Make the current model the version new jobs start from (one downlink encoding per version)."""
-        message, down = self.broadcast(self.step)
-        self.book.publish(self.step, message, down, self.state["params"])
-
-    def _dispatch(self, client: int, clock: Clock) -> None:
-        """Start a job from the current version; its duration is known now, its result is computed on demand."""
-        job = Job(self.dispatched, client, int(self.sizes.steps[client]), version=self.step)
-        self.dispatched += 1
-        down = self.book.dispatch(job)
-        self.traffic.down += down
-        phases = self.sim.systems.job_phases(job.id, client, int(self.sizes.work[client]), down, self.sizes.bytes_up)
-        clock.schedule(phases.total, "arrival", job=job, start=clock.now, phases=phases)
+        self.staleness_log, self.since_row = state["staleness_log"], state["since_row"]
 
     def _arrive(self, event: Event, clock: Clock) -> None:
         job = event.payload["job"]
@@ -167,8 +121,7 @@ class FedAsync(ProtocolBase):
             clock.stop()
             return
         self._publish()
-        self.idle.free(job.client)
-        self._dispatch(self.idle.draw(numpy_rng(self.spec.seed, Stream.PROTOCOL, self.step)), clock)
+        self._refill(job, clock)
 
     def _rebase(self, result: JobResult, start: Pytree, weight: float) -> JobResult:
         """The result with message {"delta": weight ((x_tau + Delta) - x_{t-1})}: the paper's mixing step as a

@@ -35,15 +35,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field
 
-from fedsim.async_jobs import IdleClients, JobBook, job_sizes
+from fedsim.async_jobs import AsyncProtocol
 from fedsim.clock import Clock, Event
 from fedsim.errors import ScenarioError
 from fedsim.params import tree_map
-from fedsim.protocol import ProtocolBase
 from fedsim.recording import Recorder, Row
 from fedsim.registry import Params
-from fedsim.runtime import Job, JobResult
-from fedsim.seeding import Stream, numpy_rng
+from fedsim.runtime import JobResult
 from fedsim.servers import PROTOCOLS
 
 if TYPE_CHECKING:
@@ -100,70 +98,27 @@ def check_fedbuff(params: FedBuffParams, spec: ScenarioSchema, components: dict[
 
 @PROTOCOLS.register("fedbuff", params=FedBuffParams, needs=("clients_per_round",), carries=("delta",),
                     check=check_fedbuff, asynchronous=True)
-class FedBuff(ProtocolBase):
-    """Buffered asynchronous aggregation; `clients_per_round` is the concurrency. Events: `start` and `arrival`;
-    jobs are numbered by dispatch, server steps by buffer."""
+class FedBuff(AsyncProtocol):
+    """Buffered asynchronous aggregation; `clients_per_round` is the concurrency. Events: `start`, `arrival`,
+    `dropout`; jobs are numbered by dispatch, server steps by buffer."""
 
     def __init__(self, params: FedBuffParams, sim, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
-        self.sizes = job_sizes(sim, self.template)
-        concurrency = self.spec.clients_per_round
-        self.buffer_size = params.buffer_size or min(10, concurrency)
+        self.buffer_size = params.buffer_size or min(10, self.spec.clients_per_round)
         self.scale = float(self.buffer_size) if params.reduction == "sum" else 1.0
-        self.step = 0
-        self.dispatched = 0
-        self.book = JobBook(sim.runtime)
-        num_clients = sim.data.num_clients
-        self.first = numpy_rng(self.spec.seed, Stream.PROTOCOL, 0).choice(num_clients, concurrency, replace=False)
-        self.idle = IdleClients(num_clients, self.first)
         self.buffer: list[JobResult] = []
         """Weighted results waiting for the next server step."""
         self.rejected = 0
         self.recent = [0, 0]
         """Staleness sum and count of the changes buffered since the previous metrics row."""
 
-    def start(self, clock: Clock) -> None:
-        clock.schedule(0.0, "start")
-
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step": self.step, "dispatched": self.dispatched,
-                "book": self.book.state_dict(), "idle": self.idle.state_dict(), "buffer": self.buffer,
-                "rejected": self.rejected, "recent": self.recent}
+        return {**super().state_dict(), "buffer": self.buffer, "rejected": self.rejected, "recent": self.recent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.step, self.dispatched, self.rejected = state["step"], state["dispatched"], state["rejected"]
+        self.rejected = state["rejected"]
         self.buffer, self.recent = list(state["buffer"]), list(state["recent"])
-        self.book.load_state_dict(state["book"])
-        self.idle.load_state_dict(state["idle"])
-
-    def handle(self, event: Event, clock: Clock) -> None:
-        if event.kind == "start":
-            self._start(clock)
-        elif event.kind == "arrival":
-            self._arrive(event, clock)
-        else:
-            raise ValueError(f"fedbuff got an unknown event {event.kind!r}")
-
-    def _start(self, clock: Clock) -> None:
-        self.evaluate_if_due(0, clock.now)
-        self._publish()
-        for client in self.first.tolist():
-            self._dispatch(int(client), clock)
-
-    def _publish(self) -> None:
-        """Make the current model the version new jobs start from (one downlink encoding per version)."""
-        message, down = self.broadcast(self.step)
-        self.book.publish(self.step, message, down, self.state["params"])
-
-    def _dispatch(self, client: int, clock: Clock) -> None:
-        """Start a job from the current version; its duration is known now, its result is computed on demand."""
-        job = Job(self.dispatched, client, int(self.sizes.steps[client]), version=self.step)
-        self.dispatched += 1
-        down = self.book.dispatch(job)
-        self.traffic.down += down
-        phases = self.sim.systems.job_phases(job.id, client, int(self.sizes.work[client]), down, self.sizes.bytes_up)
-        clock.schedule(phases.total, "arrival", job=job, start=clock.now, phases=phases)
 
     def _arrive(self, event: Event, clock: Clock) -> None:
         job = event.payload["job"]
@@ -181,8 +136,7 @@ class FedBuff(ProtocolBase):
             self.recent = [self.recent[0] + staleness, self.recent[1] + 1]
         if len(self.buffer) == self.buffer_size and self._server_step(clock):
             return
-        self.idle.free(job.client)
-        self._dispatch(self.idle.draw(numpy_rng(self.spec.seed, Stream.PROTOCOL, self.dispatched)), clock)
+        self._refill(job, clock)
 
     def _server_step(self, clock: Clock) -> bool:
         """Apply the buffer as the next server step; returns whether that spent the budget (the clock stops)."""

@@ -1,21 +1,36 @@
 """Synchronous rounds on the virtual clock: the server samples clients, broadcasts its message to each, waits for
-every client whose work it keeps, aggregates, and starts the next round (FedAvg and FedProx's protocol; the FedProx
-paper's straggler model: a sampled fraction of clients runs fewer epochs, and the rule keeps or drops them)."""
+every client whose work it keeps, aggregates, and starts the next round (FedAvg and FedProx's protocol).
+
+Two straggler models (`stragglers` in the scenario; the rule keeps a straggler's partial work or drops it):
+`fraction`, the FedProx paper's protocol as the authors' code runs it (a sampled share of clients runs fewer
+epochs, drawn apart from device speed); `deadline`, stragglers tied to speed as users of a device simulator expect
+(a client whose full job would end after the deadline runs the local steps that fit, or is dropped; a client that
+fits no step is dropped either way; the round ends when every kept client has arrived, at most the deadline).
+
+With an availability model in the systems profile, a round samples among the clients available when it starts
+(all of them when fewer than `clients_per_round` are; when none is, the round waits for the first to come
+online); a client that drops out during its job (the profile's `dropout`, or its availability ending) is lost to
+the round, its work and client state discarded.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from fedsim.async_jobs import job_sizes
 from fedsim.clock import Clock, Event
 from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.recording import Recorder
 from fedsim.registry import NoParams
 from fedsim.runtime import Job, JobResult
-from fedsim.sampling import plan_round
+from fedsim.sampling import RoundPlan, plan_round, steps_by_deadline
 from fedsim.servers import PROTOCOLS
+from fedsim.systems import JobPhases
 
 
-@PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",))
+@PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",), deadline=True)
 class SynchronousRounds(ProtocolBase):
     """Synchronous rounds: sample clients, wait for every kept one, aggregate (`round_start`/`arrival` events;
     jobs are numbered by their round)."""
@@ -23,6 +38,8 @@ class SynchronousRounds(ProtocolBase):
     def __init__(self, params: NoParams, sim, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
         self.drop_stragglers = sim.scenario.straggler_handling == "drop"
+        self.deadline = self.spec.stragglers.deadline
+        self.sizes = job_sizes(sim, self.template) if self.deadline is not None else None
         self.round = 0
         self.awaiting = 0
         self.received: list[tuple[int, JobResult]] = []
@@ -47,28 +64,83 @@ class SynchronousRounds(ProtocolBase):
 
     def _start_round(self, t: int, clock: Clock) -> None:
         spec, sim = self.spec, self.sim
+        candidates = self._available(clock.now)
+        if candidates is not None and len(candidates) == 0:
+            soonest = float(np.min(sim.systems.available_times(np.arange(sim.data.num_clients), clock.now)))
+            if np.isfinite(soonest):
+                clock.schedule(soonest - clock.now, "round_start", round=t)
+            return
         row = self.evaluate_if_due(t, clock.now)
         if self.budget_spent(t, clock.now):
             clock.stop()
             return
         hp = sim.rule.hp
         plan = plan_round(spec.seed, t, sim.data.train_sizes, spec.clients_per_round, spec.stragglers.fraction,
-                          hp.local_epochs, hp.batch_size, hp.local_steps)
+                          hp.local_epochs, hp.batch_size, hp.local_steps, candidates)
         message, down = self.broadcast(t)
         self.traffic.down += down * len(plan.clients)
-        jobs = [Job(t, int(c), int(s), version=t) for c, s, late in zip(plan.clients, plan.steps, plan.straggler,
-                                                                        strict=True)
-                if not (late and self.drop_stragglers)]
-        results = sim.runtime.run_jobs(jobs, message)
+        if self.deadline is None:
+            jobs = [Job(t, int(c), int(s), version=t) for c, s, late in zip(plan.clients, plan.steps, plan.straggler,
+                                                                            strict=True)
+                    if not (late and self.drop_stragglers)]
+            results = sim.runtime.run_jobs(jobs, message)
+            timing = [sim.systems.job_phases(r.job.id, r.client, r.work, down, r.message_bytes + SAMPLE_COUNT_BYTES)
+                      for r in results]
+        else:
+            jobs, timing = self._within_deadline(t, plan, down, clock.now)
+            results = sim.runtime.run_jobs(jobs, message) if jobs else []
+        results, timing, dropped_until = self._dropouts(results, timing, clock.now)
         self.round, self.awaiting, self.received = t, len(results), []
-        for order, result in enumerate(results):
-            up = result.message_bytes + SAMPLE_COUNT_BYTES
-            phases = sim.systems.job_phases(result.job.id, result.client, result.work, down, up)
-            clock.schedule(phases.total, "arrival", result=result, order=order, bytes_up=up, start=clock.now,
-                           phases=phases)
+        for order, (result, phases) in enumerate(zip(results, timing, strict=True)):
+            clock.schedule(phases.total, "arrival", result=result, order=order,
+                           bytes_up=result.message_bytes + SAMPLE_COUNT_BYTES, start=clock.now, phases=phases)
         self.recorder.progress.advance(t, row)
         if not results:
-            clock.schedule(0.0, "round_start", round=t + 1)
+            clock.schedule(max(dropped_until, 0.0 if self.deadline is None else self.deadline), "round_start",
+                           round=t + 1)
+
+    def _available(self, now: float) -> np.ndarray | None:
+        """The clients available at `now`, or None when every client always is."""
+        systems = self.sim.systems
+        if systems.always_available:
+            return None
+        everyone = np.arange(self.sim.data.num_clients)
+        return everyone[systems.available_mask(everyone, now)]
+
+    def _dropouts(self, results: list[JobResult], timing: list[JobPhases],
+                  now: float) -> tuple[list[JobResult], list[JobPhases], float]:
+        """The results whose clients stay to the end of their jobs, and their phases; the others are logged as
+        dropped where they dropped out (their work is lost, their client state not kept). Also returns the seconds
+        until the last drop."""
+        kept, kept_timing, last = [], [], 0.0
+        for result, phases in zip(results, timing, strict=True):
+            drop = self.sim.systems.drop_time(result.job.id, result.client, now, phases)
+            if drop is None:
+                kept.append(result)
+                kept_timing.append(phases)
+            else:
+                self.recorder.timeline.job(result.job, now, phases.until(drop), "dropped")
+                last = max(last, drop)
+        return kept, kept_timing, last
+
+    def _within_deadline(self, t: int, plan: RoundPlan, down: int, now: float) -> tuple[list[Job], list[JobPhases]]:
+        """The round's jobs cut to the deadline and their phases: a full job that fits runs whole; one that does
+        not runs the steps that fit where the rule keeps partial work, else it is dropped (logged as ending at the
+        deadline), as is one that fits no step."""
+        sim, hp, sizes = self.sim, self.sim.rule.hp, self.sizes
+        jobs, timing = [], []
+        for client in plan.clients.tolist():
+            full = int(sizes.steps[client])
+            phases = sim.systems.job_phases(t, client, int(sizes.work[client]), down, sizes.bytes_up)
+            steps, cut = steps_by_deadline(phases, self.deadline, full, int(sim.data.train_sizes[client]),
+                                           hp.batch_size, sim.rule.step_cost)
+            if steps == full or (steps > 0 and not self.drop_stragglers):
+                jobs.append(Job(t, client, steps, version=t))
+                timing.append(cut)
+            else:
+                self.recorder.timeline.job(Job(t, client, full, version=t), now, phases.until(self.deadline),
+                                           "dropped")
+        return jobs, timing
 
     def _arrive(self, event: Event, clock: Clock) -> None:
         self.traffic.up += event.payload["bytes_up"]
@@ -81,3 +153,4 @@ class SynchronousRounds(ProtocolBase):
         self.apply([r for _, r in sorted(self.received, key=lambda pair: pair[0])], self.round, clock.now)
         self.server_steps, self.received = self.round + 1, []
         clock.schedule(0.0, "round_start", round=self.round + 1)
+

@@ -49,3 +49,9 @@ def test_algorithms_benchmark_quick_prints_every_algorithms_ratios_to_fedavg():
     assert {"fedprox", "scaffold", "fedsam", "pfedme"} <= set(names)
     assert set(ratios) == {f"{n}_over_fedavg" for n in names} | {f"{n}_step_over_fedavg_step" for n in names}
     assert all(ratios[f"{n}_over_fedavg"] > 0 for n in names)
+
+
+def test_asynchronous_benchmark_quick_prints_fedbuff_against_synchronous_throughput():
+    figures = json.loads(run_benchmark("asynchronous.py").strip().splitlines()[-1])
+    assert figures["async_over_sync_updates_per_s"] > 0
+    assert figures["fedbuff_peak_rss_mb"] > 0 and figures["sync_events_per_s"] > 0

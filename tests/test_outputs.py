@@ -19,7 +19,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_run_directory_holds_scenario_metrics_plot_and_summary(tiny, tmp_path: Path):
     result = fedsim.run(tiny, out=tmp_path / "run")
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert files == {"scenario.yaml", "run.json", "metrics.jsonl", "summary.json", "plot.png", "progress.json"}
+    assert files == {"scenario.yaml", "run.json", "metrics.jsonl", "summary.json", "plot.png", "progress.json",
+                     "timeline-tiny.npz", "timeline.png", "async.png"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows == result.metrics.rows
