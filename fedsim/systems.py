@@ -288,11 +288,14 @@ SYSTEMS: Registry = Registry("systems profile")
 
 
 class AvailabilityParams(Params):
+    """When clients can be reached (`online`/`offline`, not YAML's boolean words `on`/`off`)."""
+
     kind: Literal["always", "windows", "bernoulli"] = Field(
-        "always", description="always; windows: each client on for `on` s then off for `off` s, in turn; bernoulli: "
+        "always", description="always; windows: each client online `online` s then offline `offline` s, in turn; "
+                              "bernoulli: "
                               "in each `period` of seconds a client is available with probability `p`")
-    on: float | None = Field(None, gt=0, description="windows: seconds available per cycle")
-    off: float | None = Field(None, ge=0, description="windows: seconds away per cycle")
+    online: float | None = Field(None, gt=0, description="windows: seconds available per cycle")
+    offline: float | None = Field(None, ge=0, description="windows: seconds away per cycle")
     phase: Literal["random", "zero"] | None = Field(None, description="windows: each client's cycle offset, drawn "
                                                                       "once per client (random, the default) or 0")
     p: float | None = Field(None, ge=0, le=1, description="bernoulli: probability of being available in a period")
@@ -300,11 +303,12 @@ class AvailabilityParams(Params):
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> AvailabilityParams:
-        takes = {"always": (), "windows": ("on", "off", "phase"), "bernoulli": ("p", "period")}[self.kind]
+        takes = {"always": (), "windows": ("online", "offline", "phase"), "bernoulli": ("p", "period")}[self.kind]
         missing = [f for f in takes if f != "phase" and getattr(self, f) is None]
         if missing:
             raise ValueError(f"kind {self.kind} needs {' and '.join(missing)}")
-        stray = [f for f in ("on", "off", "phase", "p", "period") if f not in takes and getattr(self, f) is not None]
+        stray = [f for f in ("online", "offline", "phase", "p", "period")
+                 if f not in takes and getattr(self, f) is not None]
         if stray:
             raise ValueError(f"{stray[0]} does not apply to kind {self.kind}, which takes "
                              f"{', '.join(takes) or 'nothing else'}")
@@ -317,10 +321,11 @@ class AvailabilityParams(Params):
 
     def build(self, num_clients: int, rng: np.random.Generator) -> Availability:
         """The availability model, with windows' phases (or the bernoulli key) drawn from the profile's stream."""
-        if self.kind == "windows" and self.off:
-            assert self.on is not None
-            phase = np.zeros(num_clients) if self.phase == "zero" else rng.uniform(0.0, self.on + self.off, num_clients)
-            return Windows(self.on, self.off, phase)
+        if self.kind == "windows" and self.offline:
+            assert self.online is not None
+            cycle = self.online + self.offline
+            phase = np.zeros(num_clients) if self.phase == "zero" else rng.uniform(0.0, cycle, num_clients)
+            return Windows(self.online, self.offline, phase)
         if self.kind == "bernoulli" and self.p != 1:
             assert self.p is not None and self.period is not None
             return PerPeriod(self.p, self.period, key_from_seed(int(rng.integers(2**62))))

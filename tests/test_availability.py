@@ -11,7 +11,7 @@ import pytest
 from fedsim.errors import ScenarioError
 from fedsim.systems import SYSTEMS, ClientSystems, JobPhases
 
-WINDOWS = {"kind": "windows", "on": 3.0, "off": 7.0}
+WINDOWS = {"kind": "windows", "online": 3.0, "offline": 7.0}
 BERNOULLI = {"kind": "bernoulli", "p": 0.3, "period": 10.0}
 
 
@@ -87,7 +87,7 @@ def test_a_job_running_past_its_window_is_dropped_where_the_window_closes():
 
 
 def test_windows_without_off_time_are_always_available():
-    systems = profile(num_clients=3, availability={"kind": "windows", "on": 1.0, "off": 0.0})
+    systems = profile(num_clients=3, availability={"kind": "windows", "online": 1.0, "offline": 0.0})
     assert systems.available_mask([0, 1, 2], 17.3).all()
     assert systems.drop_time(0, 0, 0.0, JobPhases(0.0, 50.0, 0.0)) is None
 
@@ -157,15 +157,15 @@ def test_a_job_drops_at_the_earlier_of_its_dropout_draw_and_its_window_closing()
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"availability": {"kind": "windows"}}, r"^systems\.availability: kind windows needs on and off"),
+    ({"availability": {"kind": "windows"}}, r"^systems\.availability: kind windows needs online and offline"),
     ({"availability": {"kind": "bernoulli", "p": 0.5}}, r"^systems\.availability: kind bernoulli needs period"),
     ({"availability": {"kind": "always", "p": 0.5}}, r"^systems\.availability: p does not apply to kind always"),
-    ({"availability": {"kind": "windows", "on": 0.0, "off": 1.0}}, r"^systems\.availability\.on: "),
-    ({"availability": {"kind": "windows", "on": 1.0, "off": 1.0, "phase": "late"}}, r"^systems\.availability\.phase"),
+    ({"availability": {"kind": "windows", "online": 0.0, "offline": 1.0}}, r"^systems\.availability\.online: "),
+    ({"availability": {"kind": "windows", "online": 1.0, "offline": 1.0, "phase": "late"}}, r"^systems\.availability\.phase"),
     ({"availability": {"kind": "bernoulli", "p": 1.5, "period": 1.0}}, r"^systems\.availability\.p: "),
     ({"availability": {"kind": "sometimes"}}, r"^systems\.availability\.kind: "),
-    ({"availability": {"kind": "windows", "on": 1.0, "off": 1.0, "of": 1.0}},
-     r"^systems\.availability\.of: unknown field .*allowed: kind, on, off, phase, p, period"),
+    ({"availability": {"kind": "windows", "online": 1.0, "offline": 1.0, "of": 1.0}},
+     r"^systems\.availability\.of: unknown field .*allowed: kind, online, offline, phase, p, period"),
     ({"dropout": 1.0}, r"^systems\.dropout: "),
     ({"dropout": -0.1}, r"^systems\.dropout: "),
 ])

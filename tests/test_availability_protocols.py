@@ -22,8 +22,8 @@ def scenario(protocol: dict[str, Any], **changes: Any) -> dict[str, Any]:
     base = {"name": "online", "seed": 3, "rounds": 8, "num_clients": 12, "clients_per_round": 4,
             "data": {"name": "digits"}, "partition": {"name": "iid"}, "model": {"name": "logreg"},
             "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20}, "protocol": protocol,
-            "systems": {"name": "lognormal", "speed": 400.0, "availability": {"kind": "windows", "on": 2.0,
-                                                                             "off": 2.0}, "dropout": 0.2}}
+            "systems": {"name": "lognormal", "speed": 400.0, "availability": {"kind": "windows", "online": 2.0,
+                                                                             "offline": 2.0}, "dropout": 0.2}}
     return {**base, **changes}
 
 
