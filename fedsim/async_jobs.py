@@ -59,7 +59,9 @@ class JobBook:
         self.in_flight: dict[int, int] = {}
         """Jobs in flight per start version: a version is dropped when none are left."""
         self.pending: list[tuple[Job, Pytree]] = []
-        self.done: dict[int, JobResult] = {}
+        self.done: dict[tuple[int, int], JobResult] = {}
+        """Results computed and not yet taken, by (job id, client): job ids are unique per client only (FedFix
+        numbers jobs by the tick they start at)."""
         self.latest = -1
         """The version new jobs start from (kept while no job uses it)."""
 
@@ -83,13 +85,14 @@ class JobBook:
     def result(self, job: Job) -> JobResult:
         """`job`'s result, running every waiting job in one batched call if it has not run yet; the job leaves the
         book (its version is forgotten once no job in flight started from it)."""
+        key = (job.id, job.client)
         if self.submits:
-            self.done[job.id] = self.runtime.take(job)
-        elif job.id not in self.done:
+            self.done[key] = self.runtime.take(job)
+        elif key not in self.done:
             jobs, starts = zip(*self.pending, strict=True)
-            self.done.update((r.job.id, r) for r in self.runtime.run_jobs(list(jobs), list(starts)))
+            self.done.update(((r.job.id, r.client), r) for r in self.runtime.run_jobs(list(jobs), list(starts)))
             self.pending = []
-        result = self.done.pop(job.id)
+        result = self.done.pop(key)
         self.in_flight[job.version] -= 1
         self._forget_if_unused(job.version)
         return result

@@ -34,9 +34,10 @@ ENV = {**os.environ, "UCX_TLS": "self,sm"}
 
 def scenario_for(protocol: str, tiny: dict, runtime: str = "sequential") -> dict:
     """A short run of `protocol` that checkpoints after every server step (every client in flight where the
-    protocol does not take `clients_per_round`)."""
+    protocol does not take `clients_per_round`), on clients of different speeds (so asynchronous protocols run
+    jobs in several batches, where a kill can land)."""
     out = {**tiny, "rounds": 6, "protocol": {"name": protocol}, "runtime": {"name": runtime},
-           "checkpoint": {"every": 1}, "output": {"plot": False}}
+           "checkpoint": {"every": 1}, "output": {"plot": False}, "systems": {"name": "linear", "latency": 0.0}}
     meta = PROTOCOLS.get(protocol).meta
     if meta.get("peer_to_peer"):
         out.update(topology={"name": "ring"})
