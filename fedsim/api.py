@@ -20,7 +20,7 @@ from fedsim.metrics_table import MetricsTable
 from fedsim.outputs import RunDirectory, choose_run_dir, read_arrays, read_metrics, scenario_document, timeline_file
 from fedsim.preflight import check_scenario
 from fedsim.progress import make_progress
-from fedsim.recording import OUTCOMES, Recorder
+from fedsim.recording import OUTCOMES, Recorder, run_variant
 from fedsim.report import final_rows, format_table, targets_of, write_pictures
 from fedsim.run_state import Checkpointing, RunState, SignalFlag
 from fedsim.runtime import mpi
@@ -102,8 +102,8 @@ def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], No
     notices = [n for sim in sims for n in sim.notices]
     for notice in notices:
         note(notice)
-    finished = {v: [r for r in rows if r["variant"] == v] for v in status["finished"]}
-    run_dir = RunDirectory(root, keep=[r for r in rows if r["variant"] in finished]) if lead else None
+    finished = {v: [r for r in rows if run_variant(r["variant"]) == v] for v in status["finished"]}
+    run_dir = RunDirectory(root, keep=[r for r in rows if run_variant(r["variant"]) in finished]) if lead else None
     return run_variants(sims, run_dir, root, progress and lead, note, finished, resume=True, notices=notices)
 
 
@@ -142,10 +142,12 @@ def summary_document(rows: list[dict[str, Any]], scenarios: Sequence[ResolvedSce
     """summary.json: each variant's last row with its best accuracy, the simulated seconds, server steps and client
     updates to its target (`time_to_target`, when `evaluation` sets one) and its job figures (`timeline`)."""
     spec = {s.variant: s.spec for s in scenarios}
-    return [{**last, **variant_report([r for r in rows if r["variant"] == last["variant"]],
-                                      target_of(spec[last["variant"]].evaluation), timelines.get(last["variant"]),
-                                      spec[last["variant"]].num_clients)}
-            for last in final_rows(rows)]
+    def report(last: dict[str, Any]) -> dict[str, Any]:
+        variant = run_variant(last["variant"])
+        return variant_report([r for r in rows if r["variant"] == last["variant"]], target_of(spec[variant].evaluation),
+                              timelines.get(variant), spec[variant].num_clients)
+
+    return [{**last, **report(last)} for last in final_rows(rows)]
 
 
 def _read_timeline(path: Path) -> dict[str, np.ndarray] | None:
@@ -220,6 +222,7 @@ def _run_one(sim: Simulation, run_dir: RunDirectory | None, root: Path | None, p
     if not clock.stopped:
         raise FedsimError(f"variant {variant}: protocol {component.name!r} ran out of events at "
                           f"simulated time {clock.now:.6g} s before its budget was spent; its metrics so far are kept")
+    recorder.timeline.finish(clock.now, clock.pending())
     return recorder.rows, recorder.timeline.arrays()
 
 

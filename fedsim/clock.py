@@ -65,6 +65,10 @@ class Clock:
             if after is not None:
                 after(self)
 
+    def pending(self) -> list[Event]:
+        """The events not delivered yet, in delivery order."""
+        return sorted(self._queue)
+
     def state_dict(self) -> dict[str, Any]:
         """The time, the pending events (in delivery order) and the event counter."""
         return {"now": self.now, "seq": self._seq, "queue": sorted(self._queue), "stopped": self._stopped}

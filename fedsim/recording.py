@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,12 @@ from fedsim.params import Pytree
 Row = dict[str, Any]
 
 
+def run_variant(row_variant: str) -> str:
+    """The variant a metrics row belongs to: rows of a protocol training several models at once (FedAST) are named
+    `<variant>:<task>` (variant names have no ':')."""
+    return row_variant.split(":", 1)[0]
+
+
 @dataclass
 class Traffic:
     """Exact bytes sent so far: server to clients (models) and clients to server (messages)."""
@@ -27,9 +33,10 @@ class Traffic:
     up: int = 0
 
 
-OUTCOMES = ("used", "stale", "dropped")
-"""What became of a finished job: its message went into a server step; it was refused as too stale; it was lost
-(the client dropped out, or missed the round's deadline under a rule that drops late work)."""
+OUTCOMES = ("used", "stale", "dropped", "unfinished")
+"""What became of a job: its message went into a server step; it was refused as too stale; it was lost (the client
+dropped out, or missed the round's deadline under a rule that drops late work); it was still running when the run
+ended (logged up to the end)."""
 
 
 class JobLog:
@@ -43,6 +50,8 @@ class JobLog:
     def __init__(self) -> None:
         self.columns: dict[str, list[float]] = {name: [] for name in self.COLUMNS}
         self.server_steps: list[float] = []
+        self.ended: float | None = None
+        """When the run ended (simulated seconds), once it has."""
 
     def job(self, job: Any, start: float, phases: Any, outcome: str, staleness: int = 0) -> None:
         """Record job `job` (a `Job`), started at `start` with `phases` (`fedsim.systems.JobPhases`)."""
@@ -56,10 +65,21 @@ class JobLog:
     def server_step(self, now: float) -> None:
         self.server_steps.append(now)
 
+    def finish(self, now: float, pending: Iterable[Any]) -> None:
+        """The run ended at `now`: log the jobs still under way (clock events carrying a job, its start and
+        phases) as unfinished, cut at `now`."""
+        self.ended = now
+        for event in pending:
+            payload = event.payload
+            if "phases" in payload:
+                job = payload["job"] if "job" in payload else payload["result"].job
+                self.job(job, payload["start"], payload["phases"].until(now - payload["start"]), "unfinished")
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """The columns as arrays (float64), plus `server_steps`."""
+        """The columns as arrays (float64), plus `server_steps` and, once the run ended, `ended` (one value)."""
         out = {name: np.asarray(values, dtype=np.float64) for name, values in self.columns.items()}
-        return {**out, "server_steps": np.asarray(self.server_steps, dtype=np.float64)}
+        ended = {} if self.ended is None else {"ended": np.asarray([self.ended])}
+        return {**out, "server_steps": np.asarray(self.server_steps, dtype=np.float64), **ended}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.arrays()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.outputs import write_atomic
-from fedsim.recording import OUTCOMES
+from fedsim.recording import OUTCOMES, run_variant
 from fedsim.timeline import (
     Log,
     Target,
@@ -31,7 +31,7 @@ MAX_LANES = 40
 MAX_PANELS = 4
 """Variants timeline.png shows at most (the first ones with jobs)."""
 SHADES = {"used": ("#c6dbef", "#6baed6", "#08519c"), "stale": ("#fdd0a2", "#fd8d3c", "#a63603"),
-          "dropped": ("#d9d9d9", "#969696", "#404040")}
+          "dropped": ("#d9d9d9", "#969696", "#404040"), "unfinished": ("#dadaeb", "#9e9ac8", "#54278f")}
 """Download, train and upload colours of a job, by outcome."""
 
 
@@ -69,7 +69,8 @@ def format_table(rows: Sequence[Row], targets: Mapping[str, Target | None] | Non
     lines = [[r["variant"], str(r["round"]), _figure(r, "accuracy"), _figure(r, "best_accuracy"),
               *([_figure(r, "personal_accuracy_pooled")] if personal else []),
               f"{r['loss']:.4f}", f"{r['sim_time']:.1f}",
-              *([_time_to(rows, r["variant"], targets.get(r["variant"]))] if targets else []), f"{r['wall_time']:.1f}",
+              *([_time_to(rows, r["variant"], targets.get(run_variant(r["variant"])))] if targets else []),
+              f"{r['wall_time']:.1f}",
               f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}"] for r in final_rows(rows)]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
@@ -160,7 +161,7 @@ def write_pictures(directory: Path, rows: Sequence[Row], scenarios: Sequence[Any
     for s in plotted:
         log = timelines.get(s.variant)
         if log is not None and log["job"].size:
-            end = run_end([r for r in rows if r["variant"] == s.variant], log)
+            end = run_end([r for r in rows if run_variant(r["variant"]) == s.variant], log)
             jobs.append((s.variant, log, end, s.spec))
     if jobs:
         write_timeline_plot([(v, log, timeline_window(log, end, spec.output.timeline_seconds))
@@ -197,7 +198,7 @@ def write_timeline_plot(panels: Sequence[tuple[str, Log, float]], path: Path) ->
                 left = np.minimum(bounds[phase][mine], seconds)
                 ax.barh(lane[mine], np.minimum(bounds[phase + 1][mine], seconds) - left, left=left, height=0.7,
                         color=SHADES[name][phase], linewidth=0)
-            if name != "used":
+            if name in ("stale", "dropped"):
                 ends = bounds[3][mine]
                 ax.scatter(ends[ends <= seconds], lane[mine][ends <= seconds], marker="x" if name == "stale" else "v",
                            color="#a50f15" if name == "stale" else "black", s=18, zorder=3)
@@ -214,6 +215,7 @@ def write_timeline_plot(panels: Sequence[tuple[str, Log, float]], path: Path) ->
     handles = [Patch(color=SHADES["used"][i], label=label) for i, label in enumerate(["download", "train", "upload"])]
     handles += [Patch(color=SHADES["stale"][1], label="refused (stale)"),
                 Patch(color=SHADES["dropped"][1], label="dropped"),
+                Patch(color=SHADES["unfinished"][1], label="unfinished at the end"),
                 Line2D([], [], color="black", alpha=0.35, label="server step")]
     axes[0][0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
@@ -237,7 +239,7 @@ def write_async_plot(variants: Sequence[tuple[str, Log, int, float]], path: Path
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     width = 0.8 / len(variants)
     for i, (variant, log, num_clients, end) in enumerate(variants):
-        used, refused, dropped = (int((log["outcome"] == OUTCOMES.index(o)).sum()) for o in OUTCOMES)
+        used, refused, dropped, _ = (int((log["outcome"] == OUTCOMES.index(o)).sum()) for o in OUTCOMES)
         label = f"{variant} ({used} used, {refused} refused, {dropped} dropped)"
         stale = staleness_histogram(log)
         axes[0].bar(np.arange(stale.size) - 0.4 + i * width, stale, width=width, align="edge", label=label)

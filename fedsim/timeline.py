@@ -109,15 +109,18 @@ def timeline_summary(log: Log, num_clients: int, end: float) -> dict[str, Any]:
     participation = participation_counts(log, num_clients)
     _, idle = idle_fractions(log, end)
     return {"jobs": int(outcome.size), "used": counts["used"], "refused": counts["stale"],
-            "dropped": counts["dropped"], "server_steps": int(log["server_steps"].size),
+            "dropped": counts["dropped"], "unfinished": counts["unfinished"],
+            "server_steps": int(log["server_steps"].size),
             "staleness_histogram": staleness_histogram(log).tolist(),
             "participation": {"clients_used": int((participation > 0).sum()), **(_spread(participation) or {})},
             "idle_fraction": _spread(idle)}
 
 
 def run_end(rows: Sequence[Row], log: Log) -> float:
-    """The simulated second a variant's run ended: its last evaluation (taken when the budget is spent), or its last
-    job's arrival if later."""
+    """The simulated second a variant's run ended, as its timeline recorded it (else its last evaluation, or its
+    last job's end if later)."""
+    if "ended" in log:
+        return float(log["ended"][0])
     return float(max(rows[-1]["sim_time"] if rows else 0.0, log["end"].max(initial=0.0)))
 
 

@@ -13,7 +13,7 @@ import fedsim
 from fedsim.api import check
 from fedsim.errors import ScenarioError
 from fedsim.protocol import ProtocolBase
-from fedsim.recording import JobLog
+from fedsim.recording import OUTCOMES, JobLog
 from fedsim.runtime import Job
 from fedsim.systems import JobPhases
 from fedsim.timeline import (
@@ -99,10 +99,12 @@ def test_a_run_writes_timeline_pictures_arrays_and_summary_figures(tiny, tmp_pat
     with np.load(run / "timeline-tiny.npz") as saved:
         for name, values in result.timelines["tiny"].items():
             np.testing.assert_array_equal(saved[name], values)
-        assert saved["outcome_names"].tolist() == ["used", "stale", "dropped"]
+        assert saved["outcome_names"].tolist() == ["used", "stale", "dropped", "unfinished"]
     [summary] = json.loads((run / "summary.json").read_text())
     rows = result.metrics.rows
-    assert summary["timeline"]["used"] == rows[-1]["client_updates"] == len(result.timelines["tiny"]["job"])
+    in_flight = 3 if protocol == "fedasync" else 0  # FedAsync stops with C - 1 = 3 jobs under way
+    assert summary["timeline"]["used"] == rows[-1]["client_updates"] == len(result.timelines["tiny"]["job"]) - in_flight
+    assert summary["timeline"]["unfinished"] == in_flight
     assert summary["timeline"]["server_steps"] == rows[-1]["round"]
     first = next(r for r in rows if r["accuracy"] >= 0.15)
     assert summary["time_to_target"] == {"metric": "accuracy", "target": 0.15, "sim_time": first["sim_time"],
@@ -163,3 +165,16 @@ def test_a_resumed_run_writes_the_same_timeline_and_summary(tiny, tmp_path: Path
     assert summary(resumed) == summary(whole)
     for name in ("timeline-sync.npz", "timeline-async.npz", "timeline.png", "async.png"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_jobs_still_running_at_the_end_are_logged_unfinished_up_to_the_end():
+    """FedAsync stops at its budget with C - 1 jobs in flight: they go on the timeline as unfinished, cut at the
+    run's end, which the timeline records."""
+    result = fedsim.run({"name": "ends", "seed": 0, "rounds": 6, "num_clients": 10, "clients_per_round": 4,
+                         "data": {"name": "digits"}, "partition": {"name": "iid"}, "model": {"name": "logreg"},
+                         "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20},
+                         "protocol": {"name": "fedasync"}, "systems": {"name": "lognormal"}}, write=False)
+    log = result.timelines["ends"]
+    unfinished = log["outcome"] == OUTCOMES.index("unfinished")
+    assert unfinished.sum() == 3 and log["ended"][0] == result.metrics.last()["sim_time"]
+    assert np.all(log["end"][unfinished] <= log["ended"][0]) and np.all(log["start"][unfinished] <= log["ended"][0])

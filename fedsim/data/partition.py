@@ -36,6 +36,11 @@ class ShardsParams(Params):
     """McMahan's pathological split: each client gets `shards_per_client` shards of label-sorted data."""
 
     shards_per_client: int = Field(default=2, ge=1)
+    deal: Literal["random", "sorted"] = Field("random", description="random: shards dealt at random (McMahan et "
+                                                                   "al.); sorted: client k gets the k-th run of "
+                                                                   "shards in label order, so labels rise with the "
+                                                                   "client number (client-indexed speeds then "
+                                                                   "give the fast clients labels of their own)")
 
 
 class QuantityParams(Params):
@@ -148,7 +153,8 @@ def hsu_dirichlet(
 def shards(
     labels: np.ndarray, num_clients: int, rng: np.random.Generator, params: ShardsParams
 ) -> list[np.ndarray]:
-    """Sort by label, cut into num_clients * shards_per_client near-equal shards, deal them out at random."""
+    """Sort by label, cut into num_clients * shards_per_client near-equal shards, deal them out at random or, with
+    `deal: sorted`, in order (client k gets shards k * shards_per_client onward)."""
     num_shards = num_clients * params.shards_per_client
     if len(labels) < num_shards:
         raise DataError(
@@ -156,7 +162,8 @@ def shards(
             f"{num_shards} shards but only {len(labels)} samples"
         )
     pieces = np.array_split(np.argsort(labels, kind="stable"), num_shards)
-    owner = rng.permutation(num_shards).reshape(num_clients, params.shards_per_client)
+    order = np.arange(num_shards) if params.deal == "sorted" else rng.permutation(num_shards)
+    owner = order.reshape(num_clients, params.shards_per_client)
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in owner]
 
 
