@@ -12,14 +12,15 @@ gets each job when it is dispatched instead, and hands its result over when it h
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedsim.clock import Clock, Event
 from fedsim.codecs import build_codec
-from fedsim.params import Pytree
+from fedsim.params import Pytree, tree_map
 from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.runtime import Job, JobResult
 from fedsim.sampling import full_steps, samples_processed
@@ -112,6 +113,38 @@ class JobBook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.versions, self.in_flight = state["versions"], state["in_flight"]
         self.pending, self.done, self.latest = state["pending"], state["done"], state["latest"]
+
+
+class RecentStaleness:
+    """The staleness of the updates used since the previous metrics row, whose mean goes into the next row (a
+    protocol's `extra_metrics` is asked only when a row is recorded)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0, 0
+
+    def add(self, staleness: int) -> None:
+        self.total += staleness
+        self.count += 1
+
+    def take_mean(self) -> float:
+        """The mean since the previous row (0 where there is none), starting a new window."""
+        mean = self.total / self.count if self.count else 0.0
+        self.total, self.count = 0, 0
+        return mean
+
+    def state_dict(self) -> list[int]:
+        return [self.total, self.count]
+
+    def load_state_dict(self, state: list[int]) -> None:
+        self.total, self.count = state
+
+
+def scale_delta(result: JobResult, factor: float) -> JobResult:
+    """The result with its change ("delta") times `factor` (as it is at 1, and where another MPI rank holds it)."""
+    if factor == 1.0 or not result.here:
+        return result
+    delta = tree_map(lambda d: torch.mul(d, factor), result.message["delta"])
+    return replace(result, message={**result.message, "delta": delta})
 
 
 class IdleClients:

@@ -363,6 +363,25 @@ def _check_message_keys(components: dict[str, Component]) -> None:
                             f"{algorithm.name!r} does not send")
 
 
+def _check_client_models(spec: ScenarioSchema, components: dict[str, Component]) -> None:
+    """A protocol honours the straggler models and the systems profile's availability and dropouts its registration
+    lists (`stragglers`, `availability`); any other is refused rather than silently ignored."""
+    protocol = components["protocol"]
+    stragglers = spec.stragglers
+    for model, given in (("fraction", stragglers.fraction > 0), ("deadline", stragglers.deadline is not None)):
+        if given and model not in protocol.entry.meta.get("stragglers", ()):
+            fitting = [e.name for e in PROTOCOLS if model in e.meta.get("stragglers", ())]
+            raise ScenarioError(f"stragglers.{model}: protocol {protocol.name!r} has no such straggler model (its "
+                                f"slow clients come from the systems profile's speeds); use {' or '.join(fitting)}, "
+                                f"or leave it out")
+    systems = components["systems"].params
+    for field, given in (("availability", systems.availability.kind != "always"), ("dropout", systems.dropout > 0)):
+        if given and not protocol.entry.meta.get("availability"):
+            fitting = [e.name for e in PROTOCOLS if e.meta.get("availability")]
+            raise ScenarioError(f"systems.{field}: protocol {protocol.name!r} keeps its clients online for the whole "
+                                f"run; use {', '.join(fitting)} to model clients going offline or dropping out")
+
+
 def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -> None:
     """Checks that span several fields."""
     if spec.rounds is None and spec.time_budget is None:
@@ -409,10 +428,7 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if spec.stragglers.deadline is not None and spec.stragglers.fraction > 0:
         raise ScenarioError("stragglers.fraction, stragglers.deadline: choose one straggler model, the FedProx "
                             "paper's fraction or a deadline in simulated seconds")
-    if spec.stragglers.deadline is not None and not protocol.entry.meta.get("deadline"):
-        fitting = [e.name for e in PROTOCOLS if e.meta.get("deadline")]
-        raise ScenarioError(f"stragglers.deadline: protocol {protocol.name!r} has no round deadline; use "
-                            f"{' or '.join(fitting)}, or model slow clients by the systems profile")
+    _check_client_models(spec, components)
     active = active_count(spec.clients_per_round or spec.num_clients, spec.stragglers.fraction)
     if straggler_handling(spec, components) == "drop" and active == 0:
         raise ScenarioError(

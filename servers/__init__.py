@@ -65,7 +65,9 @@ aggregate also carries every result's message)."""
 PROTOCOLS: Registry = Registry("protocol")
 """Entries: a protocol class constructed with `(params, simulation, recorder)`; see `fedsim.protocol`. Metadata:
 `needs` (top-level scenario fields the protocol requires, e.g. `clients_per_round`), `asynchronous` (True: its
-jobs go through `fedsim.async_jobs`, so on real devices it runs on a `RealTimeClock`), `peer_to_peer` (True:
+jobs go through `fedsim.async_jobs`, so on real devices it runs on a `RealTimeClock`), `stragglers` (the straggler
+models it honours: "fraction", "deadline"), `availability` (True: it honours the systems profile's availability
+and dropouts; others refuse them), `peer_to_peer` (True:
 the protocol runs on a peer-to-peer topology, not the client/server star) and `check` (`fn(params, spec,
 components)`, raising ScenarioError for settings the protocol cannot honour; run by the scenario validator, so
 `fedsim check` reports them before any run)."""

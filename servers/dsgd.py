@@ -75,8 +75,6 @@ def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, C
     if spec.clients_per_round not in (None, spec.num_clients):
         raise ScenarioError(f"clients_per_round: protocol 'dsgd' runs every node every round; remove it or set "
                             f"it to num_clients ({spec.num_clients})")
-    if spec.stragglers.fraction > 0:
-        raise ScenarioError("stragglers.fraction: protocol 'dsgd' has no straggler model; set it to 0")
     if components["server"].name != "fedavg":
         raise ScenarioError(f"server.name: protocol 'dsgd' mixes models between nodes and uses no server rule; "
                             f"remove server (got {components['server'].name!r})")

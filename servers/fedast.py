@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim.async_jobs import JobBook, job_sizes
+from fedsim.async_jobs import JobBook, RecentStaleness, job_sizes
 from fedsim.clock import Clock, Event
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree
@@ -150,14 +150,6 @@ def check_tasks(name: str, params: SimultaneousParams, spec: ScenarioSchema,
     """What both protocols refuse: stragglers, availability and dropouts (not modelled yet), an empty or ambiguous
     task list, a task that does not resolve, a target on a task without accuracy, fewer clients per round than
     tasks."""
-    if spec.stragglers.fraction > 0:
-        raise ScenarioError(f"stragglers.fraction: protocol {name!r} models slow clients by their systems speed, "
-                            f"not by stragglers; set it to 0")
-    systems = components["systems"].params
-    if systems.availability.kind != "always" or systems.dropout > 0:
-        field = "systems.dropout" if systems.dropout > 0 else "systems.availability"
-        raise ScenarioError(f"{field}: protocol {name!r} does not model clients going offline or abandoning jobs; "
-                            f"use availability 'always' and dropout 0")
     tasks = params.tasks
     if tasks is not None:
         if not tasks:
@@ -267,8 +259,7 @@ class Task(ProtocolBase):
         self.retired = False
         self.evaluated = -1
         """The server step of the latest row."""
-        self.recent = [0, 0]
-        """Staleness sum and count of the results since the latest row."""
+        self.recent = RecentStaleness()
 
     def publish(self) -> None:
         """Make the current model the version new jobs start from."""
@@ -278,12 +269,11 @@ class Task(ProtocolBase):
     def evaluate(self, now: float) -> Row:
         """Record a row for this task's current model under its own name."""
         personal = self.sim.personal(self.sim.server.broadcast(self.state)) if self.sim.personal else {}
-        total, count = self.recent
         extra = {"client_updates": self.client_updates, "server_steps": self.server_steps,
-                 "jobs_in_flight": self.jobs, "staleness": total / count if count else 0.0, **personal}
+                 "jobs_in_flight": self.jobs, "staleness": self.recent.take_mean(), **personal}
         row = self.recorder.evaluate(self.server_steps, now, self.state["params"], self.traffic, extra,
                                      evaluator=self.sim.evaluator, variant=self.variant)
-        self.evaluated, self.recent = self.server_steps, [0, 0]
+        self.evaluated = self.server_steps
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -291,14 +281,15 @@ class Task(ProtocolBase):
                "runtime": self.sim.runtime.state_dict()} if self.own else {}
         return {**super().state_dict(), "jobs": self.jobs, "flying": self.flying, "buffer": self.buffer,
                 "book": self.book.state_dict(), "window": self.window, "variances": self.variances,
-                "retired": self.retired, "evaluated": self.evaluated, "recent": self.recent, **own}
+                "retired": self.retired, "evaluated": self.evaluated, "recent": self.recent.state_dict(), **own}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.jobs, self.flying, self.buffer = state["jobs"], dict(state["flying"]), list(state["buffer"])
         self.book.load_state_dict(state["book"])
         self.window, self.variances = list(state["window"]), list(state["variances"])
-        self.retired, self.evaluated, self.recent = state["retired"], state["evaluated"], list(state["recent"])
+        self.retired, self.evaluated = state["retired"], state["evaluated"]
+        self.recent.load_state_dict(state["recent"])
         if self.own:
             self.sim.states.load_state_dict(state["client_states"])
             self.sim.codec_states.load_state_dict(state["codec_states"])
@@ -474,7 +465,7 @@ class FedAST(Simultaneous):
         task.commit(result)
         staleness = task.server_steps - job.version
         self.recorder.timeline.job(job, begin, phases, "used", staleness)
-        task.recent = [task.recent[0] + staleness, task.recent[1] + 1]
+        task.recent.add(staleness)
         task.buffer.append(result)
         if self.dynamic and len(self.active) > 1:
             self._observe(task, result)

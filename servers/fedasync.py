@@ -29,21 +29,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim.async_jobs import AsyncProtocol
+from fedsim.async_jobs import AsyncProtocol, RecentStaleness
 from fedsim.clock import Clock, Event
-from fedsim.errors import ScenarioError
 from fedsim.params import Pytree, tree_map
-from fedsim.recording import Recorder, Row
+from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import JobResult
 from fedsim.servers import PROTOCOLS
 
 if TYPE_CHECKING:
-    from fedsim.scenario import Component, ScenarioSchema
+    pass
 
 Weighting = Literal["constant", "polynomial", "hinge"]
 
@@ -74,31 +72,22 @@ def staleness_weight(kind: Weighting, staleness: int, a: float, b: float) -> flo
     return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
 
 
-def check_fedasync(params: FedAsyncParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
-    """Refuse stragglers when the scenario is validated: FedAsync models slow clients by their systems speed."""
-    if spec.stragglers.fraction > 0:
-        raise ScenarioError("stragglers.fraction: protocol 'fedasync' models slow clients by their systems "
-                            "speed, not by stragglers; set it to 0")
-
-
 @PROTOCOLS.register("fedasync", params=FedAsyncParams, needs=("clients_per_round",), carries=("delta",),
-                    check=check_fedasync, asynchronous=True)
+                    asynchronous=True, availability=True)
 class FedAsync(AsyncProtocol):
     """Asynchronous updates; `clients_per_round` is the concurrency (clients training at once). Events: `start`,
     `arrival`, `dropout`; jobs are numbered by dispatch, server steps by update."""
 
     def __init__(self, params: FedAsyncParams, sim, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
-        self.staleness_log: list[int] = []
-        """Each server update's staleness, in update order."""
-        self.since_row = 0
+        self.recent = RecentStaleness()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "staleness_log": self.staleness_log, "since_row": self.since_row}
+        return {**super().state_dict(), "recent": self.recent.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.staleness_log, self.since_row = state["staleness_log"], state["since_row"]
+        self.recent.load_state_dict(state["recent"])
 
     def _arrive(self, event: Event, clock: Clock) -> None:
         job = event.payload["job"]
@@ -107,7 +96,7 @@ class FedAsync(AsyncProtocol):
         self.traffic.up += self.sizes.bytes_up
         self.commit(result)
         staleness = self.step - job.version
-        self.staleness_log.append(staleness)
+        self.recent.add(staleness)
         self.recorder.timeline.job(job, event.payload["start"], event.payload["phases"], "used", staleness)
         weight = self.params.alpha * staleness_weight(self.params.staleness, staleness, self.params.slope(),
                                                       self.params.b)
@@ -132,14 +121,7 @@ class FedAsync(AsyncProtocol):
                         start, result.message["delta"], self.state["params"])
         return replace(result, message={"delta": step})
 
-    def evaluate_if_due(self, steps: int, now: float) -> Row | None:
-        row = super().evaluate_if_due(steps, now)
-        if row is not None:
-            self.since_row = len(self.staleness_log)
-        return row
-
     def extra_metrics(self) -> dict[str, float]:
         """Mean staleness of the updates since the previous row (0 where there are none) and the server steps so
         far (the row's `round`; rows may be `evaluation.every` steps apart)."""
-        recent = self.staleness_log[self.since_row:]
-        return {"staleness": float(np.mean(recent)) if recent else 0.0, "server_steps": self.step}
+        return {"staleness": self.recent.take_mean(), "server_steps": self.step}

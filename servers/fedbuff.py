@@ -29,17 +29,14 @@ checked at server steps.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
-from fedsim.async_jobs import AsyncProtocol
+from fedsim.async_jobs import AsyncProtocol, RecentStaleness, scale_delta
 from fedsim.clock import Clock, Event
 from fedsim.errors import ScenarioError
-from fedsim.params import tree_map
-from fedsim.recording import Recorder, Row
+from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import JobResult
 from fedsim.servers import PROTOCOLS
@@ -91,13 +88,10 @@ def check_fedbuff(params: FedBuffParams, spec: ScenarioSchema, components: dict[
     if params.normalize_at is not None and raw_weight(params, params.normalize_at) == 0:
         raise ScenarioError(f"protocol.normalize_at: the weight at staleness {params.normalize_at} is 0; "
                             f"choose a staleness with a positive weight")
-    if spec.stragglers.fraction > 0:
-        raise ScenarioError("stragglers.fraction: protocol 'fedbuff' models slow clients by their systems "
-                            "speed, not by stragglers; set it to 0")
 
 
 @PROTOCOLS.register("fedbuff", params=FedBuffParams, needs=("clients_per_round",), carries=("delta",),
-                    check=check_fedbuff, asynchronous=True)
+                    check=check_fedbuff, asynchronous=True, availability=True)
 class FedBuff(AsyncProtocol):
     """Buffered asynchronous aggregation; `clients_per_round` is the concurrency. Events: `start`, `arrival`,
     `dropout`; jobs are numbered by dispatch, server steps by buffer."""
@@ -109,16 +103,16 @@ class FedBuff(AsyncProtocol):
         self.buffer: list[JobResult] = []
         """Weighted results waiting for the next server step."""
         self.rejected = 0
-        self.recent = [0, 0]
-        """Staleness sum and count of the changes buffered since the previous metrics row."""
+        self.recent = RecentStaleness()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "buffer": self.buffer, "rejected": self.rejected, "recent": self.recent}
+        return {**super().state_dict(), "buffer": self.buffer, "rejected": self.rejected,
+                "recent": self.recent.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.rejected = state["rejected"]
-        self.buffer, self.recent = list(state["buffer"]), list(state["recent"])
+        self.rejected, self.buffer = state["rejected"], list(state["buffer"])
+        self.recent.load_state_dict(state["recent"])
 
     def _arrive(self, event: Event, clock: Clock) -> None:
         job = event.payload["job"]
@@ -132,8 +126,8 @@ class FedBuff(AsyncProtocol):
         if refused:
             self.rejected += 1
         else:
-            self.buffer.append(self._weighted(result, staleness_weight(self.params, staleness) * self.scale))
-            self.recent = [self.recent[0] + staleness, self.recent[1] + 1]
+            self.buffer.append(scale_delta(result, staleness_weight(self.params, staleness) * self.scale))
+            self.recent.add(staleness)
         if len(self.buffer) == self.buffer_size and self._server_step(clock):
             return
         self._refill(job, clock)
@@ -152,22 +146,7 @@ class FedBuff(AsyncProtocol):
         self._publish()
         return False
 
-    @staticmethod
-    def _weighted(result: JobResult, weight: float) -> JobResult:
-        """The result with its change scaled by `weight` (None stays None: another MPI rank holds the message)."""
-        if not result.here:
-            return result
-        delta = tree_map(lambda d: torch.mul(d, weight), result.message["delta"])
-        return replace(result, message={**result.message, "delta": delta})
-
-    def evaluate_if_due(self, steps: int, now: float) -> Row | None:
-        row = super().evaluate_if_due(steps, now)
-        if row is not None:
-            self.recent = [0, 0]
-        return row
-
     def extra_metrics(self) -> dict[str, float]:
         """Mean staleness of the changes buffered since the previous row (0 where there are none), results refused
         as too stale so far, and the server steps so far (rows may be `evaluation.every` steps apart)."""
-        total, count = self.recent
-        return {"staleness": total / count if count else 0.0, "rejected": self.rejected, "server_steps": self.step}
+        return {"staleness": self.recent.take_mean(), "rejected": self.rejected, "server_steps": self.step}

@@ -33,20 +33,17 @@ job arriving exactly at a tick counts whatever the event order.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from fedsim.async_jobs import JobBook, job_sizes
+from fedsim.async_jobs import JobBook, RecentStaleness, job_sizes, scale_delta
 from fedsim.clock import Clock, Event
 from fedsim.errors import ScenarioError
-from fedsim.params import tree_map
 from fedsim.protocol import ProtocolBase
-from fedsim.recording import Recorder, Row
+from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job, JobResult
 from fedsim.servers import PROTOCOLS
@@ -79,19 +76,12 @@ class FedFixParams(AsyncFedAvgParams):
 
 
 def check_full_participation(params: Params, spec: ScenarioSchema, components: dict[str, Component]) -> None:
-    """Every client trains all the time: no smaller concurrency, no FedProx stragglers (speeds model slowness),
-    no clients going offline or dropping out."""
-    name, systems = components["protocol"].name, components["systems"].params
+    """Every client trains all the time: no smaller concurrency (the registry's meta refuses stragglers,
+    clients going offline and dropouts)."""
+    name = components["protocol"].name
     if spec.clients_per_round is not None and spec.clients_per_round != spec.num_clients:
         raise ScenarioError(f"clients_per_round: protocol {name!r} keeps every client training; leave it unset or "
                             f"set it to num_clients ({spec.num_clients})")
-    if spec.stragglers.fraction > 0:
-        raise ScenarioError(f"stragglers.fraction: protocol {name!r} models slow clients by their systems speed, "
-                            f"not by stragglers; set it to 0")
-    if systems.availability.kind != "always" or systems.dropout > 0:
-        field = "systems.dropout" if systems.dropout > 0 else "systems.availability"
-        raise ScenarioError(f"{field}: protocol {name!r} keeps every client training all the time (Fraboni et "
-                            f"al.'s full participation); use availability 'always' and dropout 0")
 
 
 def check_fedfix(params: FedFixParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
@@ -118,17 +108,16 @@ class FraboniBase(ProtocolBase):
         """W: the weight of every client together (p_i = w_i / W)."""
         self.book = JobBook(sim.runtime)
         self.step = 0
-        self.staleness_log: list[int] = []
-        """Staleness of every job used, in the order used."""
-        self.since_row = 0
+        self.recent = RecentStaleness()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "step": self.step, "book": self.book.state_dict(),
-                "staleness_log": self.staleness_log, "since_row": self.since_row}
+                "recent": self.recent.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.step, self.staleness_log, self.since_row = state["step"], state["staleness_log"], state["since_row"]
+        self.step = state["step"]
+        self.recent.load_state_dict(state["recent"])
         self.book.load_state_dict(state["book"])
 
     def weight(self, result: JobResult) -> int:
@@ -159,7 +148,7 @@ class FraboniBase(ProtocolBase):
         self.traffic.up += self.sizes.bytes_up
         self.commit(result)
         staleness = self.step - job.version
-        self.staleness_log.append(staleness)
+        self.recent.add(staleness)
         self.recorder.timeline.job(job, start, phases, "used", staleness)
         return result
 
@@ -167,7 +156,7 @@ class FraboniBase(ProtocolBase):
         """Apply sum_i d_i Delta_i as a server step at `now`, evaluate when due; returns whether the budget is
         spent (the clock is then stopped)."""
         step_weight = sum(self.weight(r) for r in results)
-        scaled = [self._scaled(r, float(self.gain(r) * Fraction(step_weight, self.total))) for r in results]
+        scaled = [scale_delta(r, float(self.gain(r) * Fraction(step_weight, self.total))) for r in results]
         self.apply(scaled, self.step, now)
         self.step += 1
         self.server_steps = self.step
@@ -178,24 +167,9 @@ class FraboniBase(ProtocolBase):
             return True
         return False
 
-    @staticmethod
-    def _scaled(result: JobResult, scale: float) -> JobResult:
-        """The result with its delta times `scale` (untouched at 1, and where another MPI rank holds it)."""
-        if scale == 1.0 or not result.here:
-            return result
-        delta = tree_map(lambda d: torch.mul(d, scale), result.message["delta"])
-        return replace(result, message={**result.message, "delta": delta})
-
-    def evaluate_if_due(self, steps: int, now: float) -> Row | None:
-        row = super().evaluate_if_due(steps, now)
-        if row is not None:
-            self.since_row = len(self.staleness_log)
-        return row
-
     def extra_metrics(self) -> dict[str, float]:
         """Mean staleness of the jobs used since the previous row (0 where there are none) and the server steps."""
-        recent = self.staleness_log[self.since_row:]
-        return {"staleness": float(np.mean(recent)) if recent else 0.0, "server_steps": self.step}
+        return {"staleness": self.recent.take_mean(), "server_steps": self.step}
 
 
 @PROTOCOLS.register("fedfix", params=FedFixParams, carries=("delta",), check=check_fedfix)

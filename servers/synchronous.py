@@ -30,7 +30,8 @@ from fedsim.servers import PROTOCOLS
 from fedsim.systems import JobPhases
 
 
-@PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",), deadline=True)
+@PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",), stragglers=("fraction", "deadline"),
+                    availability=True)
 class SynchronousRounds(ProtocolBase):
     """Synchronous rounds: sample clients, wait for every kept one, aggregate (`round_start`/`arrival` events;
     jobs are numbered by their round)."""
