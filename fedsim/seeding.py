@@ -62,16 +62,20 @@ def _hasher(init: int, mult: int) -> Callable[[np.ndarray], np.ndarray]:
     return hashmix
 
 
-def derive_seeds(seed: int, stream: Stream, *keys: int, last: Sequence[int]) -> list[int]:
+def derive_seeds(seed: int, stream: Stream, *keys: int | Sequence[int], last: Sequence[int]) -> list[int]:
     """`derive_seed(seed, stream, *keys, k)` for every k in `last`, at once: SeedSequence's hash (mix the entropy
-    words into a pool of 4, then `generate_state(2)`) run on NumPy arrays over k. A runtime starting many clients'
+    words into a pool of 4, then `generate_state(2)`) run on NumPy arrays over k. A key may vary too (a sequence
+    as long as `last`: e.g. the job ids of jobs from several versions). A runtime starting many clients'
     generators per round pays ~10 us each through SeedSequence objects; this costs ~1 us each."""
-    last = np.asarray(last, dtype=np.uint64)
-    if last.size and int(last.max()) > _MASK32:
-        raise ValueError("derive_seeds: the varying key must fit in 32 bits")
+    last = _one_word(last, "the varying key")
     n = len(last)
-    entropy = [np.full(n, w, dtype=np.uint32) for v in (seed, int(stream), *keys) for w in _uint32_words(v)]
-    entropy.append(last.astype(np.uint32))
+    entropy = []
+    for v in (seed, int(stream), *keys):
+        if isinstance(v, (int, np.integer)):
+            entropy += [np.full(n, w, dtype=np.uint32) for w in _uint32_words(int(v))]
+        else:
+            entropy.append(_one_word(v, "a varying key"))
+    entropy.append(last)
     hashmix = _hasher(_INIT_A, _MULT_A)
 
     def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -90,6 +94,14 @@ def derive_seeds(seed: int, stream: Stream, *keys: int, last: Sequence[int]) -> 
     generate = _hasher(_INIT_B, _MULT_B)
     state = [generate(word).astype(np.int64) for word in pool[:2]]
     return ((state[0] << 31) ^ state[1]).tolist()
+
+
+def _one_word(values: Sequence[int], what: str) -> np.ndarray:
+    """Key values that SeedSequence reads as one 32-bit word each, as a uint32 array."""
+    array = np.asarray(values, dtype=np.uint64)
+    if array.size and int(array.max()) > _MASK32:
+        raise ValueError(f"derive_seeds: {what} must fit in 32 bits")
+    return array.astype(np.uint32)
 
 
 def numpy_rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

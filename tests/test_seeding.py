@@ -19,6 +19,17 @@ def test_derive_seeds_equals_derive_seed_per_key(seed, keys):
                                                                    for k in last]
 
 
+@pytest.mark.parametrize("seed", [0, 2**40 + 5])
+def test_derive_seeds_with_a_varying_job_id_equals_derive_seed_per_job(seed):
+    rng = np.random.default_rng(3)
+    ids, clients = rng.integers(0, 2**32, 30).tolist(), rng.integers(0, 2**32, 30).tolist()
+    ids[:3], clients[:3] = [0, 2**32 - 1, 5], [0, 7, 2**32 - 1]
+    assert derive_seeds(seed, Stream.ORACLE, ids, last=clients) == [derive_seed(seed, Stream.ORACLE, i, c)
+                                                                    for i, c in zip(ids, clients, strict=True)]
+    with pytest.raises(ValueError, match="a varying key must fit in 32 bits"):
+        derive_seeds(seed, Stream.ORACLE, [2**32], last=[1])
+
+
 def test_torch_generators_draw_what_torch_generator_draws():
     batched = torch_generators(5, Stream.LOCAL, 2, last=[4, 0, 9])
     for client, generator in zip([4, 0, 9], batched, strict=True):

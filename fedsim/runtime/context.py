@@ -112,14 +112,9 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
 
 
 def job_seeds(seed: int, stream: Stream, jobs: Sequence[Job]) -> list[int]:
-    """`derive_seed(seed, stream, job.id, job.client)` for every job, derived for all jobs with the same id at once
-    (`derive_seeds`): the seed of each job's own random stream, whichever runtime runs it."""
-    out: dict[int, int] = {}
-    for job_id in sorted({job.id for job in jobs}):
-        positions = [i for i, job in enumerate(jobs) if job.id == job_id]
-        out.update(zip(positions, derive_seeds(seed, stream, job_id, last=[jobs[i].client for i in positions]),
-                       strict=True))
-    return [out[i] for i in range(len(jobs))]
+    """`derive_seed(seed, stream, job.id, job.client)` for every job, derived for all jobs at once
+    (`derive_seeds`, ids and clients varying): the seed of each job's own random stream, whichever runtime runs it."""
+    return derive_seeds(seed, stream, [job.id for job in jobs], last=[job.client for job in jobs])
 
 
 def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
