@@ -136,6 +136,15 @@ def test_shards_with_one_shard_each_give_single_class_clients():
     assert set(_classes_per_client(parts, LABELS)) == {1}
 
 
+def test_sorted_shards_give_labels_rising_with_the_client_number_whatever_the_seed():
+    labels = np.random.default_rng(9).permutation(LABELS)
+    params = ShardsParams(shards_per_client=2, deal="sorted")
+    parts = shards(labels, 20, np.random.default_rng(0), params)
+    assert [np.unique(labels[p]).tolist() for p in parts] == [[k // 2] for k in range(20)]
+    again = shards(labels, 20, np.random.default_rng(1), params)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
 def test_shards_with_fewer_samples_than_shards_raise_naming_shards_per_client():
     with pytest.raises(DataError, match=r"^partition\.shards_per_client: 400 clients x 3 shards = 1200"):
         shards(LABELS, 400, np.random.default_rng(0), ShardsParams(shards_per_client=3))
