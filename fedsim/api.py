@@ -26,7 +26,7 @@ from fedsim.run_state import Checkpointing, RunState, SignalFlag
 from fedsim.runtime import mpi
 from fedsim.scenario import ResolvedScenario, load_scenarios, naming_variant
 from fedsim.simulation import Simulation, build_simulation
-from fedsim.timeline import check_target, target_of, variant_report
+from fedsim.timeline import target_of, variant_report
 
 
 @dataclass
@@ -97,7 +97,7 @@ def resume(run_dir: str | Path, progress: bool = False, echo: Callable[[str], No
         return RunResult(MetricsTable(rows), stored, None, [])
     _check_unchanged(meta, stored, note)
     for scenario in stored:
-        _check_one(scenario)
+        check_scenario(scenario)
     sims = build_all(stored)
     notices = [n for sim in sims for n in sim.notices]
     for notice in notices:
@@ -163,19 +163,12 @@ def check(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] |
     directory (when `write`). Returns the resolved variants, notices, and the run directory a run would use."""
     scenarios, notices = load_scenarios(source, overrides, variants)
     for scenario in scenarios:
-        _check_one(scenario)
+        check_scenario(scenario)
     first = scenarios[0].spec
     setting = "--out" if out is not None else "output.dir"
     out_path = choose_run_dir(first.output.dir if out is None else out, first.name, overwrite, setting) \
         if write else None
     return scenarios, notices, out_path
-
-
-def _check_one(scenario: ResolvedScenario) -> None:
-    """`check_scenario`, and that an accuracy target has an accuracy to reach (the variant named in an error)."""
-    check_scenario(scenario)
-    with naming_variant(scenario.declared_name):
-        check_target(scenario)
 
 
 def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:

@@ -402,6 +402,10 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if components["task"].name != data_task:
         raise ScenarioError(f"task.name: {components['task'].name!r} does not fit data set "
                             f"{components['data'].name!r}, whose targets are for {data_task!r}")
+    task = components["task"]
+    if spec.evaluation.target is not None and "accuracy" not in task.entry.obj.metrics:
+        raise ScenarioError(f"evaluation.target: task {task.name!r} reports no accuracy; set evaluation.target_loss "
+                            f"(a test loss to reach) instead")
     if spec.clients_per_round is not None and spec.clients_per_round > spec.num_clients:
         raise ScenarioError(
             f"clients_per_round: {spec.clients_per_round} is more than num_clients ({spec.num_clients})"

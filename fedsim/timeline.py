@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.errors import ScenarioError
 from fedsim.recording import OUTCOMES
 
 Row = dict[str, Any]
@@ -39,14 +38,6 @@ def target_of(evaluation: Any) -> Target | None:
     if evaluation.target_loss is not None:
         return Target("test_loss", evaluation.target_loss)
     return None
-
-
-def check_target(scenario: Any) -> None:
-    """Refuse an accuracy target for a task that reports no accuracy (regression: use `target_loss`)."""
-    task = scenario.components["task"]
-    if scenario.spec.evaluation.target is not None and "accuracy" not in task.entry.obj.metrics:
-        raise ScenarioError(f"evaluation.target: task {task.name!r} reports no accuracy; set evaluation.target_loss "
-                            f"(a test loss to reach) instead")
 
 
 def time_to_target(rows: Sequence[Row], target: Target) -> dict[str, Any]:
