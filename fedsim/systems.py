@@ -207,14 +207,17 @@ def lognormal(params: LogNormalParams, num_clients: int, rng: np.random.Generato
 
 
 class TiersParams(HomogeneousParams):
-    multipliers: list[float] = Field([1.3, 1.0, 0.7], min_length=1, description="speed multiplier of each tier")
+    multipliers: list[float] = Field([1 / 1.3, 1.0, 1 / 0.7], min_length=1,
+                                     description="speed multiplier of each tier (FedAST's delay groups 1.3, 1.0, "
+                                                 "0.7 by default: the slow quarter's jobs take 1.3 times as long)")
     fractions: list[float] = Field([0.25, 0.5, 0.25], min_length=1, description="share of clients in each tier")
 
 
 @SYSTEMS.register("tiers", params=TiersParams)
 def tiers(params: TiersParams, num_clients: int, rng: np.random.Generator) -> ClientSystems:
-    """Speed groups (FedAST's {1.3, 1.0, 0.7} at 25/50/25% by default): round(fraction N) clients per tier, the
-    last tier taking the rest, assigned to clients in a random order drawn from the profile's stream."""
+    """Speed groups (by default FedAST's delay groups: job times x1.3, x1.0, x0.7 for 25/50/25% of the clients, as
+    its code's `createClientDelays` multiplies delays): round(fraction N) clients per tier, the last tier taking
+    the rest, assigned to clients in a random order drawn from the profile's stream."""
     if len(params.multipliers) != len(params.fractions):
         raise ScenarioError(f"systems.fractions: {len(params.fractions)} fractions for {len(params.multipliers)} "
                             f"multipliers; give one per tier")

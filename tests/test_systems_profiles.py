@@ -26,10 +26,13 @@ def test_linear_speeds_are_fedfix_f_x_job_times_from_one_down_to_one_minus_x():
     assert [profile("linear", num_clients=3, spread=0.0, speed=1.0).speed[i] for i in range(3)] == [1.0, 1.0, 1.0]
 
 
-def test_tiers_give_each_speed_group_its_share_of_clients():
-    systems = profile("tiers", num_clients=20, speed=10.0)
+def test_tiers_give_each_speed_group_its_share_of_clients_with_fedasts_job_times_by_default():
+    """FedAST's code multiplies the slow quarter's delays by 1.3 and the fast quarter's by 0.7."""
+    systems = profile("tiers", num_clients=20, speed=10.0, latency=0.0)
     values, counts = np.unique(systems.speed, return_counts=True)
-    assert dict(zip(values.tolist(), counts.tolist(), strict=True)) == pytest.approx({7.0: 5, 10.0: 10, 13.0: 5})
+    assert values.tolist() == pytest.approx([10 / 1.3, 10.0, 10 / 0.7]) and counts.tolist() == [5, 10, 5]
+    seconds = sorted({round(systems.job_seconds(0, c, 10, 0, 0), 9) for c in range(20)})
+    assert seconds == pytest.approx([0.7, 1.0, 1.3])
 
 
 @pytest.mark.parametrize(("change", "field"), [({"fractions": [0.5, 0.5]}, "systems.fractions"),
