@@ -98,6 +98,10 @@ class JobBook:
         self._forget_if_unused(job.version)
         return result
 
+    def download_bytes(self, version: int) -> int:
+        """The bytes of `version`'s message on one link."""
+        return self.versions[version][1]
+
     def start_params(self, version: int) -> Pytree:
         """The server's model when `version` was published (x_tau)."""
         return self.versions[version][2]
@@ -243,7 +247,7 @@ class AsyncProtocol(ProtocolBase):
         start = clock.now if systems.always_available else systems.available_from(client, clock.now)
         if not math.isfinite(start):
             return  # the client never comes online: its slot stays empty
-        down = self.book.versions[self.step][1]
+        down = self.book.download_bytes(self.step)
         self.traffic.down += down
         phases = systems.job_phases(job.id, client, int(self.sizes.work[client]), down, self.sizes.bytes_up)
         drop = systems.drop_time(job.id, client, start, phases)

@@ -1,7 +1,11 @@
-"""Helpers for calling rules directly in tests: aggregates, batches and oracle stand-ins."""
+"""Helpers for calling rules directly in tests: aggregates, batches and oracle stand-ins; comparing runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 import torch
 
 import fedsim
@@ -76,3 +80,19 @@ def assert_same_client_states(sims: dict, num_clients: int) -> list[int]:
     for k in held:
         torch.testing.assert_close(vec.get(k), seq.get(k), rtol=1e-4, atol=1e-6)
     return held
+
+
+def numbers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics rows without the variant name and the wall-clock seconds (what two runs of one scenario share)."""
+    return [{k: v for k, v in row.items() if k not in ("variant", "wall_time")} for row in rows]
+
+
+def assert_runtimes_agree(scenario_for: Callable[[dict[str, str]], dict[str, Any]],
+                          rel: float = 1e-5) -> dict[str, list[dict[str, Any]]]:
+    """Run `scenario_for(runtime)` under the sequential and vectorized runtimes; every row's figures agree to `rel`.
+    Returns each runtime's rows."""
+    rows = {rt: fedsim.run(scenario_for({"name": rt}), write=False).metrics.rows for rt in ("sequential", "vectorized")}
+    assert len(rows["sequential"]) == len(rows["vectorized"])
+    for seq, vec in zip(numbers(rows["sequential"]), numbers(rows["vectorized"]), strict=True):
+        assert vec == pytest.approx(seq, rel=rel)
+    return rows

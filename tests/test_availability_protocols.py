@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rulekit import assert_runtimes_agree
 
 import fedsim
 from fedsim.api import build_all
@@ -62,11 +63,7 @@ def test_an_asynchronous_job_whose_client_drops_out_is_never_run(monkeypatch, pr
 
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p["name"])
 def test_vectorized_equals_sequential_with_availability_and_dropouts(protocol):
-    rows = {rt: fedsim.run(scenario(protocol, runtime={"name": rt}), write=False).metrics.rows
-            for rt in ("sequential", "vectorized")}
-    for seq, vec in zip(rows["sequential"], rows["vectorized"], strict=True):
-        numbers = {k: v for k, v in seq.items() if k not in ("variant", "wall_time")}
-        assert {k: vec[k] for k in numbers} == pytest.approx(numbers, rel=1e-5)
+    assert_runtimes_agree(lambda runtime: scenario(protocol, runtime=runtime))
 
 
 def test_a_synchronous_round_waits_for_a_client_to_come_online():

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from rulekit import assert_runtimes_agree, numbers
 
 import fedsim
 from fedsim.errors import ScenarioError
@@ -25,10 +26,6 @@ def scenario(**changes: Any) -> dict[str, Any]:
         "systems": {"name": "lognormal", "speed_sigma": 1.0},
     }
     return {**base, **changes}
-
-
-def numbers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k not in ("variant", "wall_time")} for row in rows]
 
 
 @pytest.fixture
@@ -65,11 +62,8 @@ def check_mixing(updates, alpha: float, kind: str, a: float = 0.5, b: float = 4.
 
 
 def test_vectorized_runtime_matches_sequential_with_heterogeneous_speeds():
-    rows = {rt: numbers(fedsim.run(scenario(runtime={"name": rt}), write=False).metrics.rows)
-            for rt in ("sequential", "vectorized")}
+    rows = assert_runtimes_agree(lambda runtime: scenario(runtime=runtime))
     assert len(rows["vectorized"]) == 13
-    for seq, vec in zip(rows["sequential"], rows["vectorized"], strict=True):
-        assert vec == pytest.approx(seq, rel=1e-5)
 
 
 def test_jobs_from_several_versions_share_a_vmapped_chunk_and_one_start_per_version(monkeypatch):
