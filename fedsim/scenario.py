@@ -393,6 +393,14 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     missing = next((f for f in protocol.entry.meta.get("needs", ()) if getattr(spec, f) is None), None)
     if missing is not None:
         raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")
+    peer_to_peer = bool(protocol.entry.meta.get("peer_to_peer"))
+    if bool(components["topology"].entry.meta.get("client_server")) == peer_to_peer:
+        fitting = [e.name for e in TOPOLOGIES if bool(e.meta.get("client_server")) != peer_to_peer]
+        kind = "a peer-to-peer graph" if peer_to_peer else "a client/server star"
+        raise ScenarioError(
+            f"topology.name: protocol {protocol.name!r} runs on {kind}, which {components['topology'].name!r} is "
+            f"not; allowed: {', '.join(fitting)}"
+        )
     _check_message_keys(components)
     for kind in ("protocol", "algorithm", "systems"):  # own cross-field checks (a protocol's settings, a trace)
         check = components[kind].entry.meta.get("check")
@@ -409,14 +417,6 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if spec.clients_per_round is not None and spec.clients_per_round > spec.num_clients:
         raise ScenarioError(
             f"clients_per_round: {spec.clients_per_round} is more than num_clients ({spec.num_clients})"
-        )
-    peer_to_peer = bool(protocol.entry.meta.get("peer_to_peer"))
-    if bool(components["topology"].entry.meta.get("client_server")) == peer_to_peer:
-        fitting = [e.name for e in TOPOLOGIES if bool(e.meta.get("client_server")) != peer_to_peer]
-        kind = "a peer-to-peer graph" if peer_to_peer else "a client/server star"
-        raise ScenarioError(
-            f"topology.name: protocol {protocol.name!r} runs on {kind}, which {components['topology'].name!r} is "
-            f"not; allowed: {', '.join(fitting)}"
         )
     if components["partition"].entry.meta.get("natural") and not components["data"].entry.meta.get("natural"):
         natural = [e.name for e in DATASETS if e.meta.get("natural")]

@@ -23,6 +23,7 @@ class Stream(IntEnum):
     SERVER = 8
     PROTOCOL = 9
     CODEC = 10
+    TOPOLOGY = 11
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -9,17 +9,26 @@ mixing is one sparse product per leaf over the owned rows and the neighbours' ro
 and the vectorized runtime runs the owned nodes' local steps in one vmapped batch (one start per job, stacked on
 the vmap axis). The network average and the consensus error are sums over processes.
 
-Cost model: each round every node sends its model (the half-step model under ATC, its current one under CTA) to
-each neighbour, counted as `bytes_up` (bytes per directed edge = the model's bytes; there is no download). A
-round t lasts as long as its slowest node's `job_seconds(t, i, work_i, 0, model_bytes * degree_i)`: a simplification
-that charges a node's sends one after another on its uplink, plus one latency each way, and ignores that a node
-must wait for its neighbours' models rather than only its own work.
+Local-update gossip (DFedAvg, Sun et al. 2022; DFedSAM and DFedSAM-MGS, Shi et al., ICML 2023, Algorithm 1): the
+node's local steps are the client algorithm's (`fedavg`: SGD, `fedsam`: SAM steps, `sgdm`: heavy-ball SGD), `K`
+of them (`local_steps`), then `gossip_steps` Q mixing steps of the current iterate, z <- W z, Q times (MGS: Q > 1;
+with Q = 1 and K = 1, D-SGD itself). The graph may change with the round (`fedsim.topologies.schedule`): each
+round mixes over its own graph's matrix, and the transport re-plans its exchanges when the graph changes.
+
+Cost model: each gossip step every node sends its model (the half-step model under ATC, its current one under
+CTA) to each neighbour it is heard by, counted as `bytes_up` (Q times per directed edge and round, the model's bytes
+each; there is no download). A round t lasts as long as its slowest node's `job_seconds(t, i, work_i, 0,
+Q * model_bytes * out_degree_i)`: a simplification that charges a node's sends one after another on its uplink,
+plus one latency each way, and ignores that a node must wait for its neighbours' models rather than only its own
+work.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import networkx as nx
 import numpy as np
 import torch
 from pydantic import Field, field_validator
@@ -32,9 +41,11 @@ from fedsim.protocol import ProtocolBase
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job
+from fedsim.runtime.node_transport import Neighbourhood, NodeTransport
 from fedsim.sampling import full_steps
 from fedsim.servers import PROTOCOLS
-from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, check_connected, drop_nodes, mixing_matrix
+from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, drop_nodes, mixing_matrix
+from fedsim.topologies.schedule import Topology, build_topology
 
 if TYPE_CHECKING:
     from fedsim.scenario import Component, ScenarioSchema
@@ -49,6 +60,8 @@ class DSGDParams(Params):
                                    description="mixing matrix {name: ..., **params}; see fedsim.topologies.mixing")
     local_steps: int | None = Field(None, ge=0, description="local steps per node and round (0: gossip only); "
                                                             "default: local_epochs * ceil(n_k / batch_size)")
+    gossip_steps: int = Field(1, ge=1, description="mixing steps per round, each of the current iterate "
+                                                   "(DFedSAM-MGS's Q; bytes count Q times per edge)")
 
     @field_validator("mixing")
     @classmethod
@@ -60,13 +73,52 @@ class DSGDParams(Params):
         return value
 
 
-def graph_and_mixing(params: DSGDParams, topology: Component, n: int) -> tuple[Any, torch.Tensor]:
-    """The scenario's graph on n nodes (connected, or an error naming its components) and its mixing matrix."""
-    graph = topology.entry.obj(topology.params, n)
-    check_connected(graph, "topology")
-    mixing = mixing_matrix(params.mixing["name"], {k: v for k, v in params.mixing.items() if k != "name"}, graph,
-                           "protocol.mixing")
-    return graph, mixing
+def mixing_of(params: DSGDParams, graph: nx.Graph) -> torch.Tensor:
+    """The configured mixing matrix of one round's graph."""
+    return mixing_matrix(params.mixing["name"], {k: v for k, v in params.mixing.items() if k != "name"}, graph,
+                         "protocol.mixing")
+
+
+@dataclass(frozen=True)
+class RoundGraph:
+    """One graph of the topology, as a round uses it: its mixing matrix, its exchanges over the transport and how
+    many nodes hear each node (its sends per gossip step)."""
+
+    W: torch.Tensor
+    neighbourhood: Neighbourhood
+    out_degrees: np.ndarray
+
+
+class GossipGraphs:
+    """The graph of every round, its mixing matrix and its connection over the transport, built when a round first
+    needs a graph it has not seen (a sequence without a period: the latest only, earlier connections released)."""
+
+    def __init__(self, params: DSGDParams, topology: Topology, transport: NodeTransport) -> None:
+        self.params, self.topology, self.transport = params, topology, transport
+        self._built: dict[int, RoundGraph] = {}
+        self._without: tuple[int, frozenset[int], torch.Tensor] | None = None
+        """The last matrix with lost nodes left out: (graph index, the lost nodes, the matrix)."""
+
+    def at(self, t: int) -> RoundGraph:
+        k = self.topology.index(t)
+        if k not in self._built:
+            if self.topology.sequence.period is None:
+                for old in self._built.values():
+                    old.neighbourhood.release()
+                self._built.clear()
+            graph = self.topology.graph(t)
+            tells = graph.succ if graph.is_directed() else graph.adj
+            degrees = np.array([len(set(tells[i]) - {i}) for i in range(self.topology.num_nodes)])
+            self._built[k] = RoundGraph(mixing_of(self.params, graph), self.transport.connect(graph), degrees)
+        return self._built[k]
+
+    def mixing(self, t: int) -> torch.Tensor:
+        """Round t's mixing matrix without the nodes the transport lost (rows re-normalized), the same object while
+        neither changes (so the transport's local rows of it are reused)."""
+        k, lost = self.topology.index(t), self.transport.lost
+        if self._without is None or self._without[:2] != (k, lost):
+            self._without = k, lost, drop_nodes(self.at(t).W, lost)
+        return self._without[2]
 
 
 def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
@@ -78,7 +130,9 @@ def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, C
     if components["server"].name != "fedavg":
         raise ScenarioError(f"server.name: protocol 'dsgd' mixes models between nodes and uses no server rule; "
                             f"remove server (got {components['server'].name!r})")
-    graph_and_mixing(params, components["topology"], spec.num_clients)
+    topology = build_topology(components["topology"], spec.num_clients, spec.seed)
+    for t in range(topology.sequence.period or 1):
+        mixing_of(params, topology.graph(t))
 
 
 @PROTOCOLS.register("dsgd", params=DSGDParams, peer_to_peer=True, carries=("delta",), check=check_dsgd)
@@ -90,14 +144,11 @@ class DecentralizedSGD(ProtocolBase):
         super().__init__(params, sim, recorder)
         spec, components = self.spec, sim.scenario.components
         n = spec.num_clients
-        self.graph, self.W = graph_and_mixing(params, components["topology"], n)
-        self.degrees = np.array([len(set(self.graph.adj[i]) - {i}) for i in range(n)])
         assert sim.transport is not None, "build_simulation gives peer-to-peer protocols a node transport"
         self.transport = sim.transport
         self.owned = self.transport.owned
-        self.neighbourhood = self.transport.connect(self.graph)
-        self.W_mixed, self.mixed_without = self.W, frozenset()
-        """The mixing matrix in use, without the lost nodes it leaves out."""
+        self.topology = build_topology(components["topology"], n, spec.seed)
+        self.graphs = GossipGraphs(params, self.topology, self.transport)
         self.nodes = StackedStore.replicate(sim.model.init_params, len(self.owned))
         """The owned nodes' models (row r is node owned[r]): the protocol's state, what a checkpoint saves."""
         self.model_bytes = tree_nbytes(sim.model.init_params)
@@ -142,25 +193,26 @@ class DecentralizedSGD(ProtocolBase):
         deviation = self.transport.sum({"d": self.nodes.squared_deviation(center)})["d"]
         return {"consensus_error": float(deviation) / self.alive(), "nodes_lost": len(self.transport.lost)}
 
-    def mix_nodes(self) -> None:
-        """x <- W x over the owned nodes, along the graph through the transport (which brings the neighbours' rows
-        here, or, relayed, has each node mix its own); lost peers are left out on re-normalized rows."""
-        if self.transport.lost != self.mixed_without:
-            self.mixed_without = self.transport.lost
-            self.W_mixed = drop_nodes(self.W, self.mixed_without)
-        mixed = self.neighbourhood.gossip(self.nodes.stacked, self.W_mixed)
-        self.nodes.scatter(torch.arange(len(self.owned)), mixed)
+    def mix_nodes(self, t: int) -> None:
+        """Q gossip steps x <- W_t x over the owned nodes, along round t's graph through the transport (which brings
+        the neighbours' rows here, or, relayed, has each node mix its own); lost peers are left out on
+        re-normalized rows."""
+        neighbourhood, W = self.graphs.at(t).neighbourhood, self.graphs.mixing(t)
+        rows = torch.arange(len(self.owned))
+        for _ in range(self.params.gossip_steps):
+            self.nodes.scatter(rows, neighbourhood.gossip(self.nodes.stacked, W))
 
     def _round(self, t: int) -> float:
         """Round t in the configured order; returns its simulated seconds."""
         if self.params.order == "cta":
-            self.mix_nodes()
+            self.mix_nodes(t)
         deltas, work = self._local_steps(t)
         half = tree_map(torch.add, self.nodes.stacked, deltas)
         self.nodes.scatter(torch.arange(len(self.owned)), half)
         if self.params.order == "atc":
-            self.mix_nodes()
-        self.traffic.up += self.model_bytes * int(self.degrees.sum())
+            self.mix_nodes(t)
+        sends = self.params.gossip_steps * self.model_bytes * self.graphs.at(t).out_degrees
+        self.traffic.up += int(sends.sum())
         n = self.spec.num_clients
         totals = self.transport.sum({"params": self.nodes.sum(), "work": torch.from_numpy(work).double()})
         alive = self.alive()
@@ -172,7 +224,7 @@ class DecentralizedSGD(ProtocolBase):
                 f"parameters; the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
         systems, work = self.sim.systems, totals["work"].long().tolist()
-        return max(systems.job_seconds(t, i, work[i], 0, self.model_bytes * int(self.degrees[i])) for i in range(n))
+        return max(systems.job_seconds(t, i, work[i], 0, int(sends[i])) for i in range(n))
 
     def _local_steps(self, t: int) -> tuple[Pytree, np.ndarray]:
         """Every owned node's change from its local steps started at its own model (zero for nodes with no steps),

@@ -12,6 +12,10 @@ import fedsim
 from fedsim import api
 from fedsim.aggregation import Aggregate
 from fedsim.clients import Batch
+from fedsim.clock import Clock
+from fedsim.params import tree_map
+from fedsim.recording import Recorder
+from fedsim.scenario import load_scenarios
 from fedsim.simulation import build_simulation
 
 
@@ -96,3 +100,32 @@ def assert_runtimes_agree(scenario_for: Callable[[dict[str, str]], dict[str, Any
     for seq, vec in zip(numbers(rows["sequential"]), numbers(rows["vectorized"]), strict=True):
         assert vec == pytest.approx(seq, rel=rel)
     return rows
+
+
+def protocol_of(mapping: dict[str, Any]) -> Any:
+    """The protocol object of a one-variant scenario, built as `fedsim.run` builds it (not started)."""
+    [resolved], _ = load_scenarios(mapping)
+    sim = build_simulation(resolved)
+    component = resolved.components["protocol"]
+    return component.entry.obj(component.params, sim, Recorder(resolved.variant, sim.evaluator))
+
+
+def finished(mapping: dict[str, Any], before_start: Callable[[Any], None] | None = None) -> Any:
+    """The protocol of a one-variant scenario after running its whole budget on a fresh clock (`before_start` may
+    change it first)."""
+    protocol = protocol_of(mapping)
+    if before_start is not None:
+        before_start(protocol)
+    clock = Clock()
+    protocol.start(clock)
+    clock.run(protocol)
+    assert clock.stopped
+    return protocol
+
+
+def spread(protocol: Any, seed: int = 0) -> None:
+    """Give every node of a gossip protocol (its `nodes` store) its own random model, so there is disagreement to
+    mix away."""
+    g = torch.Generator().manual_seed(seed)
+    protocol.nodes.scatter(range(protocol.nodes.num_nodes),
+                           tree_map(lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype), protocol.nodes.stacked))

@@ -8,16 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from rulekit import finished, protocol_of, spread
 
 import fedsim
-from fedsim.clock import Clock
 from fedsim.errors import ScenarioError
 from fedsim.params import tree_leaves, tree_map, tree_nbytes
-from fedsim.recording import Recorder
 from fedsim.runtime.vectorized import VectorizedRuntime
 from fedsim.scenario import load_scenarios
-from fedsim.servers.dsgd import DecentralizedSGD
-from fedsim.simulation import build_simulation
 from fedsim.topologies.mixing import consensus_error, spectral_gap
 
 METRICS = ("loss", "accuracy", "test_loss")
@@ -44,33 +41,6 @@ def assert_metrics_close(rows: list[dict[str, Any]], expected: list[dict[str, An
             assert row[key] == pytest.approx(want[key], rel=1e-5), (row["round"], key)
 
 
-def protocol_of(mapping: dict[str, Any]) -> DecentralizedSGD:
-    """The D-SGD protocol object of a scenario, built as `fedsim.run` builds it (not started)."""
-    [resolved], _ = load_scenarios(mapping)
-    sim = build_simulation(resolved)
-    component = resolved.components["protocol"]
-    return component.entry.obj(component.params, sim, Recorder(resolved.variant, sim.evaluator))
-
-
-def finished(mapping: dict[str, Any], before_start: Any = None) -> DecentralizedSGD:
-    """The D-SGD protocol of a scenario after running its whole budget on a fresh clock."""
-    protocol = protocol_of(mapping)
-    if before_start is not None:
-        before_start(protocol)
-    clock = Clock()
-    protocol.start(clock)
-    clock.run(protocol)
-    assert clock.stopped
-    return protocol
-
-
-def spread(protocol: DecentralizedSGD, seed: int = 0) -> None:
-    """Give every node its own random model, so there is disagreement to mix away."""
-    g = torch.Generator().manual_seed(seed)
-    protocol.nodes.scatter(range(protocol.nodes.num_nodes),
-                           tree_map(lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype), protocol.nodes.stacked))
-
-
 def test_atc_on_the_complete_graph_with_uniform_weights_is_fedavg_with_every_client():
     n = 3  # digits' iid split gives 3 clients exactly 539 training samples each
     base = scenario(num_clients=n, rounds=3) | {"topology": {"name": "complete"}}
@@ -79,7 +49,7 @@ def test_atc_on_the_complete_graph_with_uniform_weights_is_fedavg_with_every_cli
         "clients_per_round": n, "server": {"name": "fedavg", "weighting": "uniform"}}
     protocol = protocol_of(dsgd)
     assert set(protocol.sim.data.train_sizes.tolist()) == {539}
-    assert torch.equal(protocol.W.to_dense(), torch.full((n, n), 1 / n, dtype=torch.float64))
+    assert torch.equal(protocol.graphs.at(0).W.to_dense(), torch.full((n, n), 1 / n, dtype=torch.float64))
     rows = rows_of(dsgd)
     assert_metrics_close(rows, rows_of(fedavg))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
@@ -90,7 +60,7 @@ def test_mixing_under_metropolis_hastings_on_a_ring_keeps_the_network_average():
     protocol = protocol_of(scenario(num_clients=7))
     spread(protocol)
     before, error = protocol.nodes.mean(), consensus_error(protocol.nodes.stacked)
-    protocol.mix_nodes()
+    protocol.mix_nodes(0)
     tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-6), protocol.nodes.mean(), before)
     assert consensus_error(protocol.nodes.stacked) < 0.9 * error
 
@@ -99,7 +69,7 @@ def test_gossip_without_local_steps_shrinks_consensus_error_at_least_at_the_spec
     protocol = finished(scenario(num_clients=8, rounds=6, local_steps=0), lambda p: spread(p, seed=1))
     errors = [row["consensus_error"] for row in protocol.recorder.rows]
     assert len(errors) == 7 and errors[0] > 1.0
-    rate = (1 - spectral_gap(protocol.W)) ** 2
+    rate = (1 - spectral_gap(protocol.graphs.at(0).W)) ** 2
     assert rate < 1
     for before, after in zip(errors, errors[1:], strict=False):
         assert after <= rate * before * (1 + 1e-9)
@@ -157,7 +127,7 @@ def test_cta_and_atc_both_reduce_the_loss_and_cta_nodes_are_atc_nodes_before_the
         assert c["consensus_error"] > 1.5 * a["consensus_error"] > 0
     assert not all(torch.allclose(c, a, atol=1e-3)
                    for c, a in zip(tree_leaves(cta.nodes.stacked), tree_leaves(atc.nodes.stacked), strict=True))
-    cta.mix_nodes()
+    cta.mix_nodes(0)
     tree_map(lambda c, a: torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6), cta.nodes.stacked,
              atc.nodes.stacked)
 
@@ -215,7 +185,7 @@ def test_nodes_mix_without_lost_peers_on_rows_renormalized_to_one():
         leaf[3] = 0.0
     protocol.nodes.scatter(torch.arange(6), rows)
     protocol.transport.lost = frozenset({3})
-    protocol.mix_nodes()
+    protocol.mix_nodes(0)
     for leaf in protocol.nodes.stacked.values():
         assert torch.equal(leaf[[0, 1, 2, 4, 5]], torch.ones_like(leaf[[0, 1, 2, 4, 5]]))
     assert protocol.alive() == 5 and protocol.extra_metrics()["nodes_lost"] == 1

@@ -11,13 +11,13 @@ from fedsim.params import Pytree
 from fedsim.registry import NoParams
 from fedsim.topologies.mixing import (
     MIXING,
-    check_connected,
     check_stochastic,
     consensus_error,
     mix,
     mixing_matrix,
     spectral_gap,
 )
+from fedsim.topologies.schedule import Topology
 
 
 def _stacked(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Pytree:
@@ -137,7 +137,8 @@ def test_repeated_mixing_on_a_ring_shrinks_consensus_error_at_rate_one_minus_gap
 
 def test_disconnected_graph_is_one_error_line_naming_the_smallest_component():
     graph = nx.disjoint_union(nx.cycle_graph(5), nx.path_graph(2))
-    with pytest.raises(ScenarioError, match=r"^topology: .*disconnected \(2 components; smallest has 2 nodes: 5, 6\)$"):
-        check_connected(graph, "topology")
-    check_connected(nx.cycle_graph(5), "topology")
+    with pytest.raises(ScenarioError, match=r"^topology: .*disconnected \(2 components; smallest has 2 nodes: 5, 6\); "
+                                            r"set topology.allow_disconnected: true to run it anyway$"):
+        Topology(graph, 7).check_connected("topology")
+    Topology(nx.cycle_graph(5), 5).check_connected("topology")
     assert spectral_gap(mixing_matrix("metropolis_hastings", None, graph)) == pytest.approx(0.0, abs=1e-12)

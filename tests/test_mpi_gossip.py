@@ -22,13 +22,13 @@ import yaml
 
 import fedsim
 from fedsim.checkpoint import completed, read_manifest, read_rank
-from fedsim.registry import Entry, NoParams
+from fedsim.registry import Entry
 from fedsim.runtime.node_transport import LocalTransport, block_partition, halo_plan, local_mixing
-from fedsim.topologies import TOPOLOGIES
+from fedsim.topologies import TOPOLOGIES, TopologyParams
 from fedsim.topologies.mixing import mix, mixing_matrix
 
 
-def torus(params: NoParams, num_nodes: int) -> nx.Graph:
+def torus(params: TopologyParams, num_nodes: int, seed: int) -> nx.Graph:
     """A 2-D torus of 4 columns, nodes numbered row by row (test topology)."""
     graph = nx.grid_2d_graph(num_nodes // 4, 4, periodic=True)
     return nx.relabel_nodes(graph, {(r, c): 4 * r + c for r, c in graph.nodes})
@@ -36,18 +36,17 @@ def torus(params: NoParams, num_nodes: int) -> nx.Graph:
 
 REGISTER_TORUS = """
 import sys
-from fedsim.registry import NoParams
-from fedsim.topologies import TOPOLOGIES
+from fedsim.topologies import TOPOLOGIES, TopologyParams
 import networkx as nx
 {source}
-TOPOLOGIES.register("test_torus", params=NoParams, client_server=False)(torus)
+TOPOLOGIES.register("test_torus", params=TopologyParams, client_server=False)(torus)
 """
 
 
 @pytest.fixture
 def with_torus(monkeypatch) -> str:
     monkeypatch.setitem(TOPOLOGIES._entries, "test_torus",
-                        Entry("test_torus", torus, NoParams, {"client_server": False}))
+                        Entry("test_torus", torus, TopologyParams, {"client_server": False}))
     return "test_torus"
 
 
@@ -62,7 +61,7 @@ def test_blocks_are_contiguous_cover_every_node_once_and_differ_by_at_most_one()
 
 
 def test_halo_plans_of_neighbouring_blocks_agree_and_carry_exactly_the_cut_edges():
-    graph, parts = torus(NoParams(), 16), 4
+    graph, parts = torus(TopologyParams(), 16, 0), 4
     blocks = block_partition(16, parts)
     plans = [halo_plan(graph, blocks, p) for p in range(parts)]
     assert [p.peers for p in plans] == [(1, 3), (0, 2), (1, 3), (0, 2)]  # one torus row per rank: no diagonals
@@ -78,7 +77,7 @@ def test_halo_plans_of_neighbouring_blocks_agree_and_carry_exactly_the_cut_edges
     assert (ring.peers, ring.sends, ring.receives, ring.halo) == ((1,), ((0, 4),), ((5, 9),), [5, 9])
 
 
-@pytest.mark.parametrize("graph", [nx.cycle_graph(10), torus(NoParams(), 16)], ids=["ring", "torus"])
+@pytest.mark.parametrize("graph", [nx.cycle_graph(10), torus(TopologyParams(), 16, 0)], ids=["ring", "torus"])
 def test_mixing_a_block_with_its_halo_gives_the_global_products_rows_bit_for_bit(graph):
     n = graph.number_of_nodes()
     W = mixing_matrix("metropolis_hastings", {}, graph)

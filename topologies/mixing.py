@@ -2,7 +2,8 @@
 
 Decentralized SGD keeps every node's parameters stacked (leading node axis) and averages neighbours with a sparse
 stochastic matrix W: x <- W x, one sparse product per leaf. Entries are `fn(params, graph) -> W`, W sparse CSR
-float64 (n x n) indexed by the graph's nodes 0..n-1.
+float64 (n x n) indexed by the graph's nodes 0..n-1. Metadata: `doubly_stochastic` (checked) and `directed` (True:
+it takes directed graphs, weighting what each node hears).
 """
 
 from __future__ import annotations
@@ -29,12 +30,23 @@ TOLERANCE = 1e-9
 
 
 def _neighbours(graph: nx.Graph) -> list[set[int]]:
-    """Each node's neighbours without itself (self-loops ignored); nodes must be exactly 0..n-1."""
+    """Each node's neighbours without itself (self-loops ignored): those it hears from (in-neighbours) on a
+    directed graph; nodes must be exactly 0..n-1."""
     n = graph.number_of_nodes()
-    if graph.is_directed() or set(graph.nodes) != set(range(n)):
-        got = "a directed graph" if graph.is_directed() else f"nodes {shorten(sorted(graph.nodes, key=str))}"
-        raise ScenarioError(f"topology: a mixing matrix needs an undirected graph on nodes 0..{n - 1}, got {got}")
-    return [set(graph.adj[i]) - {i} for i in range(n)]
+    if set(graph.nodes) != set(range(n)):
+        raise ScenarioError(f"topology: a mixing matrix needs a graph on nodes 0..{n - 1}, got nodes "
+                            f"{shorten(sorted(graph.nodes, key=str))}")
+    adjacency = graph.pred if graph.is_directed() else graph.adj
+    return [set(adjacency[i]) - {i} for i in range(n)]
+
+
+def _undirected_neighbours(graph: nx.Graph, name: str) -> list[set[int]]:
+    """`_neighbours` of an undirected graph; a directed one is refused naming the matrices that take it."""
+    if graph.is_directed():
+        fitting = [e.name for e in MIXING if e.meta.get("directed")]
+        raise ScenarioError(f"protocol.mixing.name: {name!r} needs an undirected graph and the topology is "
+                            f"directed; use {' or '.join(fitting)}")
+    return _neighbours(graph)
 
 
 def _matrix(n: int, entries: dict[tuple[int, int], float]) -> torch.Tensor:
@@ -56,25 +68,26 @@ def _with_diagonal(nbrs: list[set[int]], weight: Any) -> torch.Tensor:
     return _matrix(len(nbrs), entries)
 
 
-@MIXING.register("metropolis_hastings", params=NoParams, doubly_stochastic=True)
+@MIXING.register("metropolis_hastings", params=NoParams, doubly_stochastic=True, directed=False)
 def metropolis_hastings(params: NoParams, graph: nx.Graph) -> torch.Tensor:
-    """W_ij = 1 / (1 + max(deg_i, deg_j)) on edges: symmetric and doubly stochastic on any graph."""
+    """W_ij = 1 / (1 + max(deg_i, deg_j)) on edges: symmetric and doubly stochastic on any undirected graph."""
     # Metropolis weights: Xiao & Boyd 2004 (eq. 12), as used by D-PSGD (Lian et al. 2017) and Koloskova et al. 2020.
-    nbrs = _neighbours(graph)
+    nbrs = _undirected_neighbours(graph, "metropolis_hastings")
     return _with_diagonal(nbrs, lambda i, j: 1.0 / (1 + max(len(nbrs[i]), len(nbrs[j]))))
 
 
-@MIXING.register("uniform_neighbour", params=NoParams, doubly_stochastic=False)
+@MIXING.register("uniform_neighbour", params=NoParams, doubly_stochastic=False, directed=True)
 def uniform_neighbour(params: NoParams, graph: nx.Graph) -> torch.Tensor:
-    """W_ij = 1 / (deg_i + 1) over i's neighbours and itself: row stochastic, doubly only on regular graphs."""
+    """W_ij = 1 / (deg_i + 1) over i's neighbours (in-neighbours if directed) and itself: row stochastic, doubly
+    only on (in- and out-) regular graphs, such as the exponential graphs."""
     nbrs = _neighbours(graph)
     return _matrix(len(nbrs), {(i, j): 1.0 / (len(js) + 1) for i, js in enumerate(nbrs) for j in js | {i}})
 
 
-@MIXING.register("max_degree", params=NoParams, doubly_stochastic=True)
+@MIXING.register("max_degree", params=NoParams, doubly_stochastic=True, directed=False)
 def max_degree(params: NoParams, graph: nx.Graph) -> torch.Tensor:
     """W_ij = 1 / (d_max + 1) on every edge, the rest on the diagonal: symmetric and doubly stochastic."""
-    nbrs = _neighbours(graph)
+    nbrs = _undirected_neighbours(graph, "max_degree")
     d_max = max((len(js) for js in nbrs), default=0)
     return _with_diagonal(nbrs, lambda i, j: 1.0 / (d_max + 1))
 
@@ -97,22 +110,11 @@ def check_stochastic(W: torch.Tensor, doubly: bool, what: str) -> None:
             raise ScenarioError(f"{what}: {kind} {k} of the mixing matrix sums to {float(sums[k])!r}, not 1")
 
 
-def check_connected(graph: nx.Graph, what: str) -> None:
-    """One-line ScenarioError naming `what` if the graph is empty or disconnected (nodes then never agree)."""
-    if graph.number_of_nodes() == 0:
-        raise ScenarioError(f"{what}: the communication graph has no nodes")
-    components = list(nx.connected_components(graph))
-    if len(components) > 1:
-        smallest = sorted(min(components, key=len), key=str)
-        shown = ", ".join(map(str, smallest[:10])) + (", ..." if len(smallest) > 10 else "")
-        raise ScenarioError(f"{what}: the communication graph is disconnected ({len(components)} components; "
-                            f"smallest has {len(smallest)} nodes: {shown})")
-
-
 def mixing_matrix(name: str, params: Params | dict[str, Any] | None, graph: nx.Graph,
                   field_path: str = "mixing") -> torch.Tensor:
     """Resolve, build and check the mixing matrix `name` of `graph` (params as a model or raw mapping). Does not
-    require a connected graph: time-varying topologies (one matching per step) are not; see check_connected."""
+    require a connected graph: a time-varying topology's single graphs need not be (see
+    `fedsim.topologies.schedule.Topology.check_connected`)."""
     entry = MIXING.get(name, f"{field_path}.name")
     if not isinstance(params, entry.params):
         params = validate_params(entry.params, dict(params or {}), field_path, f"mixing matrix {name!r}")

@@ -28,6 +28,9 @@ class RelayNeighbourhood:
     def __init__(self, plan: HaloPlan, runtime: FlowerRuntime) -> None:
         self.plan, self.runtime = plan, runtime
 
+    def release(self) -> None:
+        """Nothing held: each step names its neighbours in its messages."""
+
     def gossip(self, rows: Pytree, W: torch.Tensor) -> Pytree:
         runtime = self.runtime
         if not runtime.nodes:

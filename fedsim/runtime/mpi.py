@@ -213,6 +213,9 @@ class MPINeighbourhood(HaloNeighbourhood):
         self.send_counts = [len(nodes) for nodes in plan.sends]
         self.receive_counts = [len(nodes) for nodes in plan.receives]
 
+    def release(self) -> None:
+        self.graph_comm.Free()
+
     def exchange(self, rows: Pytree) -> Pytree:
         from mpi4py import MPI
 

@@ -46,17 +46,23 @@ class HaloPlan:
 
 
 def halo_plan(graph: nx.Graph, blocks: list[range], me: int) -> HaloPlan:
-    """Process `me`'s halo plan for `graph` (nodes 0..n-1, undirected) over `blocks`. Plans of two processes
-    agree: what one sends the other is what the other receives from it."""
+    """Process `me`'s halo plan for `graph` (nodes 0..n-1) over `blocks`. On a directed graph an edge j -> i brings
+    j's row to i; a process exchanges with every process it sends to or hears from (one direction may be empty).
+    Plans of two processes agree: what one sends the other is what the other receives from it."""
     owner = [p for p, block in enumerate(blocks) for _ in block]
     owned = blocks[me]
+    hears, tells = (graph.pred, graph.succ) if graph.is_directed() else (graph.adj, graph.adj)
     sends: dict[int, set[int]] = {}
     receives: dict[int, set[int]] = {}
     for i in owned:
-        for j in graph.adj[i]:
+        for j in tells[i]:
             if owner[j] != me:
                 sends.setdefault(owner[j], set()).add(i)
+                receives.setdefault(owner[j], set())
+        for j in hears[i]:
+            if owner[j] != me:
                 receives.setdefault(owner[j], set()).add(j)
+                sends.setdefault(owner[j], set())
     peers = tuple(sorted(sends))
     return HaloPlan(owned, peers, tuple(tuple(sorted(sends[p])) for p in peers),
                     tuple(tuple(sorted(receives[p])) for p in peers))
@@ -71,6 +77,10 @@ class Neighbourhood(Protocol):
         """The owned nodes' rows after one gossip step x_i <- sum_j W_ij x_j (W the n x n CSR mixing matrix),
         given their rows now (leaves shaped (len(owned), ...), in owned order). Every process calls it at the
         same point, with the same W."""
+        ...
+
+    def release(self) -> None:
+        """Free what the connection holds (an MPI communicator) once the protocol moved to another graph."""
         ...
 
 
@@ -92,6 +102,9 @@ class HaloNeighbourhood:
         shaped (len(plan.halo), ...), in `plan.halo` order). Every process calls it at the same point."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Nothing to free (transports holding resources override it)."""
+
     def gossip(self, rows: Pytree, W: torch.Tensor) -> Pytree:
         if self.mixing is None or self.mixing[0] is not W:
             self.mixing = W, local_mixing(W, self.plan)
@@ -112,7 +125,8 @@ class NodeTransport(Protocol):
     out); always empty in one process and under MPI, where a dead rank ends the run."""
 
     def connect(self, graph: nx.Graph) -> Neighbourhood:
-        """Prepare exchanges along `graph` (every process calls it with the same graph)."""
+        """Prepare exchanges along `graph` (every process calls it with the same graph, again whenever a
+        time-varying topology changes it)."""
         ...
 
     def sum(self, tree: Pytree) -> Pytree:
