@@ -15,7 +15,8 @@ from fedsim.errors import ScenarioError
 from fedsim.params import tree_leaves, tree_map, tree_nbytes
 from fedsim.runtime.vectorized import VectorizedRuntime
 from fedsim.scenario import load_scenarios
-from fedsim.topologies.mixing import consensus_error, spectral_gap
+from fedsim.topologies.mixing import consensus_error
+from fedsim.topologies.spectral import spectral_gap
 
 METRICS = ("loss", "accuracy", "test_loss")
 

@@ -15,9 +15,9 @@ from fedsim.topologies.mixing import (
     consensus_error,
     mix,
     mixing_matrix,
-    spectral_gap,
 )
 from fedsim.topologies.schedule import Topology
+from fedsim.topologies.spectral import spectral_gap
 
 
 def _stacked(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Pytree:

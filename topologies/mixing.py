@@ -14,7 +14,6 @@ from collections.abc import Collection
 from typing import Any
 
 import networkx as nx
-import numpy as np
 import torch
 
 from fedsim.errors import ScenarioError
@@ -164,14 +163,3 @@ def consensus_error(stacked: Pytree) -> float:
         return 0.0
     total = sum(float(((x.double() - x.double().mean(0)) ** 2).sum()) for x in leaves)
     return total / leaves[0].shape[0]
-
-
-def spectral_gap(W: torch.Tensor) -> float:
-    """1 - |lambda_2|, lambda_2 the eigenvalue of second-largest magnitude (dense; n up to a few thousand).
-    Consensus error of doubly stochastic mixing shrinks by about (1 - gap)^2 per step."""
-    dense = (W.to_dense() if W.layout != torch.strided else W).double().cpu().numpy()
-    if dense.shape[0] < 2:
-        return 1.0
-    symmetric = np.array_equal(dense, dense.T)
-    magnitudes = np.sort(np.abs(np.linalg.eigvalsh(dense) if symmetric else np.linalg.eigvals(dense)))[::-1]
-    return float(1.0 - magnitudes[1])
