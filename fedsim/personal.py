@@ -97,19 +97,19 @@ def personal_test_sums(rule: ClientRule, objective: Objective, data: ClientDataS
         return split_sums(objective, params, *data.client_test(client))
 
 
-def personal_figures(totals: Sums, metrics: Sequence[str]) -> dict[str, float | list[int]]:
-    """The row's personal figures from the per-client vectors (see PersonalEvaluator); none when no client had a
-    personal model yet."""
+def personal_figures(totals: Sums, metrics: Sequence[str], prefix: str = "personal") -> dict[str, float | list[int]]:
+    """The row's personal figures from the per-client vectors (see PersonalEvaluator), named `<prefix>_<metric>`;
+    none when no client had a personal model yet."""
     scored = totals["scored"] > 0
     count = int(scored.sum())
     if count == 0:
-        return {"personal_clients": 0}
-    out: dict[str, float | list[int]] = {"personal_clients": count}
+        return {f"{prefix}_clients": 0}
+    out: dict[str, float | list[int]] = {f"{prefix}_clients": count}
     worst = max(1, round(WORST_FRACTION * count))
     for m in [*metrics, "loss"]:
         s, c = totals[f"{m}_sum"][scored], totals[f"{m}_count"][scored]
         per_client = s / c.clamp_min(1)
-        name = f"personal_{m}" if m != "loss" else "personal_test_loss"
+        name = f"{prefix}_{m}" if m != "loss" else f"{prefix}_test_loss"
         # Worst: lowest accuracy, highest loss.
         ordered = torch.sort(per_client, descending=m == "loss").values
         out[name] = float(per_client.mean())

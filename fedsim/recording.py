@@ -52,6 +52,8 @@ class JobLog:
         self.server_steps: list[float] = []
         self.ended: float | None = None
         """When the run ended (simulated seconds), once it has."""
+        self.node_map: dict[str, np.ndarray] = {}
+        """A decentralized run's graph and per-node figures, for the topology picture (see `map_nodes`)."""
 
     def job(self, job: Any, start: float, phases: Any, outcome: str, staleness: int = 0) -> None:
         """Record job `job` (a `Job`), started at `start` with `phases` (`fedsim.systems.JobPhases`)."""
@@ -75,11 +77,18 @@ class JobLog:
                 job = payload["job"] if "job" in payload else payload["result"].job
                 self.job(job, payload["start"], payload["phases"].until(now - payload["start"]), "unfinished")
 
+    def map_nodes(self, edges: np.ndarray, **values: np.ndarray) -> None:
+        """Keep the graph's edges (an (E, 2) array of node ids) and per-node figures (accuracy, visit frequency, one
+        value per node) as the latest to draw; stored as `map_edges` and `map_<name>`."""
+        self.node_map = {"map_edges": np.asarray(edges, dtype=np.int64).reshape(-1, 2),
+                         **{f"map_{k}": np.asarray(v, dtype=np.float64) for k, v in values.items()}}
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """The columns as arrays (float64), plus `server_steps` and, once the run ended, `ended` (one value)."""
+        """The columns as arrays (float64), plus `server_steps`, once the run ended `ended` (one value), and the
+        node map of decentralized runs."""
         out = {name: np.asarray(values, dtype=np.float64) for name, values in self.columns.items()}
         ended = {} if self.ended is None else {"ended": np.asarray([self.ended])}
-        return {**out, "server_steps": np.asarray(self.server_steps, dtype=np.float64), **ended}
+        return {**out, "server_steps": np.asarray(self.server_steps, dtype=np.float64), **ended, **self.node_map}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.arrays()
@@ -87,6 +96,7 @@ class JobLog:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.columns = {name: state[name].tolist() for name in self.COLUMNS}
         self.server_steps = state["server_steps"].tolist()
+        self.node_map = {k: v for k, v in state.items() if k.startswith("map_")}
 
 
 class Progress:

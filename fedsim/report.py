@@ -1,6 +1,7 @@
 """The result table a run prints, and the pictures it writes: accuracy and loss against rounds, simulated time and
 client updates (plot.png); client jobs on the virtual clock (timeline.png); staleness, participation and idle
-time (async.png)."""
+time (async.png); a decentralized run's graph with its nodes coloured by their own model's score or the walk's visit
+frequency (topology.png)."""
 
 from __future__ import annotations
 
@@ -163,10 +164,47 @@ def write_pictures(directory: Path, rows: Sequence[Row], scenarios: Sequence[Any
         if log is not None and log["job"].size:
             end = run_end([r for r in rows if run_variant(r["variant"]) == s.variant], log)
             jobs.append((s.variant, log, end, s.spec))
+    maps = [(s.variant, timelines[s.variant]) for s in plotted
+            if timelines.get(s.variant) is not None and "map_edges" in timelines[s.variant]]
+    if maps:
+        write_topology_plot(maps[:MAX_PANELS], directory / "topology.png")
     if jobs:
         write_timeline_plot([(v, log, timeline_window(log, end, spec.output.timeline_seconds))
                              for v, log, end, spec in jobs[:MAX_PANELS]], directory / "timeline.png")
         write_async_plot([(v, log, spec.num_clients, end) for v, log, end, spec in jobs], directory / "async.png")
+
+
+MAP_LABELS = {"accuracy": "accuracy of the node's model on its test split",
+              "test_loss": "test loss of the node's model on its test split", "visits": "visit frequency"}
+"""Colour-bar label of each per-node figure a node map may carry."""
+LAYOUT_NODES = 2000
+"""Largest graph drawn with a force-directed layout; larger ones go on a circle."""
+
+
+def write_topology_plot(panels: Sequence[tuple[str, Log]], path: Path) -> None:
+    """One panel per (variant, log with a node map): the graph's edges in grey and its nodes coloured by the map's
+    per-node figure (the first of MAP_LABELS it has), laid out by a seeded spring layout."""
+    plt = _pyplot()
+    import networkx as nx
+    from matplotlib.collections import LineCollection
+
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(5.2 * len(panels), 4.6))
+    for ax, (variant, log) in zip(axes[0], panels, strict=True):
+        name = next(k for k in MAP_LABELS if f"map_{k}" in log)
+        values = log[f"map_{name}"]
+        graph = nx.Graph()
+        graph.add_nodes_from(range(len(values)))
+        graph.add_edges_from(map(tuple, log["map_edges"].tolist()))
+        layout = nx.spring_layout(graph, seed=0) if len(values) <= LAYOUT_NODES else nx.circular_layout(graph)
+        xy = np.array([layout[i] for i in range(len(values))])
+        ax.add_collection(LineCollection(xy[log["map_edges"]], colors="#bdbdbd", linewidths=0.6, zorder=1))
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis", s=max(6, 400 / np.sqrt(len(values))),
+                          zorder=2, edgecolors="k", linewidths=0.3)
+        fig.colorbar(dots, ax=ax, label=MAP_LABELS[name], shrink=0.8)
+        ax.set_title(f"{variant}: {len(values)} nodes, {len(log['map_edges'])} edges", fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def targets_of(scenarios: Sequence[Any]) -> dict[str, Target | None]:

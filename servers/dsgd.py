@@ -35,6 +35,7 @@ from pydantic import Field, field_validator
 
 from fedsim.clock import Clock, Event
 from fedsim.errors import DivergenceError, ScenarioError
+from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore
 from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes, tree_unstack
 from fedsim.protocol import ProtocolBase
@@ -149,6 +150,7 @@ class DecentralizedSGD(ProtocolBase):
         self.owned = self.transport.owned
         self.topology = build_topology(components["topology"], n, spec.seed)
         self.graphs = GossipGraphs(params, self.topology, self.transport)
+        self.node_evaluator = NodeEvaluator(sim.evaluator, n)
         self.nodes = StackedStore.replicate(sim.model.init_params, len(self.owned))
         """The owned nodes' models (row r is node owned[r]): the protocol's state, what a checkpoint saves."""
         self.model_bytes = tree_nbytes(sim.model.init_params)
@@ -187,11 +189,17 @@ class DecentralizedSGD(ProtocolBase):
 
     def extra_metrics(self) -> dict[str, float]:
         """The consensus error (1/n) sum_i ||x_i - x_bar||^2, x_bar the network average in float64, over the nodes
-        still taking part, and how many nodes were lost."""
+        still taking part, how many nodes were lost, and the nodes' own models' figures (`NodeEvaluator`), which
+        also go on the node map with the graph of the round."""
         total = self.transport.sum(self.nodes.sum())
         center = tree_map(lambda v: v / self.alive(), total)
         deviation = self.transport.sum({"d": self.nodes.squared_deviation(center)})["d"]
-        return {"consensus_error": float(deviation) / self.alive(), "nodes_lost": len(self.transport.lost)}
+        figures = self.node_evaluator(self.nodes.stacked, self.owned, self.transport.sum)
+        graph = self.topology.graph(self.server_steps)
+        self.recorder.timeline.map_nodes(np.array(list(graph.edges), dtype=np.int64),
+                                         **{self.node_evaluator.shown: self.node_evaluator.per_node})
+        return {"consensus_error": float(deviation) / self.alive(), "nodes_lost": len(self.transport.lost),
+                **figures}
 
     def mix_nodes(self, t: int) -> None:
         """Q gossip steps x <- W_t x over the owned nodes, along round t's graph through the transport (which brings

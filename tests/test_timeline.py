@@ -121,11 +121,12 @@ def test_plot_false_writes_no_pictures_but_the_timeline_arrays(tiny, tmp_path: P
 
 
 def test_a_variant_without_jobs_gets_no_timeline_pictures(tiny, tmp_path: Path):
-    """Gossip protocols log no client jobs: the run still writes plot.png and reports zero jobs."""
+    """Gossip protocols log no client jobs: the run still writes plot.png (and its graph, topology.png) and reports
+    zero jobs."""
     fedsim.run({**tiny, "rounds": 2, "protocol": {"name": "dsgd"}, "topology": {"name": "ring"},
                 "clients_per_round": None}, out=tmp_path / "run")
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert "plot.png" in files and not {"timeline.png", "async.png"} & files
+    assert {"plot.png", "topology.png"} <= files and not {"timeline.png", "async.png"} & files
     assert json.loads((tmp_path / "run" / "summary.json").read_text())[0]["timeline"]["jobs"] == 0
 
 
