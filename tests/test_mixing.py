@@ -81,7 +81,7 @@ def test_unknown_name_bad_params_and_bad_nodes_are_scenario_errors():
         mixing_matrix("max_degree", {"alpha": 1}, nx.cycle_graph(3))
     with pytest.raises(ScenarioError, match=r"^topology: .*nodes 0\.\.2, got nodes \[1, 2, 3\]$"):
         mixing_matrix("max_degree", NoParams(), nx.relabel_nodes(nx.cycle_graph(3), {0: 3}))
-    assert set(MIXING.names()) == {"metropolis_hastings", "uniform_neighbour", "max_degree"}
+    assert set(MIXING.names()) == {"metropolis_hastings", "uniform_neighbour", "max_degree", "laplacian"}
 
 
 def test_mixing_with_a_doubly_stochastic_matrix_preserves_the_network_average():

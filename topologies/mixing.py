@@ -14,7 +14,9 @@ from collections.abc import Collection
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch
+from pydantic import Field
 
 from fedsim.errors import ScenarioError
 from fedsim.node_store import tree_flatten, tree_map_keyed
@@ -89,6 +91,57 @@ def max_degree(params: NoParams, graph: nx.Graph) -> torch.Tensor:
     nbrs = _undirected_neighbours(graph, "max_degree")
     d_max = max((len(js) for js in nbrs), default=0)
     return _with_diagonal(nbrs, lambda i, j: 1.0 / (d_max + 1))
+
+
+class LaplacianParams(Params):
+    """The step of Laplacian gossip."""
+
+    step: float | None = Field(None, gt=0, description="W = I - step L; default 1 / lambda_max(L) (at most "
+                                                        "1 / max degree keeps W non-negative)")
+
+
+DENSE_EIGEN_NODES = 256
+"""Largest graph whose Laplacian's lambda_max is computed densely (numpy); larger ones use sparse Lanczos."""
+
+
+def laplacian_lambda_max(nbrs: list[set[int]]) -> float:
+    """The largest eigenvalue of the graph Laplacian L = D - A (0 without edges)."""
+    n = len(nbrs)
+    rows = [i for i, js in enumerate(nbrs) for _ in js]
+    cols = [j for js in nbrs for j in js]
+    degrees = np.array([len(js) for js in nbrs], dtype=np.float64)
+    if not rows:
+        return 0.0
+    if n <= DENSE_EIGEN_NODES:
+        L = np.diag(degrees)
+        L[rows, cols] = -1.0
+        return float(np.linalg.eigvalsh(L)[-1])
+    from scipy.sparse import coo_array, diags_array  # scipy comes with scikit-learn; only large graphs need it
+    from scipy.sparse.linalg import eigsh
+
+    L = diags_array(degrees) - coo_array((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    start = np.random.default_rng(0).random(n)  # a fixed start: every process gets the same matrix
+    return float(eigsh(L.tocsr(), k=1, which="LA", v0=start, return_eigenvectors=False)[0])
+
+
+@MIXING.register("laplacian", params=LaplacianParams, doubly_stochastic=True, directed=False)
+def laplacian(params: LaplacianParams, graph: nx.Graph) -> torch.Tensor:
+    """W = I - L / lambda_max(L), L = D - A the graph Laplacian (ADOM+'s gossip in DADAO's code), or I - step L:
+    symmetric and doubly stochastic on any undirected graph."""
+    # DADAO `utils.py: compute_spectral_quantities` builds L / lambda_max and `ADOMplus_optimizer` mixes with I - it.
+    nbrs = _undirected_neighbours(graph, "laplacian")
+    d_max = max((len(js) for js in nbrs), default=0)
+    if params.step is not None and params.step * d_max > 1.0 + TOLERANCE:
+        i = max(range(len(nbrs)), key=lambda k: len(nbrs[k]))
+        raise ScenarioError(f"protocol.mixing.step: {params.step!r} makes the mixing matrix negative (1 - step * "
+                            f"degree < 0 at node {i}, of degree {d_max}); use at most 1 / max degree = {1 / d_max!r}")
+    step = params.step
+    if step is None:
+        lambda_max = laplacian_lambda_max(nbrs)
+        step = 1.0 / lambda_max if lambda_max > 0 else 0.0
+    entries = {(i, j): step for i, js in enumerate(nbrs) for j in js}
+    entries.update({(i, i): max(0.0, 1.0 - step * len(js)) for i, js in enumerate(nbrs)})
+    return _matrix(len(nbrs), entries)
 
 
 def check_stochastic(W: torch.Tensor, doubly: bool, what: str) -> None:
