@@ -17,6 +17,7 @@ import yaml
 
 import fedsim
 from fedsim.clients import ALGORITHMS
+from fedsim.servers import PROTOCOLS
 
 pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
@@ -34,9 +35,11 @@ def same_figure(a: Any, b: Any) -> bool:
 
 
 def test_every_registered_rule_on_two_ranks_gives_the_single_process_metrics(tiny, tmp_path):
-    """One mpiexec runs each rule as a variant; every figure of every row but wall time matches one process. A fixed
-    evaluation sample puts clients at positions other than their ids in the per-client vectors ranks add up."""
-    names = [name for name in ALGORITHMS._entries if name not in COVERED_BY_TEST_MPI]
+    """One mpiexec runs each client/server rule as a variant (peer-to-peer ones run in tests/test_mpi_gossip.py);
+    every figure of every row but wall time matches one process. A fixed evaluation sample puts clients at positions
+    other than their ids in the per-client vectors ranks add up."""
+    names = [e.name for e in ALGORITHMS if e.name not in COVERED_BY_TEST_MPI
+             and not PROTOCOLS.get(e.meta.get("protocol", "synchronous")).meta.get("peer_to_peer")]
     assert {"feddyn", "fedsam", "fedspeed", "pfedme", "ditto", "perfedavg"} <= set(names)
     scenario = {**tiny, "partition": {"name": "quantity"}, "evaluation": {"clients": 7},
                 "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20, "local_epochs": 1},

@@ -5,7 +5,6 @@ blocks of nodes per rank, halo plans that agree between ranks, local mixing that
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -22,32 +21,15 @@ import yaml
 
 import fedsim
 from fedsim.checkpoint import completed, read_manifest, read_rank
-from fedsim.registry import Entry
 from fedsim.runtime.node_transport import LocalTransport, block_partition, halo_plan, local_mixing
-from fedsim.topologies import TOPOLOGIES, TopologyParams
+from fedsim.topologies import TOPOLOGIES
+from fedsim.topologies.graphs import GridParams
 from fedsim.topologies.mixing import mix, mixing_matrix
 
 
-def torus(params: TopologyParams, num_nodes: int, seed: int) -> nx.Graph:
-    """A 2-D torus of 4 columns, nodes numbered row by row (test topology)."""
-    graph = nx.grid_2d_graph(num_nodes // 4, 4, periodic=True)
-    return nx.relabel_nodes(graph, {(r, c): 4 * r + c for r, c in graph.nodes})
-
-
-REGISTER_TORUS = """
-import sys
-from fedsim.topologies import TOPOLOGIES, TopologyParams
-import networkx as nx
-{source}
-TOPOLOGIES.register("test_torus", params=TopologyParams, client_server=False)(torus)
-"""
-
-
-@pytest.fixture
-def with_torus(monkeypatch) -> str:
-    monkeypatch.setitem(TOPOLOGIES._entries, "test_torus",
-                        Entry("test_torus", torus, TopologyParams, {"client_server": False}))
-    return "test_torus"
+def torus(num_nodes: int) -> nx.Graph:
+    """The zoo's 2-D torus of 4 columns, nodes numbered row by row."""
+    return TOPOLOGIES.get("torus", "topology").obj(GridParams(cols=4), num_nodes, 0)
 
 
 def test_blocks_are_contiguous_cover_every_node_once_and_differ_by_at_most_one():
@@ -61,7 +43,7 @@ def test_blocks_are_contiguous_cover_every_node_once_and_differ_by_at_most_one()
 
 
 def test_halo_plans_of_neighbouring_blocks_agree_and_carry_exactly_the_cut_edges():
-    graph, parts = torus(TopologyParams(), 16, 0), 4
+    graph, parts = torus(16), 4
     blocks = block_partition(16, parts)
     plans = [halo_plan(graph, blocks, p) for p in range(parts)]
     assert [p.peers for p in plans] == [(1, 3), (0, 2), (1, 3), (0, 2)]  # one torus row per rank: no diagonals
@@ -77,7 +59,7 @@ def test_halo_plans_of_neighbouring_blocks_agree_and_carry_exactly_the_cut_edges
     assert (ring.peers, ring.sends, ring.receives, ring.halo) == ((1,), ((0, 4),), ((5, 9),), [5, 9])
 
 
-@pytest.mark.parametrize("graph", [nx.cycle_graph(10), torus(TopologyParams(), 16, 0)], ids=["ring", "torus"])
+@pytest.mark.parametrize("graph", [nx.cycle_graph(10), torus(16)], ids=["ring", "torus"])
 def test_mixing_a_block_with_its_halo_gives_the_global_products_rows_bit_for_bit(graph):
     n = graph.number_of_nodes()
     W = mixing_matrix("metropolis_hastings", {}, graph)
@@ -115,10 +97,9 @@ def mpirun(ranks: int, *args: str, timeout: float = 180) -> subprocess.Completed
                           timeout=timeout, env={**os.environ, "UCX_TLS": "self,sm"})
 
 
-def torus_cli(script: Path, failing: str = "") -> Path:
-    """A script running the fedsim command line with the test torus registered (and `failing` code first)."""
-    script.write_text(REGISTER_TORUS.format(source=inspect.getsource(torus)) + failing +
-                      "from fedsim.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+def cli_script(script: Path, failing: str = "") -> Path:
+    """A script running the fedsim command line (after `failing` code, if any)."""
+    script.write_text("import sys\n" + failing + "from fedsim.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     return script
 
 
@@ -134,11 +115,15 @@ def gossip_scenario(num_clients: int = 16, **variants: dict[str, Any]) -> dict[s
 VARIANTS = {
     "atc-ring": {"runtime": {"name": "sequential"}},
     "cta-ring": {"protocol": {"name": "dsgd", "order": "cta"}, "runtime": {"name": "sequential"}},
-    "cta-torus": {"protocol": {"name": "dsgd", "order": "cta"}, "topology": {"name": "test_torus"},
+    "cta-torus": {"protocol": {"name": "dsgd", "order": "cta"}, "topology": {"name": "torus", "cols": 4},
                   "runtime": {"name": "vectorized"}},
-    "atc-torus": {"topology": {"name": "test_torus"}, "runtime": {"name": "vectorized"}},
+    "atc-torus": {"topology": {"name": "torus", "cols": 4}, "runtime": {"name": "vectorized"}},
+    "mgs-one-peer": {"algorithm": {"name": "fedsam", "rho": 0.05, "lr": 0.05, "batch_size": 20},
+                     "protocol": {"name": "dsgd", "gossip_steps": 2, "mixing": {"name": "uniform_neighbour"}},
+                     "topology": {"name": "one_peer_exponential"}, "runtime": {"name": "vectorized"}},
 }
-COMPARED = ("loss", "test_loss", "accuracy", "consensus_error", "sim_time", "bytes_up", "bytes_down")
+COMPARED = ("loss", "test_loss", "accuracy", "consensus_error", "node_accuracy", "node_test_loss", "sim_time",
+            "bytes_up", "bytes_down")
 
 
 def assert_same_rows(ranked: list[dict[str, Any]], single: list[dict[str, Any]]) -> None:
@@ -155,15 +140,15 @@ def two_rank_run(tmp_path_factory) -> tuple[dict[str, Any], Path]:
     scenario = gossip_scenario(**VARIANTS)
     path = tmp / "s.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    done = mpirun(2, str(torus_cli(tmp / "cli.py")), "run", str(path), "--quiet", "--out", str(tmp / "run"))
+    done = mpirun(2, str(cli_script(tmp / "cli.py")), "run", str(path), "--quiet", "--out", str(tmp / "run"))
     assert done.returncode == 0, done.stderr
     assert "running on 2 MPI ranks" in done.stderr
     return scenario, tmp / "run"
 
 
 @needs_mpiexec
-def test_dsgd_atc_and_cta_on_a_ring_and_a_torus_over_two_ranks_give_the_single_process_metrics(two_rank_run,
-                                                                                              with_torus):
+def test_dsgd_variants_over_two_ranks_give_the_single_process_metrics(two_rank_run):
+    """ATC and CTA on a ring and a torus, and DFedSAM-MGS on the time-varying one-peer exponential graph."""
     scenario, out = two_rank_run
     ranked = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     single = fedsim.run(scenario, write=False).metrics.rows
@@ -177,7 +162,7 @@ def test_each_rank_checkpoints_only_the_rows_of_its_own_block(two_rank_run):
     scenario, out = two_rank_run
     newest = completed(out)[0]
     manifest = read_manifest(newest)
-    assert manifest["variant"] == "atc-torus" and manifest["ranks"] == 2
+    assert manifest["variant"] == "mgs-one-peer" and manifest["ranks"] == 2
     for rank, block in enumerate(block_partition(scenario["num_clients"], 2)):
         nodes = read_rank(newest, manifest, rank)["protocol"]["nodes"]
         assert nodes and all(leaf.shape[0] == len(block) == 8 for leaf in nodes.values())
@@ -202,9 +187,9 @@ def test_two_ranks_killed_mid_gossip_resume_from_their_own_rows_to_the_uninterru
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
     out = tmp_path / "run"
     args = ("run", str(path), "--quiet", "--variant", "atc-torus", "--out", str(out))
-    killed = mpirun(2, str(torus_cli(tmp_path / "killed.py", KILL_RANK_0_AT_EVALUATION)), *args)
+    killed = mpirun(2, str(cli_script(tmp_path / "killed.py", KILL_RANK_0_AT_EVALUATION)), *args)
     assert killed.returncode != 0 and completed(out)
-    done = mpirun(2, str(torus_cli(tmp_path / "cli.py")), "run", "--resume", str(out), "--quiet")
+    done = mpirun(2, str(cli_script(tmp_path / "cli.py")), "run", "--resume", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     assert "resumed at server step" in done.stderr
     assert rows_without_wall_time(out, "atc-torus") == rows_without_wall_time(whole, "atc-torus")
@@ -212,12 +197,12 @@ def test_two_ranks_killed_mid_gossip_resume_from_their_own_rows_to_the_uninterru
 
 @pytest.mark.slow
 @needs_mpiexec
-def test_four_ranks_on_a_torus_give_the_single_process_metrics(tmp_path, with_torus):
+def test_four_ranks_on_a_torus_give_the_single_process_metrics(tmp_path):
     """Each rank holds one torus row and exchanges with two of the three other ranks (about 10 s on 2 cores)."""
     scenario = gossip_scenario(**{k: VARIANTS[k] for k in ("atc-torus",)}) | {"rounds": 2}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    done = mpirun(4, str(torus_cli(tmp_path / "cli.py")), "run", str(path), "--quiet", "--out", str(tmp_path / "run"))
+    done = mpirun(4, str(cli_script(tmp_path / "cli.py")), "run", str(path), "--quiet", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
     ranked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert_same_rows(ranked, fedsim.run(scenario, write=False).metrics.rows)
@@ -245,6 +230,6 @@ def test_a_rank_killed_mid_gossip_ends_the_run_instead_of_hanging(tmp_path):
     scenario = gossip_scenario(**{"atc-ring": VARIANTS["atc-ring"]})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    done = mpirun(2, str(torus_cli(tmp_path / "cli.py", KILL_RANK_1)), "run", str(path), "--quiet", "--out",
+    done = mpirun(2, str(cli_script(tmp_path / "cli.py", KILL_RANK_1)), "run", str(path), "--quiet", "--out",
                   str(tmp_path / "run"), timeout=60)
     assert done.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()
