@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +16,10 @@ from fedsim.clients import Batch
 from fedsim.clock import Clock
 from fedsim.params import tree_map
 from fedsim.recording import Recorder
+from fedsim.run_state import RunState
 from fedsim.scenario import load_scenarios
 from fedsim.simulation import build_simulation
+from fedsim.state_tree import flatten_state, unflatten_state
 
 
 def aggregate_of(mean, count: int = 1, population: int = 10, round_index: int = 0) -> Aggregate:
@@ -137,3 +140,42 @@ def spread(protocol: Any, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     protocol.nodes.scatter(range(protocol.nodes.num_nodes),
                            tree_map(lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype), protocol.nodes.stacked))
+
+
+def restarted_rows(source: dict[str, Any], stop_after: int | None) -> list[dict[str, Any]]:
+    """The run's rows without wall-clock seconds; with `stop_after`, the run is stopped after that many events, its
+    run state (`fedsim.run_state.RunState`, as a checkpoint stores it) goes through JSON and safetensors-ready
+    tensors into a freshly built simulation, and the run goes on from there (what `fedsim run --resume` does)."""
+    (resolved,), _ = load_scenarios(source)
+
+    def fresh() -> RunState:
+        sim = build_simulation(resolved)
+        recorder = Recorder(resolved.variant, sim.evaluator)
+        component = resolved.components["protocol"]
+        return RunState(sim, component.entry.obj(component.params, sim, recorder), Clock(), recorder)
+
+    threads = torch.get_num_threads()
+    run = fresh()
+    torch.set_num_threads(run.sim.runtime.threads)  # as `fedsim.run` does
+    try:
+        run.protocol.start(run.clock)
+        if stop_after is not None:
+            events = 0
+
+            def stop(clock: Clock) -> None:
+                nonlocal events
+                events += 1
+                if events == stop_after:
+                    clock.stop()
+
+            run.clock.run(run.protocol, stop)
+            assert events == stop_after  # stopped midway, not at the end
+            skeleton, tensors = flatten_state(run.state_dict())
+            run = fresh()
+            run.load_state_dict(unflatten_state(json.loads(json.dumps(skeleton)), tensors))
+            run.clock.load_state_dict({**run.clock.state_dict(), "stopped": False})
+        run.clock.run(run.protocol)
+        assert run.clock.stopped
+    finally:
+        torch.set_num_threads(threads)
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in run.recorder.rows]

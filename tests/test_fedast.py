@@ -4,22 +4,16 @@ after another), the same numbers in every runtime, and one-line errors for bad t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 import torch
-from rulekit import assert_runtimes_agree
+from rulekit import assert_runtimes_agree, restarted_rows
 
 import fedsim
-from fedsim.clock import Clock
 from fedsim.errors import ScenarioError
-from fedsim.recording import JobLog, Recorder
-from fedsim.run_state import RunState
-from fedsim.scenario import load_scenarios
+from fedsim.recording import JobLog
 from fedsim.servers.fedast import FedAST, Simultaneous, Task, allocate, normalized_variance, score, share_out
-from fedsim.simulation import build_simulation
-from fedsim.state_tree import flatten_state, unflatten_state
 
 
 def scenario(protocol: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -251,45 +245,6 @@ def test_bad_task_lists_are_one_line_naming_the_field(protocol, message):
 def test_stragglers_and_dropouts_are_refused(changes, field):
     with pytest.raises(ScenarioError, match=rf"^{field}: protocol 'sync_st'"):
         fedsim.run(scenario({"name": "sync_st"}, **changes), write=False)
-
-
-def restarted_rows(source: dict[str, Any], stop_after: int | None) -> list[dict[str, Any]]:
-    """The run's rows without wall-clock seconds; with `stop_after`, the run is stopped after that many events, its
-    run state (`fedsim.run_state.RunState`, as a checkpoint stores it) goes through JSON and safetensors-ready
-    tensors into a freshly built simulation, and the run goes on from there (what `fedsim run --resume` does)."""
-    (resolved,), _ = load_scenarios(source)
-
-    def fresh() -> RunState:
-        sim = build_simulation(resolved)
-        recorder = Recorder(resolved.variant, sim.evaluator)
-        component = resolved.components["protocol"]
-        return RunState(sim, component.entry.obj(component.params, sim, recorder), Clock(), recorder)
-
-    threads = torch.get_num_threads()
-    run = fresh()
-    torch.set_num_threads(run.sim.runtime.threads)  # as `fedsim.run` does
-    try:
-        run.protocol.start(run.clock)
-        if stop_after is not None:
-            events = 0
-
-            def stop(clock: Clock) -> None:
-                nonlocal events
-                events += 1
-                if events == stop_after:
-                    clock.stop()
-
-            run.clock.run(run.protocol, stop)
-            assert events == stop_after  # stopped midway, not at the end
-            skeleton, tensors = flatten_state(run.state_dict())
-            run = fresh()
-            run.load_state_dict(unflatten_state(json.loads(json.dumps(skeleton)), tensors))
-            run.clock.load_state_dict({**run.clock.state_dict(), "stopped": False})
-        run.clock.run(run.protocol)
-        assert run.clock.stopped
-    finally:
-        torch.set_num_threads(threads)
-    return [{k: v for k, v in r.items() if k != "wall_time"} for r in run.recorder.rows]
 
 
 @pytest.mark.parametrize("protocol", [

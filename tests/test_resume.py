@@ -35,12 +35,16 @@ ENV = {**os.environ, "UCX_TLS": "self,sm"}
 def scenario_for(protocol: str, tiny: dict, runtime: str = "sequential") -> dict:
     """A short run of `protocol` that checkpoints after every server step (every client in flight where the
     protocol does not take `clients_per_round`), on clients of different speeds (so asynchronous protocols run
-    jobs in several batches, where a kill can land)."""
+    jobs in several batches, where a kill can land); gossip runs on a graph drawn afresh every round, mixing twice a
+    round."""
     out = {**tiny, "rounds": 6, "protocol": {"name": protocol}, "runtime": {"name": runtime},
            "checkpoint": {"every": 1}, "output": {"plot": False}, "systems": {"name": "linear", "latency": 0.0}}
     meta = PROTOCOLS.get(protocol).meta
     if meta.get("peer_to_peer"):
         out.update(topology={"name": "ring"})
+    if protocol == "dsgd":
+        out.update(topology={"name": "random_k", "k": 2},
+                   protocol={"name": "dsgd", "gossip_steps": 2, "mixing": {"name": "uniform_neighbour"}})
     if "clients_per_round" not in meta.get("needs", ()):
         out.update(clients_per_round=None)
     return out
