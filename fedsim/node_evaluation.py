@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import networkx as nx
 import numpy as np
 import torch
 
 from fedsim.evaluation import Evaluator, Sums, split_sums
+from fedsim.node_store import StackedStore
 from fedsim.params import Pytree, tree_unstack
 from fedsim.personal import personal_figures
+from fedsim.recording import JobLog
+from fedsim.runtime.node_transport import NodeTransport
 
 
 class NodeEvaluator:
@@ -55,3 +59,13 @@ class NodeEvaluator:
         if self.optimum is not None:
             figures["node_distance_to_optimum"] = float(totals["squared"]) / n
         return figures
+
+    def report(self, stacked: Pytree, center: Pytree, transport: NodeTransport, alive: int, graph: nx.Graph,
+               timeline: JobLog) -> dict[str, float | list[int]]:
+        """A gossip row's node figures: the consensus error (1/n) sum_i ||x_i - x_bar||^2 over the `alive` nodes
+        (x_bar = `center`, the network average) and this evaluator's figures of the owned nodes' `stacked` models;
+        the per-node figure goes on `timeline`'s node map with `graph`'s edges."""
+        deviation = transport.sum({"d": StackedStore(stacked).squared_deviation(center)})["d"]
+        figures = self(stacked, transport.owned, transport.sum)
+        timeline.map_nodes(np.array(list(graph.edges), dtype=np.int64), **{self.shown: self.per_node})
+        return {"consensus_error": float(deviation) / alive, **figures}

@@ -188,18 +188,12 @@ class DecentralizedSGD(ProtocolBase):
         return self.spec.num_clients - len(self.transport.lost)
 
     def extra_metrics(self) -> dict[str, float]:
-        """The consensus error (1/n) sum_i ||x_i - x_bar||^2, x_bar the network average in float64, over the nodes
-        still taking part, how many nodes were lost, and the nodes' own models' figures (`NodeEvaluator`), which
-        also go on the node map with the graph of the round."""
-        total = self.transport.sum(self.nodes.sum())
-        center = tree_map(lambda v: v / self.alive(), total)
-        deviation = self.transport.sum({"d": self.nodes.squared_deviation(center)})["d"]
-        figures = self.node_evaluator(self.nodes.stacked, self.owned, self.transport.sum)
-        graph = self.topology.graph(self.server_steps)
-        self.recorder.timeline.map_nodes(np.array(list(graph.edges), dtype=np.int64),
-                                         **{self.node_evaluator.shown: self.node_evaluator.per_node})
-        return {"consensus_error": float(deviation) / self.alive(), "nodes_lost": len(self.transport.lost),
-                **figures}
+        """The consensus error and the nodes' own models' figures (`NodeEvaluator.report`) over the nodes still
+        taking part, and how many nodes were lost."""
+        center = tree_map(lambda v: v / self.alive(), self.transport.sum(self.nodes.sum()))
+        return {**self.node_evaluator.report(self.nodes.stacked, center, self.transport, self.alive(),
+                                             self.topology.graph(self.server_steps), self.recorder.timeline),
+                "nodes_lost": len(self.transport.lost)}
 
     def mix_nodes(self, t: int) -> None:
         """Q gossip steps x <- W_t x over the owned nodes, along round t's graph through the transport (which brings

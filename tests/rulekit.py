@@ -12,12 +12,13 @@ import torch
 import fedsim
 from fedsim import api
 from fedsim.aggregation import Aggregate
-from fedsim.clients import Batch
+from fedsim.clients import ALGORITHMS, Batch
 from fedsim.clock import Clock
 from fedsim.params import tree_map
 from fedsim.recording import Recorder
 from fedsim.run_state import RunState
 from fedsim.scenario import load_scenarios
+from fedsim.servers import PROTOCOLS
 from fedsim.simulation import build_simulation
 from fedsim.state_tree import flatten_state, unflatten_state
 
@@ -106,6 +107,13 @@ def assert_runtimes_agree(scenario_for: Callable[[dict[str, str]], dict[str, Any
         assert {k: v for k, v in vec.items() if k not in lists} == pytest.approx(
             {k: v for k, v in seq.items() if k not in lists}, rel=rel)
     return rows
+
+
+def client_server_algorithms() -> list[str]:
+    """Every registered algorithm whose default protocol has a server (peer-to-peer ones, such as DADAO's
+    `gradient`, are tested with their protocols)."""
+    return [e.name for e in ALGORITHMS
+            if not PROTOCOLS.get(e.meta.get("protocol", "synchronous")).meta.get("peer_to_peer")]
 
 
 def protocol_of(mapping: dict[str, Any]) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rulekit import client_server_algorithms
 
 import fedsim
 from fedsim.clients import ALGORITHMS, LocalTrainingParams
@@ -116,7 +117,8 @@ def test_client_server_protocols_refuse_peer_to_peer_graphs(tiny):
         fedsim.run({**tiny, "topology": {"name": "ring"}}, write=False)
 
 
-@pytest.mark.parametrize("algorithm", [e.name for e in ALGORITHMS if e.obj.__module__.startswith("fedsim.clients")])
+@pytest.mark.parametrize("algorithm", [name for name in client_server_algorithms()
+                                       if ALGORITHMS.get(name).obj.__module__.startswith("fedsim.clients")])
 def test_each_algorithm_sends_and_reads_the_message_keys_it_declares(tiny, algorithm):
     sim = simulation({**tiny, "algorithm": {"name": algorithm}})
     meta = sim.scenario.components["algorithm"].entry.meta

@@ -31,10 +31,10 @@ from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.serverapp.server_app import LoadServerAppError  # noqa: E402
 from flwr.supercore.object_ref import load_app  # noqa: E402
 from flwr.superlink.grid import InMemoryGrid  # noqa: E402
+from rulekit import client_server_algorithms  # noqa: E402
 
 import fedsim  # noqa: E402
 from fedsim.cli import main  # noqa: E402
-from fedsim.clients import ALGORITHMS  # noqa: E402
 from fedsim.codecs import build_codec  # noqa: E402
 from fedsim.errors import FedsimError  # noqa: E402
 from fedsim.flower.client import NodeConfigError, client_app  # noqa: E402
@@ -43,13 +43,6 @@ from fedsim.flower.records import data_bytes, get_tree, over_the_wire, put_tree,
 from fedsim.flower.runtime import FlowerError  # noqa: E402
 from fedsim.flower.server import metrics_rows, server_app  # noqa: E402
 from fedsim.params import tree_nbytes  # noqa: E402
-from fedsim.servers import PROTOCOLS  # noqa: E402
-
-
-def client_server_algorithms() -> list[str]:
-    """Every registered algorithm whose protocol has a server (peer-to-peer ones are not the bridge's)."""
-    return [e.name for e in ALGORITHMS
-            if not PROTOCOLS.get(e.meta.get("protocol", "synchronous")).meta.get("peer_to_peer")]
 
 
 def small(algorithm: str, **extra: Any) -> dict[str, Any]:

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from rulekit import client_server_algorithms
 
 import fedsim
-from fedsim.clients import ALGORITHMS
-from fedsim.servers import PROTOCOLS
 
 pytest.importorskip("mpi4py")
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
@@ -38,8 +37,7 @@ def test_every_registered_rule_on_two_ranks_gives_the_single_process_metrics(tin
     """One mpiexec runs each client/server rule as a variant (peer-to-peer ones run in tests/test_mpi_gossip.py);
     every figure of every row but wall time matches one process. A fixed evaluation sample puts clients at positions
     other than their ids in the per-client vectors ranks add up."""
-    names = [e.name for e in ALGORITHMS if e.name not in COVERED_BY_TEST_MPI
-             and not PROTOCOLS.get(e.meta.get("protocol", "synchronous")).meta.get("peer_to_peer")]
+    names = [name for name in client_server_algorithms() if name not in COVERED_BY_TEST_MPI]
     assert {"feddyn", "fedsam", "fedspeed", "pfedme", "ditto", "perfedavg"} <= set(names)
     scenario = {**tiny, "partition": {"name": "quantity"}, "evaluation": {"clients": 7},
                 "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20, "local_epochs": 1},

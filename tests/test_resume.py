@@ -42,6 +42,9 @@ def scenario_for(protocol: str, tiny: dict, runtime: str = "sequential") -> dict
     meta = PROTOCOLS.get(protocol).meta
     if meta.get("peer_to_peer"):
         out.update(topology={"name": "ring"})
+    if protocol == "dadao":
+        out.update(algorithm={"name": "gradient", "batch_size": 20, "local_steps": 1},
+                   protocol={"name": "dadao", "L": 20.0, "mu": 0.1}, systems={"name": "homogeneous"})
     if protocol == "dsgd":
         out.update(topology={"name": "random_k", "k": 2},
                    protocol={"name": "dsgd", "gossip_steps": 2, "mixing": {"name": "uniform_neighbour"}})

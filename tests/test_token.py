@@ -1,25 +1,16 @@
 """The token protocol (`servers/token.py`): each visit moves a token by -beta_{n+1} times the node's gradient,
 tokens reduce the loss, repetitions measure the variance across runs, bytes and time per hop, vectorized equals
 sequential in one batch per step, a run resumed from its run state is identical, the same seed walks the same
-walk, two MPI ranks give the single-process rows, and bad settings are one line naming the field."""
+walk, and bad settings are one line naming the field."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import pytest
 import torch
-import yaml
 from rulekit import assert_runtimes_agree, finished, protocol_of, restarted_rows
 
 import fedsim
@@ -216,28 +207,6 @@ def test_bad_token_settings_are_one_line_naming_the_field(test_graphs, change, m
     mapping = {**scenario(num_clients=5, rounds=2), "topology": {"name": "test_kite"}, **change}
     with pytest.raises(ScenarioError, match=message):
         fedsim.run(mapping, write=False)
-
-
-MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or not Path(MPIEXEC).exists(),
-                    reason="needs mpi4py and mpiexec (pip install -e '.[mpi]')")
-def test_tokens_over_two_mpi_ranks_give_the_single_process_rows(tmp_path):
-    mapping = scenario(rounds=5, tokens=3, repetitions=2, runtime="vectorized") | {"partition": {"name": "quantity"}}
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
-    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "fedsim", "run", str(path), "--quiet", "--out",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "UCX_TLS": "self,sm"})
-    assert done.returncode == 0, done.stderr
-    assert "running on 2 MPI ranks" in done.stderr
-    ranked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    single = fedsim.run(mapping, write=False).metrics.rows
-    assert [r["round"] for r in ranked] == [r["round"] for r in single] == list(range(6))
-    for a, b in zip(ranked, single, strict=True):
-        for key in ("loss", "test_loss", "accuracy", "repetition_variance", "visit_tv", "sim_time", "bytes_up"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-12), (key, a, b)
 
 
 def test_protocol_of_builds_the_walk_from_the_scenario_s_graph(test_graphs):

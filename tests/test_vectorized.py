@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from rulekit import client_server_algorithms
 
 import fedsim
 from fedsim.clients import ALGORITHMS, LocalTrainingParams
@@ -38,7 +39,7 @@ def assert_same_metrics(a, b, rel: float = 1e-6) -> None:
 
 
 @pytest.mark.parametrize("min_batch", [1, 3, 8], ids=["always-vmapped", "last-few-unbatched", "all-unbatched"])
-@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+@pytest.mark.parametrize("algorithm", client_server_algorithms())
 def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm, min_batch):
     sequential = fedsim.run(scenario(tiny, algorithm, {"name": "sequential"}), write=False)
     runtime = {"name": "vectorized", "chunk_size": 4, "min_batch": min_batch}
