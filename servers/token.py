@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 
 from fedsim.clock import Clock, Event
-from fedsim.errors import DivergenceError, ScenarioError
+from fedsim.errors import DivergenceError, FedsimError, ScenarioError
 from fedsim.node_store import StackedStore, tree_flatten
 from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes, tree_unstack
 from fedsim.protocol import ProtocolBase
@@ -197,6 +197,10 @@ class TokenWalk(ProtocolBase):
         here, moved = walk.position, walk.position != before
         deltas, work = self._visits(n, here)
         totals = self.transport.sum({"delta": deltas, "work": torch.from_numpy(work)})
+        if self.transport.lost:
+            raise FedsimError(f"token: node(s) {', '.join(map(str, sorted(self.transport.lost)))} stopped answering "
+                              f"at step {n}; every process keeps every token, so without their changes the "
+                              f"processes' tokens would disagree; the run stops here and its rows so far are kept")
         beta = step_size(n + 1, params.b, params.beta0)
         stepped = tree_map(lambda x, d: torch.add(x, d.to(x.dtype), alpha=beta), self.models.stacked,
                            totals["delta"])

@@ -1,5 +1,6 @@
 """gRPC gossip links between peers on 127.0.0.1: payloads arrive bit-exact in the right mailbox, a peer that starts
-late is waited for, a silent or unknown peer is one error naming it."""
+late is waited for, a silent or unknown peer is one error naming it; D-SGD, DFedSAM-MGS and a token walk run as one
+process per node give the in-process run's metrics."""
 
 from __future__ import annotations
 
@@ -151,18 +152,29 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def ring_scenario(num_clients: int, rounds: int) -> dict:
+    """D-SGD on a ring of digits nodes."""
+    return {"name": "ring", "seed": 0, "rounds": rounds, "num_clients": num_clients, "data": {"name": "digits"},
+            "partition": {"name": "iid"}, "model": {"name": "logreg"},
+            "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20}, "protocol": {"name": "dsgd"},
+            "topology": {"name": "ring"}, "runtime": {"name": "sequential"}, "output": {"plot": False}}
+
+
+def deploy(folder: Path, scenario: dict) -> tuple[Path, Path, list[int]]:
+    """The scenario written to a file in `folder`, and a peers file with a free port per node."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    ports = free_ports(scenario["num_clients"])
+    peers = folder / "peers.txt"
+    peers.write_text("".join(f"{k} 127.0.0.1:{port}\n" for k, port in enumerate(ports)))
+    return path, peers, ports
+
+
 def ring_deployment(tmp_path, num_clients: int, rounds: int) -> tuple[dict, Path, Path, list[int]]:
     """D-SGD on a ring of digits nodes written to a scenario file, and a peers file with a free port per node."""
-    scenario = {"name": "ring", "seed": 0, "rounds": rounds, "num_clients": num_clients, "data": {"name": "digits"},
-                "partition": {"name": "iid"}, "model": {"name": "logreg"},
-                "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20}, "protocol": {"name": "dsgd"},
-                "topology": {"name": "ring"}, "runtime": {"name": "sequential"}, "output": {"plot": False}}
-    path = tmp_path / "ring.yaml"
-    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    ports = free_ports(num_clients)
-    peers = tmp_path / "peers.txt"
-    peers.write_text("".join(f"{k} 127.0.0.1:{port}\n" for k, port in enumerate(ports)))
-    return scenario, path, peers, ports
+    scenario = ring_scenario(num_clients, rounds)
+    return scenario, *deploy(tmp_path, scenario)
 
 
 def run_peers(path: Path, peers: Path, ports: list[int], out: Path, timeout: float,
@@ -183,20 +195,72 @@ def run_peers(path: Path, peers: Path, ports: list[int], out: Path, timeout: flo
     return [p.returncode for p in processes], outputs
 
 
-def test_dsgd_over_four_peer_processes_on_a_ring_equals_the_in_process_run(tmp_path):
-    """Four `fedsim peer` processes on 127.0.0.1 (one per node of a ring): node 0's metrics equal `fedsim.run`'s."""
+CONFIGURATIONS = {
+    "dsgd": ring_scenario(4, 3),
+    "dfedsam_mgs": ring_scenario(4, 3) | {
+        "partition": {"name": "quantity"}, "algorithm": {"name": "fedsam", "rho": 0.05, "lr": 0.05, "batch_size": 20},
+        "protocol": {"name": "dsgd", "gossip_steps": 2}, "runtime": {"name": "vectorized"}},
+    "token": ring_scenario(4, 5) | {
+        "algorithm": {"name": "fedavg", "lr": 0.5, "batch_size": 20}, "runtime": {"name": "vectorized"},
+        "protocol": {"name": "token", "walk": "srrw", "alpha": 1.0, "tokens": 2, "repetitions": 2}},
+}
+"""Each runs over 4 peers: D-SGD; DFedSAM-MGS (uneven data, so uneven local steps); SA-SRRW tokens (every process
+keeps every token, a token's job runs where its node is, the changes are summed over the peers)."""
+RUN_IN_TURN = ("import json, sys\nfrom fedsim.cli import main\n"
+               "sys.exit(next((code for args in json.loads(sys.argv[1]) if (code := main(args))), 0))\n")
+"""One process running `fedsim` command lines (a JSON list of argument lists) in turn, stopping at the first failing."""
+
+
+@pytest.fixture(scope="module")
+def four_peer_runs(tmp_path_factory) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Every configuration run by the same 4 processes, one per node, each configuration in turn on its own ports;
+    node 0's run directory of each, and the processes' (stdout, stderr)."""
+    tmp = tmp_path_factory.mktemp("peers")
+    deployments = {name: deploy(tmp / name, scenario) for name, scenario in CONFIGURATIONS.items()}
+    commands = [[["peer", str(path), "--node", str(k), "--listen", f"127.0.0.1:{ports[k]}", "--peers", str(peers),
+                  "--out", str(tmp / name / "run"), "--timeout", "60"]
+                 for name, (path, peers, ports) in deployments.items()] for k in range(4)]
+    processes = [subprocess.Popen([sys.executable, "-c", RUN_IN_TURN, json.dumps(node_commands)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for node_commands in commands]
+    try:
+        outputs = [p.communicate(timeout=240) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in processes] == [0] * 4, [err for _, err in outputs]
+    return {name: tmp / name / "run" for name in CONFIGURATIONS}, outputs
+
+
+def assert_same_figures(rows: list[dict], single: list[dict]) -> None:
+    """Every figure of every row (wall time aside) equal to rel 1e-6; lists element by element."""
+    assert len(rows) == len(single) and len(rows) > 1
+    for a, b in zip(rows, single, strict=True):
+        assert set(a) == set(b), (sorted(a), sorted(b))
+        for key in sorted(set(a) - {"wall_time"}):
+            for x, y in zip(*(v if isinstance(v, list) else [v] for v in (a[key], b[key])), strict=True):
+                if isinstance(x, str):
+                    assert x == y, (key, a, b)
+                else:
+                    assert math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-12), (key, a, b)
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_four_peer_processes_give_the_in_process_metrics(four_peer_runs, name):
+    """Node 0's metrics rows equal `fedsim.run`'s, figure by figure."""
     import fedsim
 
-    scenario, path, peers, ports = ring_deployment(tmp_path, 4, 3)
-    codes, outputs = run_peers(path, peers, ports, tmp_path / "run", 60)
-    assert codes == [0] * 4, [err for _, err in outputs]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    single = fedsim.run(scenario, write=False).metrics.rows
-    assert len(rows) == len(single) == 4
-    for a, b in zip(rows, single, strict=True):
-        for key in ("loss", "test_loss", "accuracy", "consensus_error", "sim_time", "bytes_up"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), (key, a, b)
-    assert "run directory:" in outputs[0][0] and all("run directory" not in out for out, _ in outputs[1:])
+    runs, _ = four_peer_runs
+    rows = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+    assert_same_figures(rows, fedsim.run(CONFIGURATIONS[name], write=False).metrics.rows)
+    assert all(r["nodes_lost"] == 0 for r in rows if "nodes_lost" in r)
+
+
+def test_only_node_0_writes_a_run_directory(four_peer_runs):
+    _, outputs = four_peer_runs
+    assert outputs[0][0].count("run directory:") == len(CONFIGURATIONS)
+    assert all("run directory" not in out for out, _ in outputs[1:])
 
 
 def test_a_peer_whose_neighbour_never_comes_ends_with_one_line_naming_it(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from rulekit import assert_runtimes_agree, finished, protocol_of, restarted_rows
 
 import fedsim
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import tree_leaves, tree_nbytes
 from fedsim.registry import Entry
 from fedsim.runtime.vectorized import VectorizedRuntime
@@ -214,3 +214,10 @@ def test_protocol_of_builds_the_walk_from_the_scenario_s_graph(test_graphs):
                             "protocol": {"name": "token", "walk": "mhrw", "target": "degree"}})
     np.testing.assert_allclose(protocol.walk.mu, np.array([2, 2, 3, 2, 1]) / 10)
     assert protocol.walk.alpha == 0.0 and protocol.walkers == 1
+
+
+def test_a_lost_peer_stops_a_token_run_with_one_line_naming_the_node():
+    protocol = protocol_of(scenario(rounds=3))
+    protocol.transport.lost = frozenset({2})
+    with pytest.raises(FedsimError, match=r"^token: node\(s\) 2 stopped answering at step 0; every process keeps"):
+        protocol._hop(0)
