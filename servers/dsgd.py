@@ -37,11 +37,11 @@ from fedsim.clock import Clock, Event
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore
-from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes, tree_unstack
+from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes
 from fedsim.protocol import ProtocolBase
 from fedsim.recording import Recorder
 from fedsim.registry import Params
-from fedsim.runtime import Job
+from fedsim.runtime import Job, Stacked, run_stacked
 from fedsim.runtime.node_transport import Neighbourhood, NodeTransport
 from fedsim.sampling import full_steps
 from fedsim.servers import PROTOCOLS
@@ -231,21 +231,23 @@ class DecentralizedSGD(ProtocolBase):
     def _local_steps(self, t: int) -> tuple[Pytree, np.ndarray]:
         """Every owned node's change from its local steps started at its own model (zero for nodes with no steps),
         stacked on the node axis, and every node's work (zero for nodes another process owns); the owned nodes'
-        jobs go to the runtime in one call."""
-        start = self.owned.start
-        ids = [i for i in self.owned if self.steps[i] > 0]
+        jobs go to the runtime in one call, their starts the store's rows as they are and their deltas taken
+        back stacked."""
+        start, owned = self.owned.start, len(self.owned)
+        ids = np.flatnonzero(self.steps[start : start + owned] > 0) + start
         work = np.zeros(self.spec.num_clients, dtype=np.int64)
-        deltas = tree_map(torch.zeros_like, self.nodes.stacked)
-        if not ids:
-            return deltas, work
-        rows = [i - start for i in ids]
-        jobs = [Job(t, i, int(self.steps[i]), version=t) for i in ids]
-        starts = [{"params": x} for x in tree_unstack(self.nodes.gather(rows), len(ids))]
-        results = self.sim.runtime.run_jobs(jobs, starts)
+        if not len(ids):
+            return tree_map(torch.zeros_like, self.nodes.stacked), work
+        jobs = [Job(t, i, steps, t) for i, steps in zip(ids.tolist(), self.steps[ids].tolist(), strict=True)]
+        rows = self.nodes.stacked if len(ids) == owned else self.nodes.gather(torch.from_numpy(ids - start))
+        results = run_stacked(self.sim.runtime, jobs, Stacked({"params": rows}))
         for result in results:
             self.commit(result)
-            work[result.client] = result.work
-        messages = self.sim.runtime.gather_messages(results)
-        stacked = tree_map(lambda *leaves: torch.stack(leaves), *(m["delta"] for m in messages))
-        index = torch.tensor(rows)
-        return tree_map(lambda d, s: d.index_copy(0, index, s.to(d.dtype)), deltas, stacked), work
+        clients = np.fromiter((job.client for job in results.jobs), dtype=np.int64, count=len(results))
+        work[clients] = results.work
+        deltas = results.messages["delta"]
+        if len(clients) == owned:
+            return tree_map(lambda d, x: d.to(x.dtype), deltas, self.nodes.stacked), work
+        index = torch.from_numpy(clients - start)
+        return tree_map(lambda x, d: torch.zeros_like(x).index_copy_(0, index, d.to(x.dtype)), self.nodes.stacked,
+                        deltas), work

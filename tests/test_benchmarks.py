@@ -55,3 +55,8 @@ def test_asynchronous_benchmark_quick_prints_fedbuff_against_synchronous_through
     figures = json.loads(run_benchmark("asynchronous.py").strip().splitlines()[-1])
     assert figures["async_over_sync_updates_per_s"] > 0
     assert figures["fedbuff_peak_rss_mb"] > 0 and figures["sync_events_per_s"] > 0
+
+
+def test_gossip_benchmark_quick_prints_fedsim_against_the_handwritten_round():
+    figures = json.loads(run_benchmark("gossip.py").strip().splitlines()[-1])
+    assert figures["gossip_fedsim_over_handwritten"] > 0 and figures["gossip_fedsim_peak_rss_mb"] > 0

@@ -44,7 +44,9 @@ def test_every_algorithm_gives_the_sequential_numbers(tiny, algorithm, min_batch
     sequential = fedsim.run(scenario(tiny, algorithm, {"name": "sequential"}), write=False)
     runtime = {"name": "vectorized", "chunk_size": 4, "min_batch": min_batch}
     vectorized = fedsim.run(scenario(tiny, algorithm, runtime), write=False)
-    assert_same_metrics(sequential, vectorized)
+    # Heavy-ball momentum (sgdm, default 0.9) carries each step's rounding into every later step: about 10x the
+    # others' drift over 2 local epochs (2.5e-6 measured), still float rounding.
+    assert_same_metrics(sequential, vectorized, rel=1e-5 if algorithm == "sgdm" else 1e-6)
 
 
 def test_compiled_steps_give_the_sequential_numbers(tiny):

@@ -1,18 +1,21 @@
 """What the in-process runtimes share: settings for threads, devices, placement and client-state memory, and
-the loop that spreads jobs over devices, each device with its own copy of the model and of the jobs' starts."""
+the loop that spreads jobs over devices, each device with its own copy of the model and of the jobs' starts (a
+stacked start goes whole, each device taking its share of the rows)."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator
 
 from fedsim.params import Pytree, tree_to
 from fedsim.registry import Params
-from fedsim.runtime import InProcess, Job, JobResult, Starts, jobs_starts
+from fedsim.runtime import InProcess, Job, JobResult, Stacked, StackedResults, Starts, jobs_starts
 from fedsim.runtime.context import RuntimeContext
 from fedsim.runtime.placement import Placement, PlacementParams, resolve_devices
 from fedsim.sizes import parse_bytes
@@ -45,20 +48,55 @@ class PlacedRuntime(InProcess, ABC):
         self.objectives = [context.objective] + [Objective(copy.deepcopy(context.model), task)
                                                  for _ in self.devices[1:]]
 
-    def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
-        ctx = self.ctx
+    def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> Sequence[JobResult]:
+        """A result per job, in job order: a list, or for `Stacked` starts a `StackedResults` (messages on a job
+        axis, copied only where devices or chunks split the jobs)."""
+        shares = self._run_shares(jobs, starts)
+        if isinstance(starts, Stacked):
+            positions = np.array([p for share, _ in shares for p in share], dtype=np.int64)
+            in_order = bool((positions == np.arange(len(positions))).all())
+            return StackedResults.concat([StackedResults.of(piece) for _, pieces in shares for piece in pieces],
+                                         None if in_order else np.argsort(positions).tolist())
+        ordered: list[JobResult | None] = [None] * len(jobs)
+        for positions, pieces in shares:
+            for p, result in zip(positions, itertools.chain.from_iterable(pieces), strict=True):
+                ordered[p] = result
+        return ordered  # type: ignore[return-value]
+
+    def _run_shares(self, jobs: Sequence[Job],
+                    starts: Starts) -> list[tuple[list[int], list[Sequence[JobResult]]]]:
+        """Each device's share of the jobs (their positions) and its results in pieces (`run_on`), the shares run
+        concurrently."""
         per_job = jobs_starts(jobs, starts)
-        states = [ctx.client_state(j.client, start) for j, start in zip(jobs, per_job, strict=True)]
-        # Each distinct start goes to each device once (a shared start, or the few versions async jobs start from).
-        distinct = {id(s): s for s in per_job}
-        copies = {(key, d): tree_to(s, d) for key, s in distinct.items() for d in set(self.devices)}
+        if len(self.devices) == 1:  # every policy puts every job on the one device
+            shares = [(0, list(range(len(jobs))))] if jobs else []
+        else:
+            shares = [(slot, positions) for slot, positions in enumerate(self.placement.split(jobs)) if positions]
+        if isinstance(per_job, Stacked):
+            def starts_on(slot: int, positions: list[int]) -> Sequence[Pytree]:
+                return Stacked(tree_to(per_job.take(positions).tree, self.devices[slot]))
+        else:
+            # Each distinct start goes to each device once (a shared start, or the few versions async jobs start from).
+            distinct = {id(s): s for s in per_job}
+            copies = {(key, d): tree_to(s, d) for key, s in distinct.items() for d in set(self.devices)}
 
-        def work(slot: int, positions: list[int]) -> list[JobResult]:
-            device = self.devices[slot]
-            return self.run_on(slot, [jobs[p] for p in positions], [states[p] for p in positions],
-                               [copies[id(per_job[p]), device] for p in positions])
+            def starts_on(slot: int, positions: list[int]) -> Sequence[Pytree]:
+                return [copies[id(per_job[p]), self.devices[slot]] for p in positions]
 
-        return self.placement.run(jobs, work)
+        # Stored states are read here, before the device workers start (a spilling store is not thread-safe).
+        store = self.ctx.states
+        stored = [store.get(j.client) for j in jobs] if len(store) else [None] * len(jobs)
+
+        def work(share: tuple[int, list[int]]) -> list[Sequence[JobResult]]:
+            slot, positions = share
+            if len(positions) == len(jobs):
+                return self.run_on(slot, list(jobs), stored, starts_on(slot, positions))
+            return self.run_on(slot, [jobs[p] for p in positions], [stored[p] for p in positions],
+                               starts_on(slot, positions))
+
+        pool = self.placement.pool
+        outputs = list(pool.map(work, shares)) if pool else [work(share) for share in shares]
+        return [(positions, pieces) for (_, positions), pieces in zip(shares, outputs, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing that changes numbers (subclasses that keep such bookkeeping add it)."""
@@ -68,7 +106,14 @@ class PlacedRuntime(InProcess, ABC):
         """Nothing to restore (see `state_dict`)."""
 
     @abstractmethod
-    def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-               starts: list[Pytree]) -> list[JobResult]:
-        """Run `jobs` (with the clients' current states) on worker `slot`'s device, with its own model copy, each
-        from its start (the server message, already on that device; jobs sharing a start share the object)."""
+    def run_on(self, slot: int, jobs: list[Job], stored: list[Pytree | None],
+               starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
+        """Run `jobs` on worker `slot`'s device, with its own model copy, each from its start (the server message,
+        already on that device: a list, jobs sharing a start sharing the object, or a `Stacked`) and its client's
+        stored state (None: the rule's initial state from the start); a result per job, in order, in pieces (a
+        `StackedResults` per batch of jobs run together)."""
+
+    def initial_states(self, stored: list[Pytree | None], starts: Sequence[Pytree]) -> list[Pytree | None]:
+        """Each job's client state: the stored one, or the rule's initial state from the job's start."""
+        rule = self.ctx.rule
+        return [rule.initial_state(start) if s is None else s for s, start in zip(stored, starts, strict=True)]

@@ -3,11 +3,13 @@ and the client state store."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from fedsim.clients import ClientRule
@@ -20,6 +22,8 @@ from fedsim.tasks import Objective
 
 if TYPE_CHECKING:
     from fedsim.runtime import Job
+
+MASK32 = 0xFFFFFFFF
 
 
 class StateStore(Protocol):
@@ -87,11 +91,6 @@ class RuntimeContext:
     def model(self) -> Model:
         return self.objective.model
 
-    def client_state(self, client: int, server_message: Pytree) -> Pytree | None:
-        """The client's stored state, or the rule's initial state for a client seen for the first time."""
-        state = self.states.get(client)
-        return self.rule.initial_state(server_message) if state is None else state
-
     def codec_state(self, client: int, template: Pytree) -> Pytree:
         """The client's uplink codec state (error-feedback residuals ...), or a fresh one."""
         state = self.codec_states.get(client)
@@ -128,11 +127,113 @@ def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: to
     if steps == 0:
         return torch.empty((0, batch_size), dtype=torch.long)
     per_epoch = -(-num_samples // batch_size)
-    padding = per_epoch * batch_size - num_samples
-    perms = [torch.randperm(num_samples, generator=generator) for _ in range(-(-steps // per_epoch))]
-    if padding:
-        perms = [torch.nn.functional.pad(perm, (0, padding), value=-1) for perm in perms]
-    return (perms[0] if len(perms) == 1 else torch.cat(perms)).view(-1, batch_size)[:steps]
+    out = torch.full((-(-steps // per_epoch), per_epoch * batch_size), -1, dtype=torch.long)
+    for epoch in out:
+        torch.randperm(num_samples, generator=generator, out=epoch[:num_samples])
+    return out.view(-1, batch_size)[:steps]
+
+
+BATCHED_POSITIONS = 64
+"""Jobs whose minibatches take at most this many positions of their first permutation draw them batched
+(`leading_positions`): a gossip node's step or two; longer schedules draw per job."""
+BATCHED_MIN_JOBS = 256
+"""Fewer such jobs than this draw per job (the batched draw has a fixed cost of about 250 per-job draws)."""
+
+
+def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch_size: int) -> torch.Tensor:
+    """Every job's `padded_schedule` from its own generator (`local_generators`), as one (steps, jobs, batch_size)
+    tensor, -1 also after a job's last step. Jobs that need only the first few positions of one permutation have
+    them computed for all at once (`leading_positions`, the same numbers); the others draw their own."""
+    n = len(jobs)
+    steps = np.fromiter((j.steps for j in jobs), dtype=np.int64, count=n)
+    size = np.asarray(sizes, dtype=np.int64).reshape(n)
+    most = int(steps.max(initial=0))
+    out = np.full((n, most * batch_size), -1, dtype=np.int64)
+    seeds = np.asarray(job_seeds(seed, Stream.LOCAL, jobs), dtype=np.int64).reshape(n)
+    count = np.minimum(steps * batch_size, size)
+    batched = (steps > 0) & (size > 0) & (steps * batch_size <= size + batch_size - 1) & (count <= BATCHED_POSITIONS)
+    if batched.sum() < BATCHED_MIN_JOBS or not draws_like_torch():
+        batched[:] = False
+    rows = np.flatnonzero(batched)
+    if len(rows):
+        width = int(count[rows].max())
+        out[rows, :width] = leading_positions(seeds[rows] & MASK32, size[rows], count[rows], width)
+    for j in np.flatnonzero(~batched & (steps > 0)).tolist():
+        drawn = padded_schedule(int(size[j]), batch_size, int(steps[j]), torch.Generator().manual_seed(int(seeds[j])))
+        out[j, : drawn.numel()] = drawn.reshape(-1).numpy()
+    return torch.from_numpy(out).view(n, most, batch_size).transpose(0, 1)
+
+
+_MT_SHIFT = 397
+"""MT19937's middle word: output i < 227 of a freshly seeded generator twists words i, i + 1 and i + 397."""
+
+
+def mt19937_outputs(seeds: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` (at most 227) 32-bit outputs of MT19937 generators seeded with `seeds` (uint32), as
+    (count, seeds): the reference algorithm (Matsumoto & Nishimura 1998), its state seeded and twisted only as far
+    as those outputs need, every generator at once."""
+    n = len(seeds)
+    words = np.empty((_MT_SHIFT + count + 1, n), dtype=np.uint32)
+    words[0] = seeds
+    tmp = np.empty(n, dtype=np.uint32)
+    for i in range(1, len(words)):
+        np.right_shift(words[i - 1], np.uint32(30), out=tmp)
+        np.bitwise_xor(words[i - 1], tmp, out=tmp)
+        np.multiply(tmp, np.uint32(1812433253), out=tmp)
+        np.add(tmp, np.uint32(i), out=words[i])
+    y = (words[:count] & np.uint32(0x80000000)) | (words[1 : count + 1] & np.uint32(0x7FFFFFFF))
+    u = words[_MT_SHIFT : _MT_SHIFT + count] ^ (y >> np.uint32(1)) ^ np.where(y & np.uint32(1),
+                                                                              np.uint32(0x9908B0DF), np.uint32(0))
+    u ^= u >> np.uint32(11)
+    u ^= (u << np.uint32(7)) & np.uint32(0x9D2C5680)
+    u ^= (u << np.uint32(15)) & np.uint32(0xEFC60000)
+    u ^= u >> np.uint32(18)
+    return u
+
+
+def leading_positions(seeds: np.ndarray, sizes: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
+    """For every job j, the first count_j entries of `torch.randperm(sizes_j, generator=g)` with g freshly seeded
+    by seeds_j (its low 32 bits: all a CPU generator keeps), then -1 up to `width` (at most 227), for all jobs at
+    once. torch's CPU randperm is a Fisher-Yates shuffle: position i swapped with i + (u_i mod (n - i)), u_i the
+    generator's i-th MT19937 output, so entry i is final after step i and the first k entries need k draws.
+    Positions are kept in a window of `width`; swap targets beyond it as (position, value) hits, at most one per
+    step. `draws_like_torch` checks this against torch before it is used."""
+    n = len(seeds)
+    draws = np.minimum(count, sizes - 1)
+    d = int(draws.max(initial=0))
+    u = mt19937_outputs(seeds, d)
+    window = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+    hit_at, hit_value = np.full((n, max(d, 1)), -1, dtype=np.int64), np.zeros((n, max(d, 1)), dtype=np.int64)
+    hits, rows = np.zeros(n, dtype=np.int64), np.arange(n)
+    for i in range(d):
+        target = np.where(i < draws, i + u[i].astype(np.int64) % np.maximum(sizes - i, 1), i)
+        inside = target < width
+        match = hit_at == target[:, None]
+        found, slot = match.any(axis=1), match.argmax(axis=1)
+        here = window[:, i].copy()
+        window[:, i] = np.where(inside, window[rows, np.minimum(target, width - 1)],
+                                np.where(found, hit_value[rows, slot], target))
+        window[rows[inside], target[inside]] = here[inside]
+        beyond, slot = ~inside, np.where(found, slot, hits)
+        hit_at[rows[beyond], slot[beyond]] = target[beyond]
+        hit_value[rows[beyond], slot[beyond]] = here[beyond]
+        hits += beyond & ~found
+    window[np.arange(width)[None, :] >= count[:, None]] = -1
+    return window
+
+
+@functools.cache
+def draws_like_torch() -> bool:
+    """Whether `leading_positions` gives torch's own permutations here (checked once per process on a few cases;
+    if a torch version ever shuffled otherwise, every job would draw its own)."""
+    cases = [(0, 1, 1), (1, 2, 2), (5, 7, 7), (2**40 + 3, 100, 10), (12345, 5000, 64), (2**62 + 99, 64, 64)]
+    seeds, sizes, count = (np.array(c, dtype=np.int64) for c in zip(*cases, strict=True))
+    mine = leading_positions(seeds & MASK32, sizes, count, int(count.max()))
+    for row, (s, n, k) in zip(mine, cases, strict=True):
+        theirs = torch.randperm(n, generator=torch.Generator().manual_seed(s))[:k].numpy()
+        if not np.array_equal(row[:k], theirs):
+            return False
+    return True
 
 
 def device_data(ctx: RuntimeContext, device: torch.device) -> FederatedData:

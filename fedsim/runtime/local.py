@@ -10,16 +10,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from fedsim.clients import Batch, ClientRule, JobInfo, Oracle, StepState
 from fedsim.codecs import Codec
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job
-from fedsim.runtime.context import job_seeds, local_batches
+from fedsim.runtime.context import MASK32, job_seeds, local_batches
 from fedsim.seeding import Stream
-
-MASK32 = 0xFFFFFFFF
 
 
 def job_info(num_samples: int | torch.Tensor, steps: int | torch.Tensor) -> JobInfo:
@@ -32,8 +31,8 @@ def job_keys(seed: int, jobs: Sequence[Job], stream: Stream = Stream.ORACLE) -> 
     """Each job's random key, (jobs, 2) int64 words of `derive_seed(seed, stream, job.id, job.client)`: what the
     oracle's draws (stream ORACLE) and the uplink codec's (stream CODEC) are keyed by, whichever runtime runs the
     job."""
-    return torch.tensor([[s & MASK32, s >> 32] for s in job_seeds(seed, stream, jobs)], dtype=torch.int64) \
-        .reshape(len(jobs), 2)
+    seeds = np.asarray(job_seeds(seed, stream, jobs), dtype=np.int64).reshape(len(jobs))
+    return torch.from_numpy(np.stack([seeds & MASK32, seeds >> 32], axis=1))
 
 
 def step_indices(steps: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -31,7 +31,7 @@ from fedsim.aggregation import Sums, weighted_sums
 from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
-from fedsim.runtime import Job, JobResult, Runtime, Starts, jobs_starts
+from fedsim.runtime import Job, JobResult, Runtime, Stacked, Starts, jobs_starts
 from fedsim.runtime.node_transport import HaloNeighbourhood, HaloPlan, block_partition, halo_plan
 
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -150,8 +150,11 @@ class MPIRuntime:
     def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
         per_job = jobs_starts(jobs, starts)
         mine = [i for i, j in enumerate(jobs) if j.client % self.size == self.rank]
-        shared_start = isinstance(starts, dict)
-        ran = self.inner.run_jobs([jobs[i] for i in mine], starts if shared_start else [per_job[i] for i in mine])
+        if isinstance(starts, dict):
+            share: Starts = starts
+        else:
+            share = per_job.take(mine) if isinstance(per_job, Stacked) else [per_job[i] for i in mine]
+        ran = self.inner.run_jobs([jobs[i] for i in mine], share)
         local = dict(zip(mine, ran, strict=True))
         shared = self.comm.allgather([(i, r.num_samples, r.work, r.message_bytes) for i, r in local.items()])
         remote = {i: JobResult(jobs[i], None, n, w, b) for part in shared for i, n, w, b in part if i not in local}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fedsim.oracle import AutogradOracle
@@ -21,16 +23,19 @@ class SequentialRuntime(PlacedRuntime):
         super().__init__(params, context)
         self.oracles = [AutogradOracle(objective) for objective in self.objectives]
 
-    def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-               starts: list[Pytree]) -> list[JobResult]:
+    def run_on(self, slot: int, jobs: list[Job], stored: list[Pytree | None],
+               starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
+        """One piece: the jobs' results one after another (a stacked start's rows taken one at a time)."""
         seed = self.ctx.seed
         keys, codec_keys = job_keys(seed, jobs), job_keys(seed, jobs, Stream.CODEC)
-        return [self._run(slot, *args) for args in zip(jobs, states, starts, keys, codec_keys,
-                                                        local_generators(seed, jobs), strict=True)]
+        return [[self._run(slot, job, state, starts[i], keys[i], codec_keys[i], generator)
+                 for i, (job, state, generator) in enumerate(zip(jobs, stored, local_generators(seed, jobs),
+                                                                 strict=True))]]
 
-    def _run(self, slot: int, job: Job, client_state: Pytree | None, start: Pytree, key: torch.Tensor,
+    def _run(self, slot: int, job: Job, stored: Pytree | None, start: Pytree, key: torch.Tensor,
              codec_key: torch.Tensor, generator: torch.Generator) -> JobResult:
         rule, device = self.ctx.rule, self.devices[slot]
+        client_state = rule.initial_state(start) if stored is None else stored
         x, y = client_tensors(self.ctx, job.client, device)
         batches = client_batches(x, y, rule.hp.batch_size, job.steps, generator, key)
         message, new_state, processed = run_client(rule, self.oracles[slot], start, client_state,
@@ -41,5 +46,5 @@ class SequentialRuntime(PlacedRuntime):
                          tree_to(new_state, "cpu"), tree_to(codec_state, "cpu"))
 
     def _codec_state(self, client: int, message: Pytree) -> Pytree:
-        state = self.ctx.codec_state(client, tree_to(message, "cpu"))
-        return tree_to(state, next(iter(tree_leaves(message))).device)
+        """The client's uplink codec state on the message's device (a fresh one made there)."""
+        return tree_to(self.ctx.codec_state(client, message), next(iter(tree_leaves(message))).device)

@@ -18,30 +18,24 @@ import math
 import operator
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch.func import vmap
-from torch.nn.utils.rnn import pad_sequence
 
 from fedsim.clients import Batch, ClientRule
 from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
 from fedsim.oracle import AutogradOracle, FuncOracle
-from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes, tree_to, tree_unstack
+from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes, tree_to
 from fedsim.resources import check_fits
-from fedsim.runtime import RUNTIMES, Job, JobResult
+from fedsim.runtime import RUNTIMES, Job, JobResult, Stacked, StackedResults
 from fedsim.runtime.base import PlacedRuntime, RuntimeParams
-from fedsim.runtime.context import (
-    RuntimeContext,
-    client_tensors,
-    device_data,
-    local_generators,
-    padded_schedule,
-)
+from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedules
 from fedsim.runtime.local import job_info, job_keys, local_steps, step_indices
 from fedsim.seeding import Stream
 from fedsim.sizes import parse_bytes
@@ -168,29 +162,32 @@ class VectorizedRuntime(PlacedRuntime):
         sample = 4 * math.prod(shape)
         return 6 * params + batch * (sample + 3 * activation_bytes_per_sample(model, shape))
 
-    def run_on(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-               starts: list[Pytree]) -> list[JobResult]:
-        out: list[JobResult] = []
-        for start in range(0, len(jobs), self.chunk_size):
-            stop = start + self.chunk_size
-            out += self._run_chunk(slot, jobs[start:stop], states[start:stop], starts[start:stop])
-        return out
+    def run_on(self, slot: int, jobs: list[Job], stored: list[Pytree | None],
+               starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
+        """A piece per chunk of jobs, each with its messages and states still stacked."""
+        pieces: list[Sequence[JobResult]] = []
+        for a in range(0, len(jobs), self.chunk_size):
+            chunk, chunk_starts = jobs[a : a + self.chunk_size], starts[a : a + self.chunk_size]
+            states = self._stack_states(stored[a : a + self.chunk_size], chunk_starts, self.devices[slot])
+            pieces.append(self._run_chunk(slot, chunk, states, chunk_starts))
+        return pieces
 
-    def _run_chunk(self, slot: int, jobs: list[Job], states: list[Pytree | None],
-                   starts: list[Pytree]) -> list[JobResult]:
+    def _run_chunk(self, slot: int, jobs: list[Job], states: Pytree | None,
+                   starts: Sequence[Pytree]) -> StackedResults:
+        """One chunk's jobs from their starts and their clients' states (stacked; None for stateless rules)."""
         rule, device, real = self.ctx.rule, self.devices[slot], len(jobs)
-        if self.compiled:  # copies of the first job fill the chunk up to a compiled size; dropped after the steps
-            extra = self._compiled_size(slot, real) - real
-            jobs, states, starts = jobs + [jobs[0]] * extra, states + [states[0]] * extra, starts + [starts[0]] * extra
+        # Under compile, copies of the first job fill the chunk up to a compiled size; dropped after the steps.
+        extra = self._compiled_size(slot, real) - real if self.compiled else 0
+        stacked_starts, stacked = self._stack_starts(starts, extra), _pad_rows(states, extra)
+        jobs = jobs + [jobs[0]] * extra
         x, y, firsts, sizes = self._chunk_data(device, jobs)
         index, weight, active = self._schedule(jobs, firsts, sizes, device)
         keys = job_keys(self.ctx.seed, jobs).to(device)
         info = job_info(torch.tensor(sizes), torch.tensor([j.steps for j in jobs]))
-        stacked = self._stack_states(states, device)
         if stacked is None:
-            state = vmap(lambda m, i: rule.init(m, None, i))(self._stack_starts(starts), info)
+            state = vmap(lambda m, i: rule.init(m, None, i))(stacked_starts, info)
         else:
-            state = vmap(rule.init)(self._stack_starts(starts), stacked, info)
+            state = vmap(rule.init)(stacked_starts, stacked, info)
         if self.compiled:
             state = tree_map(torch.Tensor.contiguous, state)
             state = self._masked_steps(slot, state, x, y, index, weight, active, keys)
@@ -202,38 +199,47 @@ class VectorizedRuntime(PlacedRuntime):
         codec_keys = job_keys(self.ctx.seed, jobs, Stream.CODEC).to(keys.device)
         messages, message_bytes, codec_states = self._send(jobs, messages, codec_keys)
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
-        processed = weight.sum(dim=(0, 2)).long().tolist()
-        per_client = tree_unstack(messages, len(jobs))
-        states_out, codec_out = _per_client(client_states, len(jobs)), _per_client(codec_states, len(jobs))
-        return [JobResult(job, per_client[i], sizes[i], processed[i] * rule.step_cost, message_bytes,
-                          states_out[i], codec_out[i]) for i, job in enumerate(jobs)]
+        work = [p * rule.step_cost for p in weight.sum(dim=(0, 2)).long().tolist()]
+        states_out, codec_out = _per_client(client_states, real), _per_client(codec_states, real)
+        return StackedResults(jobs, messages, sizes, work, [message_bytes] * real, states_out, codec_out,
+                              isinstance(states_out, Stacked) or isinstance(codec_out, Stacked))
 
     def _send(self, jobs: list[Job], messages: Pytree, keys: torch.Tensor) -> tuple[Pytree, int, Pytree]:
         """The chunk's messages through the uplink codec, batched over the client axis: what the server decodes,
         one payload's exact bytes (payload shapes are static, so every job's payload has that size), and the
-        senders' new codec states (stacked; `{}` for stateless codecs)."""
+        senders' new codec states (stacked; `{}` for stateless codecs, which look up no sender's state)."""
         codec = self.ctx.uplink
         template = tree_map(lambda v: v[0], messages)
         device = next(iter(tree_leaves(messages))).device
-        on_cpu = tree_to(template, "cpu")
-        states = [self.ctx.codec_state(j.client, on_cpu) for j in jobs]
-        stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states)
+        if any(True for _ in tree_leaves(codec.init(template))):
+            on_cpu = tree_to(template, "cpu")
+            states = [self.ctx.codec_state(j.client, on_cpu) for j in jobs]
+            stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states)
+        else:
+            stacked = {}
         payload, new_states = vmap(codec.encode)(messages, stacked, keys)
         decoded = vmap(codec.decode, in_dims=(0, None))(payload, template)
         return decoded, codec.payload_bytes(template), tree_to(new_states, "cpu")
 
     @staticmethod
-    def _stack_starts(starts: list[Pytree]) -> Pytree:
-        """The chunk's starts on a leading job axis: one shared start expanded (no copy), else stacked."""
+    def _stack_starts(starts: Sequence[Pytree], extra: int = 0) -> Pytree:
+        """The chunk's starts on a leading job axis, then `extra` copies of the first (a compiled chunk's filler):
+        stacked starts as they are, one shared start expanded (no copy), else stacked."""
+        if isinstance(starts, Stacked):
+            return _pad_rows(starts.tree, extra)
+        starts = [*starts, *[starts[0]] * extra]
         if all(s is starts[0] for s in starts):
             return tree_map(lambda v: v.expand(len(starts), *v.shape), starts[0])
         return tree_map(lambda *vs: torch.stack(vs), *starts)
 
-    @staticmethod
-    def _stack_states(states: list[Pytree | None], device: torch.device) -> Pytree | None:
-        if all(s is None for s in states):
+    def _stack_states(self, stored: list[Pytree | None], starts: Sequence[Pytree],
+                      device: torch.device) -> Pytree | None:
+        """The clients' states (stored, else the rule's initial state from the job's start) on a leading job axis,
+        or None when the rule keeps none (no stored state, and the initial state from the first start None: a rule's
+        initial state is None for every start or for none)."""
+        if all(s is None for s in stored) and self.ctx.rule.initial_state(starts[0]) is None:
             return None
-        return tree_map(lambda *vs: torch.stack(vs).to(device), *states)
+        return tree_map(lambda *vs: torch.stack(vs).to(device), *self.initial_states(stored, starts))
 
     def _steps(self, slot: int, state: Pytree, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                weight: torch.Tensor, active: torch.Tensor, keys: torch.Tensor) -> Pytree:
@@ -333,8 +339,9 @@ class VectorizedRuntime(PlacedRuntime):
         data = self.ctx.data
         if isinstance(data, FederatedData):
             on_device = device_data(self.ctx, device)
-            starts = [int(data.train_starts[j.client]) for j in jobs]
-            return on_device.x_train, on_device.y_train, starts, [int(data.train_sizes[j.client]) for j in jobs]
+            clients = np.fromiter((j.client for j in jobs), dtype=np.int64, count=len(jobs))
+            return (on_device.x_train, on_device.y_train, np.asarray(data.train_starts)[clients].tolist(),
+                    np.asarray(data.train_sizes)[clients].tolist())
         parts = [client_tensors(self.ctx, j.client, torch.device("cpu")) for j in jobs]
         sizes = [len(y) for _, y in parts]
         starts = [0, *itertools.accumulate(sizes)][:-1]
@@ -344,12 +351,8 @@ class VectorizedRuntime(PlacedRuntime):
     def _schedule(self, jobs: list[Job], starts: list[int], sizes: list[int],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
-        batch, seed = self.batch_size, self.ctx.seed
-        rows = [padded_schedule(size, batch, job.steps, generator)
-                for job, size, generator in zip(jobs, sizes, local_generators(seed, jobs), strict=True)]
         # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
-        same = all(r.shape == rows[0].shape for r in rows)
-        local = torch.stack(rows, dim=1) if same else pad_sequence(rows, padding_value=-1)
+        local = padded_schedules(self.ctx.seed, jobs, sizes, self.batch_size)
         valid = local >= 0
         first = torch.tensor(starts)[None, :, None]
         index = torch.where(valid, local + first, first)
@@ -358,9 +361,16 @@ class VectorizedRuntime(PlacedRuntime):
         return index.to(device), valid.float().to(device), active.to(device)
 
 
-def _per_client(stacked: Pytree, n: int) -> list[Pytree | None]:
-    """Stacked per-client states split per client (None for all when there are none), each cloned so a stored
-    state does not keep its whole chunk's tensor alive."""
+def _pad_rows(stacked: Pytree | None, extra: int) -> Pytree | None:
+    """`stacked` with `extra` copies of its first row appended (None and extra 0: as it is)."""
+    if stacked is None or not extra:
+        return stacked
+    return tree_map(lambda v: torch.cat([v, v[:1].expand(extra, *v.shape[1:])]), stacked)
+
+
+def _per_client(stacked: Pytree, n: int) -> Sequence[Pytree | None]:
+    """Stacked per-client states as one per client (None for all when there are none), each a copy made when it is
+    taken, so a stored state does not keep its whole chunk's tensor alive."""
     if not any(True for _ in tree_leaves(stacked)):
         return [None] * n
-    return [tree_map(torch.clone, s) for s in tree_unstack(stacked, n)]
+    return Stacked(stacked, copies=True)
