@@ -57,7 +57,7 @@ class NodeEvaluator:
         figures = personal_figures(totals, self.metrics, prefix="node")
         figures.pop("node_clients", None)
         if self.optimum is not None:
-            figures["node_distance_to_optimum"] = float(totals["squared"]) / n
+            figures["node_squared_distance_to_optimum"] = float(totals["squared"]) / n
         return figures
 
     def report(self, stacked: Pytree, center: Pytree, transport: NodeTransport, alive: int, graph: nx.Graph,

@@ -43,7 +43,7 @@ def test_nodes_report_their_mean_squared_distance_to_a_known_optimum(tiny):
     optimum = protocol.sim.evaluator.optimum
     flat = torch.cat([v.reshape(6, -1).double() for v in protocol.nodes.stacked.values()], dim=1)
     expected = float(((flat - optimum) ** 2).sum(1).mean())
-    assert protocol.recorder.rows[-1]["node_distance_to_optimum"] == pytest.approx(expected, rel=1e-12)
+    assert protocol.recorder.rows[-1]["node_squared_distance_to_optimum"] == pytest.approx(expected, rel=1e-12)
     assert "node_test_loss" in protocol.recorder.rows[-1]
 
 
