@@ -127,3 +127,35 @@ class ProtocolBase:
                 f"variant {self.sim.scenario.variant}, round {steps}: the global model has NaN/inf parameters; "
                 f"the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
+
+
+class LockstepProtocol(ProtocolBase):
+    """Base of protocols whose server step is one event, taken whole when it fires (gossip rounds, DADAO's units of
+    time, token hops): evaluate when due, stop when the budget is spent, else take the step and schedule the next
+    after the step's simulated seconds. Subclasses name the event (`step_event`) and implement `take_step`."""
+
+    step_event = "step"
+
+    def start(self, clock: Clock) -> None:
+        clock.schedule(0.0, self.step_event, step=0)
+
+    def handle(self, event: Event, clock: Clock) -> None:
+        if event.kind != self.step_event:
+            raise ValueError(f"{type(self).__name__} got an unknown event {event.kind!r}")
+        t = event.payload["step"]
+        self.before_evaluation(t)
+        row = self.evaluate_if_due(t, clock.now)
+        if self.budget_spent(t, clock.now):
+            clock.stop()
+            return
+        seconds = self.take_step(t)
+        self.server_steps = t + 1
+        self.recorder.progress.advance(t, row)
+        clock.schedule(seconds, self.step_event, step=t + 1)
+
+    def before_evaluation(self, t: int) -> None:
+        """Bring the evaluated model to step t before its row (nothing here: the last step left it there)."""
+
+    def take_step(self, t: int) -> float:
+        """Server step t (counting its client updates); returns its simulated seconds."""
+        raise NotImplementedError

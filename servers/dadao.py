@@ -48,13 +48,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim.clock import Clock, Event
 from fedsim.data.base import ClientDataSource
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore, tree_flatten, tree_map_keyed
 from fedsim.params import Pytree, tree_is_finite, tree_leaves, tree_map, tree_nbytes, tree_unstack
-from fedsim.protocol import ProtocolBase
+from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job
@@ -295,9 +294,11 @@ def check_dadao(params: DADAOParams, spec: ScenarioSchema, components: dict[str,
 
 
 @PROTOCOLS.register("dadao", params=DADAOParams, peer_to_peer=True, check=check_dadao)
-class DADAO(ProtocolBase):
+class DADAO(LockstepProtocol):
     """DADAO (Nabli & Oyallon 2023): gradient and communication events on Poisson clocks, an exact ODE between them;
-    a server step per unit of DADAO time (`unit` events carrying the unit's index)."""
+    a server step per unit of DADAO time (`unit` events)."""
+
+    step_event = "unit"
 
     def __init__(self, params: DADAOParams, sim: Simulation, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
@@ -349,9 +350,6 @@ class DADAO(ProtocolBase):
             raise ScenarioError(f"protocol.mu: the strong convexity must be at most L (mu {mu:.6g}, L {L:.6g})")
         return L, mu
 
-    def start(self, clock: Clock) -> None:
-        clock.schedule(0.0, "unit", unit=0)
-
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "nodes": self.nodes.state_dict(), "t_last": self.t_last.copy(),
                 "gradients": self.gradients.copy(), "communications": self.communications}
@@ -362,25 +360,19 @@ class DADAO(ProtocolBase):
         self.t_last, self.gradients = state["t_last"].copy(), state["gradients"].copy()
         self.communications = state["communications"]
 
-    def handle(self, event: Event, clock: Clock) -> None:
-        if event.kind != "unit":
-            raise ValueError(f"dadao got an unknown event {event.kind!r}")
-        b = event.payload["unit"]
+    def before_evaluation(self, b: int) -> None:
         self._average_at(b)
-        row = self.evaluate_if_due(b, clock.now)
-        if self.budget_spent(b, clock.now):
-            clock.stop()
-            return
+
+    def take_step(self, b: int) -> float:
+        """Unit b of DADAO time: its events, layer by layer; lasts `time_unit` simulated seconds."""
         unit = self.events.unit(b)
         for events in unit.layers():
             self._layer(unit, events, b)
         communications = int((unit.partner >= 0).sum())
         self.communications += communications
         self.traffic.up += 2 * self.model_bytes * communications
-        self.server_steps = b + 1
         self.client_updates = int(self.gradients.sum())
-        self.recorder.progress.advance(b, row)
-        clock.schedule(self.params.time_unit, "unit", unit=b + 1)
+        return self.params.time_unit
 
     def extra_metrics(self) -> dict[str, float]:
         """The consensus error and the nodes' own models' figures (`NodeEvaluator.report`) of the nodes' x at the

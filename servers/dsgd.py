@@ -33,12 +33,11 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from fedsim.clock import Clock, Event
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore
 from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes
-from fedsim.protocol import ProtocolBase
+from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job, Stacked, run_stacked
@@ -137,9 +136,11 @@ def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, C
 
 
 @PROTOCOLS.register("dsgd", params=DSGDParams, peer_to_peer=True, carries=("delta",), check=check_dsgd)
-class DecentralizedSGD(ProtocolBase):
+class DecentralizedSGD(LockstepProtocol):
     """Synchronous gossip rounds on the virtual clock: every node trains and mixes every round; the evaluated
     global model is the network average, and each row reports the consensus error."""
+
+    step_event = "round"
 
     def __init__(self, params: DSGDParams, sim: Simulation, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
@@ -159,29 +160,12 @@ class DecentralizedSGD(ProtocolBase):
             full_steps(np.asarray(sim.data.train_sizes), hp.local_epochs, hp.batch_size, hp.local_steps)
         self.state["params"] = tree_map(torch.clone, sim.model.init_params)
 
-    def start(self, clock: Clock) -> None:
-        clock.schedule(0.0, "round_start", round=0)
-
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "nodes": self.nodes.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.nodes.load_state_dict(state["nodes"])
-
-    def handle(self, event: Event, clock: Clock) -> None:
-        if event.kind != "round_start":
-            raise ValueError(f"dsgd got an unknown event {event.kind!r}")
-        t = event.payload["round"]
-        row = self.evaluate_if_due(t, clock.now)
-        if self.budget_spent(t, clock.now):
-            clock.stop()
-            return
-        seconds = self._round(t)
-        self.server_steps = t + 1
-        self.client_updates += self.alive()
-        self.recorder.progress.advance(t, row)
-        clock.schedule(seconds, "round_start", round=t + 1)
 
     def alive(self) -> int:
         """Nodes still taking part (all of them, except in a peer deployment that lost some)."""
@@ -204,7 +188,7 @@ class DecentralizedSGD(ProtocolBase):
         for _ in range(self.params.gossip_steps):
             self.nodes.scatter(rows, neighbourhood.gossip(self.nodes.stacked, W))
 
-    def _round(self, t: int) -> float:
+    def take_step(self, t: int) -> float:
         """Round t in the configured order; returns its simulated seconds."""
         if self.params.order == "cta":
             self.mix_nodes(t)
@@ -225,6 +209,7 @@ class DecentralizedSGD(ProtocolBase):
                 f"variant {self.sim.scenario.variant}, round {t}: the network-average model has NaN/inf "
                 f"parameters; the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
+        self.client_updates += alive
         systems, work = self.sim.systems, totals["work"].long().tolist()
         return max(systems.job_seconds(t, i, work[i], 0, int(sends[i])) for i in range(n))
 

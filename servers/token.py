@@ -35,11 +35,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedsim.clock import Clock, Event
 from fedsim.errors import DivergenceError, FedsimError, ScenarioError
 from fedsim.node_store import StackedStore, tree_flatten
 from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes, tree_unstack
-from fedsim.protocol import ProtocolBase
+from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job
@@ -116,10 +115,12 @@ def check_token(params: TokenParams, spec: ScenarioSchema, components: dict[str,
 
 
 @PROTOCOLS.register("token", params=TokenParams, peer_to_peer=True, carries=("delta",), check=check_token)
-class TokenWalk(ProtocolBase):
+class TokenWalk(LockstepProtocol):
     """Tokens walking the graph (SA-SRRW), every node they reach training the model they carry.
 
     The evaluated model is the mean of every token's."""
+
+    step_event = "hop"
 
     def __init__(self, params: TokenParams, sim: Simulation, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
@@ -138,9 +139,6 @@ class TokenWalk(ProtocolBase):
         """Bytes every repetition's tokens sent so far (the rows report one repetition's: the mean)."""
         self.state["params"] = tree_map(torch.clone, sim.model.init_params)
 
-    def start(self, clock: Clock) -> None:
-        clock.schedule(0.0, "hop", step=0)
-
     def state_dict(self) -> dict[str, Any]:
         walk = self.walk_state  # copies: the walk updates its arrays in place
         return {**super().state_dict(), "models": self.models.state_dict(), "bytes_sent": self.bytes_sent,
@@ -156,20 +154,6 @@ class TokenWalk(ProtocolBase):
                                     np.array(walk["previous"], dtype=np.int64),
                                     np.array(walk["measure"], dtype=np.float64), walk["steps"])
 
-    def handle(self, event: Event, clock: Clock) -> None:
-        if event.kind != "hop":
-            raise ValueError(f"token got an unknown event {event.kind!r}")
-        n = event.payload["step"]
-        row = self.evaluate_if_due(n, clock.now)
-        if self.budget_spent(n, clock.now):
-            clock.stop()
-            return
-        seconds = self._hop(n)
-        self.server_steps = n + 1
-        self.client_updates += self.params.tokens
-        self.recorder.progress.advance(n, row)
-        clock.schedule(seconds, "hop", step=n + 1)
-
     def extra_metrics(self) -> dict[str, float]:
         """The variance across repetitions, the visit measures' distance to the target, one repetition's local
         steps; the mean visit measure goes on the node map."""
@@ -184,7 +168,7 @@ class TokenWalk(ProtocolBase):
                 "visit_tv": float(total_variation(measure, self.walk.mu).mean()),
                 "local_steps": self.server_steps * tokens * self.params.local_steps}
 
-    def _hop(self, n: int) -> float:
+    def take_step(self, n: int) -> float:
         """Step n: every walker moves, the nodes reached train the tokens' models (the owned ones here), every model
         takes its step beta_{n+1} delta; returns the step's simulated seconds."""
         count, params = self.walkers, self.params
@@ -211,6 +195,7 @@ class TokenWalk(ProtocolBase):
                 f"variant {self.sim.scenario.variant}, round {n}: the tokens' mean model has NaN/inf parameters; the "
                 f"run diverged; its metrics up to this round are kept; a smaller algorithm.lr or protocol.beta0 may "
                 f"help")
+        self.client_updates += params.tokens
         self.bytes_sent += int(moved.sum()) * self.token_bytes
         self.traffic.up = self.bytes_sent // params.repetitions
         done = totals["work"].long().tolist()

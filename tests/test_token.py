@@ -220,4 +220,4 @@ def test_a_lost_peer_stops_a_token_run_with_one_line_naming_the_node():
     protocol = protocol_of(scenario(rounds=3))
     protocol.transport.lost = frozenset({2})
     with pytest.raises(FedsimError, match=r"^token: node\(s\) 2 stopped answering at step 0; every process keeps"):
-        protocol._hop(0)
+        protocol.take_step(0)
