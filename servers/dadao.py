@@ -52,11 +52,11 @@ from fedsim.data.base import ClientDataSource
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore, tree_flatten, tree_map_keyed
-from fedsim.params import Pytree, tree_is_finite, tree_leaves, tree_map, tree_nbytes, tree_unstack
+from fedsim.params import Pytree, tree_is_finite, tree_leaves, tree_map, tree_nbytes
 from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
-from fedsim.runtime import Job
+from fedsim.runtime import Job, Stacked, run_stacked
 from fedsim.runtime.node_transport import HaloNeighbourhood
 from fedsim.sampling import full_steps
 from fedsim.seeding import Stream, derive_seed
@@ -439,12 +439,11 @@ class DADAO(LockstepProtocol):
         x -= gamma G, x~ -= gamma~ G, y~ += (delta + delta~) G, G = grad - nu x - y~."""
         index = torch.from_numpy(nodes - self.owned.start)
         states = tree_map(lambda v: v.index_select(0, index), self.nodes.stacked)
-        starts = [{"params": x} for x in tree_unstack(tree_map(lambda v: v[:, X], states), len(nodes))]
         jobs = [Job(int(self.gradients[i]), i, int(self.steps[i]), version=b) for i in nodes.tolist()]
-        results = self.sim.runtime.run_jobs(jobs, starts)
+        results = run_stacked(self.sim.runtime, jobs, Stacked({"params": tree_map(lambda v: v[:, X], states)}))
         for result in results:
             self.commit(result)
-        grads = tree_map(lambda *g: torch.stack(g), *(m["grad"] for m in self.sim.runtime.gather_messages(results)))
+        grads = results.messages["grad"]
         c = self.constants
 
         def jump(leaf: torch.Tensor, S: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

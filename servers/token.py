@@ -37,11 +37,11 @@ from pydantic import Field
 
 from fedsim.errors import DivergenceError, FedsimError, ScenarioError
 from fedsim.node_store import StackedStore, tree_flatten
-from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes, tree_unstack
+from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes
 from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
-from fedsim.runtime import Job
+from fedsim.runtime import Job, Stacked, run_stacked
 from fedsim.servers import PROTOCOLS
 from fedsim.topologies.schedule import build_topology
 from fedsim.topologies.walks import (
@@ -215,12 +215,10 @@ class TokenWalk(LockstepProtocol):
         if not mine.size:
             return deltas, work
         jobs = [Job(n * self.walkers + int(w), int(here[w]), self.params.local_steps, version=n) for w in mine]
-        starts = [{"params": x} for x in tree_unstack(self.models.gather(torch.from_numpy(mine)), len(jobs))]
-        results = self.sim.runtime.run_jobs(jobs, starts)
+        index = torch.from_numpy(mine)
+        rows = self.models.stacked if mine.size == self.walkers else self.models.gather(index)
+        results = run_stacked(self.sim.runtime, jobs, Stacked({"params": rows}))
         for result in results:
             self.commit(result)
-        work[mine] = [result.work for result in results]
-        messages = self.sim.runtime.gather_messages(results)
-        stacked = tree_map(lambda *leaves: torch.stack(leaves), *(m["delta"] for m in messages))
-        index = torch.from_numpy(mine)
-        return tree_map(lambda d, s: d.index_copy(0, index, s.to(d.dtype)), deltas, stacked), work
+        work[mine] = results.work
+        return tree_map(lambda d, s: d.index_copy(0, index, s.to(d.dtype)), deltas, results.messages["delta"]), work
