@@ -177,21 +177,31 @@ def ring_deployment(tmp_path, num_clients: int, rounds: int) -> tuple[dict, Path
     return scenario, *deploy(tmp_path, scenario)
 
 
-def run_peers(path: Path, peers: Path, ports: list[int], out: Path, timeout: float,
-              launch: dict[int, list[str]] | None = None) -> tuple[list[int], list[tuple[str, str]]]:
-    """Every node's `fedsim peer` process (node k started with `launch[k]` instead of `-m fedsim` where given);
-    their exit statuses and (stdout, stderr), every process stopped whatever happens."""
-    processes = [subprocess.Popen([sys.executable, *(launch or {}).get(k, ["-m", "fedsim"]), "peer", str(path),
-                                   "--node", str(k), "--listen", f"127.0.0.1:{port}", "--peers", str(peers),
-                                   "--out", str(out), "--timeout", str(timeout)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for k, port in enumerate(ports)]
+def peer_args(path: Path, k: int, port: int, peers: Path, out: Path, timeout: float) -> list[str]:
+    """The `fedsim peer` arguments of node k."""
+    return ["peer", str(path), "--node", str(k), "--listen", f"127.0.0.1:{port}", "--peers", str(peers),
+            "--out", str(out), "--timeout", str(timeout)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Every process's (stdout, stderr), every process stopped whatever happens."""
     try:
-        outputs = [p.communicate(timeout=180) for p in processes]
+        return [p.communicate(timeout=timeout) for p in processes]
     finally:
         for p in processes:
             p.kill()
             p.wait()
+
+
+def run_peers(path: Path, peers: Path, ports: list[int], out: Path, timeout: float,
+              launch: dict[int, list[str]] | None = None) -> tuple[list[int], list[tuple[str, str]]]:
+    """Every node's `fedsim peer` process (node k started with `launch[k]` instead of `-m fedsim` where given);
+    their exit statuses and (stdout, stderr)."""
+    processes = [subprocess.Popen([sys.executable, *(launch or {}).get(k, ["-m", "fedsim"]),
+                                   *peer_args(path, k, port, peers, out, timeout)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k, port in enumerate(ports)]
+    outputs = finish(processes, 180)
     return [p.returncode for p in processes], outputs
 
 
@@ -217,18 +227,12 @@ def four_peer_runs(tmp_path_factory) -> tuple[dict[str, Path], list[tuple[str, s
     node 0's run directory of each, and the processes' (stdout, stderr)."""
     tmp = tmp_path_factory.mktemp("peers")
     deployments = {name: deploy(tmp / name, scenario) for name, scenario in CONFIGURATIONS.items()}
-    commands = [[["peer", str(path), "--node", str(k), "--listen", f"127.0.0.1:{ports[k]}", "--peers", str(peers),
-                  "--out", str(tmp / name / "run"), "--timeout", "60"]
+    commands = [[peer_args(path, k, ports[k], peers, tmp / name / "run", 60)
                  for name, (path, peers, ports) in deployments.items()] for k in range(4)]
     processes = [subprocess.Popen([sys.executable, "-c", RUN_IN_TURN, json.dumps(node_commands)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for node_commands in commands]
-    try:
-        outputs = [p.communicate(timeout=240) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-            p.wait()
+    outputs = finish(processes, 240)
     assert [p.returncode for p in processes] == [0] * 4, [err for _, err in outputs]
     return {name: tmp / name / "run" for name in CONFIGURATIONS}, outputs
 

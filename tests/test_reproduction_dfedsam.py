@@ -51,9 +51,8 @@ def assert_mgs_consensus_follows_the_spectrum(final: dict[str, dict], graph: str
     assert predicted / within < ratio < predicted * within, (graph, ratio, predicted)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_dfedsam_mgs_consensus_follows_lambda_to_the_q_and_dsgd_trails_reduced(seed):
-    result = fedsim.run(SCENARIO, overrides={"seed": seed, "rounds": 20, "evaluation.every": 20}, variants=REDUCED,
+def test_dfedsam_mgs_consensus_follows_lambda_to_the_q_and_dsgd_trails_reduced():
+    result = fedsim.run(SCENARIO, overrides={"seed": 0, "rounds": 20, "evaluation.every": 20}, variants=REDUCED,
                         write=False)
     final = final_rows(result)
     # Measured / predicted at round 20 on seeds 0-2: ring 0.91-1.06 (predicted 0.184), torus 0.91-0.97 (0.0265).
