@@ -19,11 +19,11 @@ squared distance of the repetitions' models, each its tokens' mean, to their mea
 the visit measures to the target, mean over walkers) and `local_steps` (taken so far by one repetition's tokens).
 
 Cost model (figures of one repetition: the mean over repetitions): a token that moves is sent once, its model's
-bytes (plus, for srrw, its visit measure, n float64 values, since the kernel at a node needs x at every neighbour)
-counted in `bytes_up` as peer-to-peer sends; a token that stays (a Metropolis-Hastings self-loop) sends nothing. A
-step lasts, per token, `job_seconds(job, node, work, bytes, 0)` at the node it reached (receiving the token, its
-training, one latency to hand it on); the slowest token sets the step's time; `sim_time` is the mean over
-repetitions. Every process keeps every token (they are small); under MPI or gRPC peers a token's job runs on the
+bytes (plus, for srrw with alpha > 0, its visit measure, n float64 values, since the kernel at a node needs x at
+every neighbour) counted in `bytes_up` as peer-to-peer sends; a token that stays (a Metropolis-Hastings self-loop)
+sends nothing. A step lasts, per token, `job_seconds(job, node, work, bytes, 0)` at the node it reached (receiving
+the token, its training, one latency to hand it on); the slowest token sets the step's time; `sim_time` is the mean
+over repetitions. Every process keeps every token (they are small); under MPI or gRPC peers a token's job runs on the
 process owning its node, and the tokens' changes are summed over processes.
 """
 
@@ -134,7 +134,7 @@ class TokenWalk(LockstepProtocol):
         self.walk_state = self.walk.start(nodes_from(self.walk.mu, walk_uniforms(spec.seed, 0, self.walkers)))
         self.models = StackedStore.replicate(sim.model.init_params, self.walkers)
         """Every walker's model (row w: walker w): with the walk's state, what a checkpoint saves."""
-        self.token_bytes = tree_nbytes(sim.model.init_params) + (8 * n if params.walk == "srrw" else 0)
+        self.token_bytes = tree_nbytes(sim.model.init_params) + (8 * n if self.walk.alpha > 0 else 0)
         self.bytes_sent = 0
         """Bytes every repetition's tokens sent so far (the rows report one repetition's: the mean)."""
         self.state["params"] = tree_map(torch.clone, sim.model.init_params)

@@ -123,6 +123,11 @@ def test_a_hop_sends_the_model_and_srrw_s_visit_measure_and_lasts_as_long_as_the
     assert all(r["bytes_down"] == 0 for r in rows)
 
 
+def test_srrw_without_self_repellence_sends_the_model_alone():
+    protocol = finished(scenario(num_clients=6, rounds=2, alpha=0.0))
+    assert protocol.recorder.rows[-1]["bytes_up"] == 2 * tree_nbytes(protocol.sim.model.init_params)
+
+
 def test_a_token_that_stays_on_a_self_loop_sends_nothing(test_graphs):
     mapping = scenario(num_clients=5, rounds=40, walk="mhrw", repetitions=4) | {"topology": {"name": "test_kite"},
                                                                                "evaluation": {"every": 40}}
