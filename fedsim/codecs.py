@@ -3,21 +3,29 @@
 The contract is optax-like: `init` gives per-sender codec state (kept by the caller, apart from the algorithm's
 state), `encode` is a pure tensor function that runs under `torch.func.vmap` over a client axis, and
 `payload_bytes` is the exact size the clock charges. Wrappers such as `ErrorFeedback` compose around any codec.
+The compressors themselves (top-k, random-k, QSGD, sign, natural) live in `fedsim.compressors`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from fractions import Fraction
-from functools import reduce
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
-from pydantic import Field, model_validator
 
+from fedsim.compressors import (
+    QSGD,
+    Natural,
+    QSGDParams,
+    RandomK,
+    RandomKParams,
+    ScaledSign,
+    ScopeParams,
+    TopK,
+    TopKParams,
+)
 from fedsim.errors import ScenarioError
-from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes, tree_sub, tree_zeros_like
+from fedsim.params import Pytree, tree_map, tree_nbytes, tree_sub, tree_zeros_like
 from fedsim.registry import NoParams, Params, Registry
 from fedsim.strict_input import shorten
 
@@ -47,6 +55,11 @@ class Codec(Protocol):
 
 
 CODECS: Registry[Callable[[Params], Codec]] = Registry("codec")
+CODECS.register("topk", params=TopKParams)(TopK)
+CODECS.register("random_k", params=RandomKParams)(RandomK)
+CODECS.register("qsgd", params=QSGDParams)(QSGD)
+CODECS.register("sign", params=ScopeParams)(ScaledSign)
+CODECS.register("natural", params=ScopeParams)(Natural)
 
 
 @CODECS.register("identity")
@@ -67,86 +80,6 @@ class Identity:
 
     def payload_bytes(self, template: Pytree) -> int:
         return tree_nbytes(template)
-
-
-class TopKParams(Params):
-    """Top-k sparsification: keep `ratio` of the entries (or `k` of them), over the whole model or per tensor."""
-
-    ratio: float | None = Field(None, gt=0, le=1)
-    k: int | None = Field(None, ge=1)
-    scope: Literal["model", "tensor"] = "model"
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> TopKParams:
-        if (self.ratio is None) == (self.k is None):
-            raise ValueError("give exactly one of ratio and k")
-        return self
-
-
-def _index_dtype(d: int) -> torch.dtype:
-    return torch.int32 if d < 2**31 else torch.int64
-
-
-def _value_dtype(tree: Pytree) -> torch.dtype:
-    """The dtype all leaves promote to: model-scope values travel in it."""
-    return reduce(torch.promote_types, (t.dtype for t in tree_leaves(tree)))
-
-
-def _top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest-magnitude entries of a 1-D tensor, largest first, by torch.topk on abs: ties go
-    the way torch's kernel sends them, the same run to run and under vmap on one device, not by lowest index
-    (a stable sort would pin that order everywhere, but is ~7x slower on CPU at 10M entries)."""
-    return torch.topk(flat.abs(), k).indices.to(_index_dtype(flat.shape[-1]))
-
-
-def _scatter(indices: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:
-    """A length-d tensor of zeros with `values` at `indices`: what the receiver of a top-k payload rebuilds."""
-    return values.new_zeros(d).scatter(0, indices.long(), values)
-
-
-@CODECS.register("topk", params=TopKParams)
-class TopK:
-    """Top-k sparsification (Stich, Cordonnier, Jaggi 2018; Alistarh et al. 2018): send the k entries of largest
-    magnitude as int32 indices (int64 from 2^31 entries) plus values; the receiver scatters them into zeros."""
-
-    def __init__(self, params: TopKParams) -> None:
-        self.params = params
-
-    def k(self, d: int) -> int:
-        """Entries kept out of d: max(1, ceil(ratio*d)), with ratio read as the decimal written (0.07 of 100 is 7,
-        not float 0.07*100 = 7.000000000000001 -> 8); or min(k, d). Never more than d (an empty leaf keeps 0)."""
-        if self.params.k is not None:
-            return min(self.params.k, d)
-        return min(d, max(1, math.ceil(Fraction(repr(self.params.ratio)) * d)))
-
-    def init(self, template: Pytree) -> Pytree:
-        return {}
-
-    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor) -> tuple[Payload, Pytree]:
-        if self.params.scope == "tensor":
-            indices = tree_map(lambda t: _top_indices(t.reshape(-1), self.k(t.numel())), message)
-            values = tree_map(lambda t, i: t.reshape(-1).gather(0, i.long()), message, indices)
-            return {"indices": indices, "values": values}, state
-        flat = torch.cat([t.reshape(-1).to(_value_dtype(message)) for t in tree_leaves(message)])
-        indices = _top_indices(flat, self.k(flat.shape[-1]))
-        return {"indices": indices, "values": flat.gather(0, indices.long())}, state
-
-    def decode(self, payload: Payload, template: Pytree) -> Pytree:
-        if self.params.scope == "tensor":
-            return tree_map(lambda t, i, v: _scatter(i, v, t.numel()).reshape(t.shape),
-                            template, payload["indices"], payload["values"])
-        sizes = [t.numel() for t in tree_leaves(template)]
-        parts = iter(torch.split(_scatter(payload["indices"], payload["values"], sum(sizes)), sizes))
-        return tree_map(lambda t: next(parts).reshape(t.shape).to(t.dtype), template)
-
-    def payload_bytes(self, template: Pytree) -> int:
-        """k * (index size + value size): 4 bytes an index below 2^31 entries, else 8; values in the message dtype
-        (in model scope the dtype all leaves promote to); tensor scope sums this per leaf with its own k and d."""
-        if self.params.scope == "tensor":
-            return sum(self.k(t.numel()) * (_index_dtype(t.numel()).itemsize + t.dtype.itemsize)
-                       for t in tree_leaves(template))
-        d = sum(t.numel() for t in tree_leaves(template))
-        return self.k(d) * (_index_dtype(d).itemsize + _value_dtype(template).itemsize)
 
 
 class ErrorFeedback:

@@ -1,0 +1,350 @@
+"""The compressor zoo as codecs (`fedsim.codecs` registers them): top-k, random-k, QSGD, scaled sign, natural.
+
+Each compresses the whole message flattened into one vector (`scope: model`) or each tensor on its own (`scope:
+tensor`). Payloads hold what would be sent (values, bit-packed codes, scales, a key), so `payload_bytes` is their
+exact size; randomized codecs draw only from the `key` they are given (`fedsim.keyed_random`), so every runtime
+draws the same numbers, and encode/decode are pure tensor functions that run under `torch.func.vmap`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from fractions import Fraction
+from functools import reduce
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from fedsim import bitpack, keyed_random
+from fedsim.params import Pytree, tree_leaves, tree_map
+from fedsim.registry import Params
+
+if TYPE_CHECKING:
+    from fedsim.codecs import Payload
+
+Scope = Literal["model", "tensor"]
+"""Compress the message as one flat vector (model) or each of its tensors on its own (tensor)."""
+
+KEY_BYTES = 8
+"""A payload's random key: two uint32 words, sent as int32."""
+
+
+def value_dtype(tree: Pytree) -> torch.dtype:
+    """The dtype all leaves promote to: model-scope values travel in it."""
+    return reduce(torch.promote_types, (t.dtype for t in tree_leaves(tree)))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a codec computes (and sends scales) in: float64 for float64 values, else float32 (keyed draws and
+    float16 norms need no narrower type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flatten(tree: Pytree) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).to(value_dtype(tree)) for t in tree_leaves(tree)])
+
+
+def _unflatten(flat: torch.Tensor, template: Pytree) -> Pytree:
+    parts = iter(torch.split(flat, [t.numel() for t in tree_leaves(template)]))
+    return tree_map(lambda t: next(parts).reshape(t.shape).to(t.dtype), template)
+
+
+def _key_words(key: torch.Tensor) -> torch.Tensor:
+    """An int64 (2,) key of uint32 words as int32 (their bit patterns): 8 bytes on the wire."""
+    return ((key ^ 0x80000000) - 0x80000000).to(torch.int32)
+
+
+def _key_of(words: torch.Tensor) -> torch.Tensor:
+    return words.long() & 0xFFFFFFFF
+
+
+def _leaf_keys(key: torch.Tensor | None) -> Iterator[torch.Tensor | None]:
+    """Tensor scope's per-leaf keys, fold_in(key, i) for leaf i in `tree_leaves` order; Nones without a key."""
+    return (None if key is None else keyed_random.fold_in(key, i) for i in itertools.count())
+
+
+def _scatter(indices: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:
+    """A length-d tensor of zeros with `values` at `indices`: what the receiver of a sparse payload rebuilds."""
+    return values.new_zeros(d).scatter(0, indices.long(), values)
+
+
+class VectorCodec(ABC):
+    """Scope handling for codecs that compress one flat vector: the message flattened in the dtype its leaves
+    promote to (model scope), or each leaf on its own with key fold_in(key, i) for leaf i (tensor scope, payload
+    `{"tensors": per-leaf payloads}`). Codecs whose receiver redraws from the key (`sends_key`) send it once."""
+
+    params: Params
+    randomized = False
+    sends_key = False
+
+    def init(self, template: Pytree) -> Pytree:
+        return {}
+
+    @abstractmethod
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        """The payload of the 1-D tensor x."""
+
+    @abstractmethod
+    def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        """The length-d vector of `dtype` a vector payload stands for (`key`: the encoder's, when `sends_key`)."""
+
+    @abstractmethod
+    def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
+        """Exact bytes of one vector payload for d entries of `dtype`."""
+
+    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor) -> tuple[Payload, Pytree]:
+        if self.params.scope == "tensor":
+            keys = _leaf_keys(key if self.randomized else None)
+            payload = {"tensors": tree_map(lambda t: self.encode_vector(t.reshape(-1), next(keys)), message)}
+        else:
+            payload = self.encode_vector(_flatten(message), key)
+        return ({**payload, "key": _key_words(key)} if self.sends_key else payload), state
+
+    def decode(self, payload: Payload, template: Pytree) -> Pytree:
+        key = _key_of(payload["key"]) if self.sends_key else None
+        if self.params.scope == "tensor":
+            keys = _leaf_keys(key)
+            return tree_map(lambda t, p: self.decode_vector(p, next(keys), t.numel(), t.dtype).reshape(t.shape),
+                            template, payload["tensors"])
+        d = sum(t.numel() for t in tree_leaves(template))
+        return _unflatten(self.decode_vector(payload, key, d, value_dtype(template)), template)
+
+    def payload_bytes(self, template: Pytree) -> int:
+        """The vector payloads' bytes (per leaf in tensor scope, in the leaf's dtype), plus the key if sent."""
+        key = KEY_BYTES if self.sends_key else 0
+        if self.params.scope == "tensor":
+            return key + sum(self.vector_bytes(t.numel(), t.dtype) for t in tree_leaves(template))
+        return key + self.vector_bytes(sum(t.numel() for t in tree_leaves(template)), value_dtype(template))
+
+
+class SparsityParams(Params):
+    """Keep `ratio` of the entries (or `k` of them), over the whole model or per tensor."""
+
+    ratio: float | None = Field(None, gt=0, le=1)
+    k: int | None = Field(None, ge=1)
+    scope: Scope = "model"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SparsityParams:
+        if (self.ratio is None) == (self.k is None):
+            raise ValueError("give exactly one of ratio and k")
+        return self
+
+
+class Sparsifier(VectorCodec):
+    """A codec that keeps k of d entries."""
+
+    params: SparsityParams
+
+    def k(self, d: int) -> int:
+        """Entries kept out of d: max(1, ceil(ratio*d)), with ratio read as the decimal written (0.07 of 100 is 7,
+        not float 0.07*100 = 7.000000000000001 -> 8); or min(k, d). Never more than d (an empty leaf keeps 0)."""
+        if self.params.k is not None:
+            return min(self.params.k, d)
+        return min(d, max(1, math.ceil(Fraction(repr(self.params.ratio)) * d)))
+
+
+def _index_dtype(d: int) -> torch.dtype:
+    return torch.int32 if d < 2**31 else torch.int64
+
+
+def _top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest-magnitude entries of a 1-D tensor, largest first, by torch.topk on abs: ties go
+    the way torch's kernel sends them, the same run to run and under vmap on one device, not by lowest index
+    (a stable sort would pin that order everywhere, but is ~7x slower on CPU at 10M entries)."""
+    return torch.topk(flat.abs(), k).indices.to(_index_dtype(flat.shape[-1]))
+
+
+class TopKParams(SparsityParams):
+    """Top-k sparsification: keep `ratio` of the entries (or `k` of them), over the whole model or per tensor."""
+
+
+class TopK(Sparsifier):
+    """Top-k sparsification: the k largest-magnitude entries as indices plus values.
+
+    Stich, Cordonnier, Jaggi 2018; Alistarh et al. 2018. Indices are int32 (int64 from 2^31 entries); the receiver
+    scatters the values into zeros."""
+
+    def __init__(self, params: TopKParams) -> None:
+        self.params = params
+
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        indices = _top_indices(x, self.k(x.shape[-1]))
+        return {"indices": indices, "values": x.gather(0, indices.long())}
+
+    def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        return _scatter(payload["indices"], payload["values"], d)
+
+    def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
+        """k * (index size + value size): 4 bytes an index below 2^31 entries, else 8; values in the message dtype
+        (in model scope the dtype all leaves promote to)."""
+        return self.k(d) * (_index_dtype(d).itemsize + dtype.itemsize)
+
+
+def _random_indices(key: torch.Tensor, d: int, k: int) -> torch.Tensor:
+    """k distinct indices of range(d), uniformly at random from `key`, the same on every device: the k largest of
+    distinct int64 scores (random high bits, the index in the low bits), so no tie is left to a kernel."""
+    index_bits = max(1, (d - 1).bit_length())
+    random_bits = min(52, 63 - index_bits)
+    odd = (keyed_random.uniform(key, 0, (d,), torch.float64) * 2.0**53).long()  # 2m + 1, m uniform in [0, 2^52)
+    scores = ((odd >> (53 - random_bits)) << index_bits) | torch.arange(d, device=key.device)
+    return torch.topk(scores, k).indices
+
+
+class RandomKParams(SparsityParams):
+    """Random-k sparsification; `scaling: unbiased` multiplies the kept entries by d/k, `biased` keeps them as is."""
+
+    scaling: Literal["biased", "unbiased"] = "unbiased"
+
+
+class RandomK(Sparsifier):
+    """Random-k sparsification: k entries chosen uniformly at random, sent as their values plus the key.
+
+    Stich, Cordonnier, Jaggi 2018; CHOCO-SGD's random-biased and random-unbiased. The receiver redraws the indices
+    from the key, so no index travels."""
+
+    randomized = sends_key = True
+
+    def __init__(self, params: RandomKParams) -> None:
+        self.params = params
+
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        d = x.shape[-1]
+        return {"values": x.gather(0, _random_indices(key, d, self.k(d)))}
+
+    def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        k, values = self.k(d), payload["values"]
+        if self.params.scaling == "unbiased" and k < d:
+            values = values * (d / k)
+        return _scatter(_random_indices(key, d, k), values, d)
+
+    def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
+        """k values in the message dtype (the key is counted once per payload)."""
+        return self.k(d) * dtype.itemsize
+
+
+class QSGDParams(Params):
+    """QSGD with `levels` s quantization levels; `variant: contractive` scales by 1/(min(d/s^2, sqrt(d)/s) + 1)."""
+
+    levels: int = Field(ge=1, le=2**31 - 1)
+    variant: Literal["unbiased", "contractive"] = "unbiased"
+    scope: Scope = "model"
+
+
+class QSGD(VectorCodec):
+    """QSGD stochastic quantization to s levels: the norm plus a packed sign and level per entry.
+
+    Alistarh et al. 2017; CHOCO-SGD's qsgd_quantize. s|x_i|/||x|| is rounded stochastically to a level l_i in 0..s,
+    sent in ceil(log2(s+1)) + 1 bits with the sign; the receiver rebuilds sign(x_i) ||x|| l_i / s."""
+
+    randomized = True
+
+    def __init__(self, params: QSGDParams) -> None:
+        self.params = params
+        self.width = params.levels.bit_length() + 1
+
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        s, v = self.params.levels, x.to(compute_dtype(x.dtype))
+        norm = torch.linalg.vector_norm(v)
+        level = v.abs() / torch.where(norm > 0, norm, 1) * s
+        lower = level.floor()
+        up = keyed_random.uniform(key, 0, v.shape, v.dtype) < level - lower
+        levels = (lower.long() + up.long()).clamp(max=s)
+        return {"norm": norm, "codes": bitpack.pack(levels << 1 | (v < 0).long(), self.width)}
+
+    def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        s, norm = self.params.levels, payload["norm"]
+        codes = bitpack.unpack(payload["codes"], self.width, d)
+        out = norm * ((codes >> 1) * (1 - 2 * (codes & 1))).to(norm.dtype) / s
+        if self.params.variant == "contractive":
+            out = out / (min(d / s**2, math.sqrt(d) / s) + 1)
+        return out.to(dtype)
+
+    def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
+        """The norm (float32, float64 for float64 values) and d codes of ceil(log2(s+1)) + 1 bits, packed."""
+        return compute_dtype(dtype).itemsize + bitpack.packed_size(d, self.width)
+
+
+class ScopeParams(Params):
+    """Only the scope: the whole model as one vector or each tensor on its own."""
+
+    scope: Scope = "model"
+
+
+class ScaledSign(VectorCodec):
+    """Scaled sign: sign(x) ||x||_1 / d, sent as one scale plus one packed bit per entry.
+
+    Bernstein et al. 2018; Karimireddy et al. 2019 (EF-SignSGD's scaled sign). Zeros go as +."""
+
+    def __init__(self, params: ScopeParams) -> None:
+        self.params = params
+
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        v = x.to(compute_dtype(x.dtype))
+        return {"scale": v.abs().sum() / max(1, v.shape[-1]), "signs": bitpack.pack((v < 0).long(), 1)}
+
+    def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        scale = payload["scale"]
+        return (scale * (1 - 2 * bitpack.unpack(payload["signs"], 1, d)).to(scale.dtype)).to(dtype)
+
+    def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
+        """The scale (float32, float64 for float64 values) and one bit per entry, packed."""
+        return compute_dtype(dtype).itemsize + bitpack.packed_size(d, 1)
+
+
+def _exponent_range(dtype: torch.dtype) -> tuple[int, int]:
+    """The smallest and largest exponent e of a normal 2^e in `dtype`."""
+    info = torch.finfo(dtype)
+    return math.frexp(info.smallest_normal)[1] - 1, math.frexp(info.max)[1] - 1
+
+
+def _power_of_two(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^e exactly, as float32 or float64 built from its bits (e within the dtype's normal exponents)."""
+    if dtype == torch.float64:
+        return ((e + 1023) << 52).view(torch.float64)
+    return ((e + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+class Natural(VectorCodec):
+    """Natural compression: each entry rounded stochastically (unbiased) to one of its two nearest powers of two.
+
+    Horváth et al. 2019. Sent as sign + exponent code, packed: 9 bits for float32, 6 for float16, 12 for float64.
+    Zeros stay zero; entries below the smallest normal go to 0 or to it, unbiased too."""
+
+    randomized = True
+
+    def __init__(self, params: ScopeParams) -> None:
+        self.params = params
+
+    @staticmethod
+    def exponent_bits(dtype: torch.dtype) -> int:
+        """Bits of an exponent code: 0 for zero, 1 + e - e_min for 2^e."""
+        low, high = _exponent_range(dtype)
+        return (high - low + 1).bit_length()
+
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        low, high = _exponent_range(x.dtype)
+        bits = self.exponent_bits(x.dtype)
+        v = x.to(compute_dtype(x.dtype))
+        a, tiny = v.abs(), torch.finfo(x.dtype).smallest_normal
+        mantissa, exponent = torch.frexp(a)  # a = mantissa 2^exponent, mantissa in [0.5, 1): between 2^(exponent-1)
+        u = keyed_random.uniform(key, 0, v.shape, v.dtype)  # and 2^exponent, the upper one with chance 2m - 1
+        normal = (exponent.long() - low + (u < 2 * mantissa - 1).long()).clamp(max=high - low + 1)
+        code = torch.where(a < tiny, (u < a / tiny).long(), normal)
+        return {"codes": bitpack.pack(code | (v < 0).long() << bits, bits + 1)}
+
+    def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        low, _ = _exponent_range(dtype)
+        bits = self.exponent_bits(dtype)
+        words = bitpack.unpack(payload["codes"], bits + 1, d)
+        code, c = words & ((1 << bits) - 1), compute_dtype(dtype)
+        magnitude = torch.where(code > 0, _power_of_two(code - 1 + low, c), 0)
+        return torch.where(words >> bits == 1, -magnitude, magnitude).to(dtype)
+
+    def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
+        """d codes of sign + exponent bits, packed."""
+        return bitpack.packed_size(d, self.exponent_bits(dtype) + 1)
