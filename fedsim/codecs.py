@@ -3,7 +3,7 @@
 The contract is optax-like: `init` gives per-sender codec state (kept by the caller, apart from the algorithm's
 state), `encode` is a pure tensor function that runs under `torch.func.vmap` over a client axis, and
 `payload_bytes` is the exact size the clock charges. Wrappers such as `ErrorFeedback` compose around any codec.
-The compressors themselves (top-k, random-k, QSGD, sign, natural) live in `fedsim.compressors`.
+The compressors themselves (top-k, random-k, QSGD, sign, natural, PowerSGD) live in `fedsim.compressors`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 from fedsim.compressors import (
     QSGD,
     Natural,
+    PowerSGD,
+    PowerSGDParams,
     QSGDParams,
     RandomK,
     RandomKParams,
@@ -60,6 +62,7 @@ CODECS.register("random_k", params=RandomKParams)(RandomK)
 CODECS.register("qsgd", params=QSGDParams)(QSGD)
 CODECS.register("sign", params=ScopeParams)(ScaledSign)
 CODECS.register("natural", params=ScopeParams)(Natural)
+CODECS.register("powersgd", params=PowerSGDParams)(PowerSGD)
 
 
 @CODECS.register("identity")

@@ -1,9 +1,11 @@
-"""The compressor zoo as codecs (`fedsim.codecs` registers them): top-k, random-k, QSGD, scaled sign, natural.
+"""The compressor zoo as codecs (`fedsim.codecs` registers them): top-k, random-k, QSGD, scaled sign, natural,
+PowerSGD.
 
-Each compresses the whole message flattened into one vector (`scope: model`) or each tensor on its own (`scope:
-tensor`). Payloads hold what would be sent (values, bit-packed codes, scales, a key), so `payload_bytes` is their
-exact size; randomized codecs draw only from the `key` they are given (`fedsim.keyed_random`), so every runtime
-draws the same numbers, and encode/decode are pure tensor functions that run under `torch.func.vmap`.
+The vector codecs compress the whole message flattened into one vector (`scope: model`) or each tensor on its own
+(`scope: tensor`); PowerSGD compresses each matrix to rank r. Payloads hold what would be sent (values, bit-packed
+codes, scales, a key, low-rank factors), so `payload_bytes` is their exact size; randomized codecs draw only from the
+`key` they are given (`fedsim.keyed_random`), so every runtime draws the same numbers, and encode/decode are pure
+tensor functions that run under `torch.func.vmap`.
 """
 
 from __future__ import annotations
@@ -348,3 +350,89 @@ class Natural(VectorCodec):
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
         """d codes of sign + exponent bits, packed."""
         return bitpack.packed_size(d, self.exponent_bits(dtype) + 1)
+
+
+class PowerSGDParams(Params):
+    """Rank-`rank` PowerSGD with `power_iterations` per message; a matrix is compressed only when its rank-r payload
+    is at least `min_compression` times smaller than the matrix (0: every matrix)."""
+
+    rank: int = Field(ge=1)
+    power_iterations: int = Field(1, ge=1)
+    min_compression: float = Field(2.0, ge=0)
+
+
+def _leaf_paths(tree: Pytree, prefix: str = "") -> Iterator[str]:
+    """Each leaf's path ("delta/0.weight"), in `tree_leaves` order: the codec state's keys."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaf_paths(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The (shape[0], rest) view PowerSGD compresses: a conv kernel's output channels by everything else."""
+    return t.reshape(t.shape[0], -1)
+
+
+class PowerSGD:
+    """PowerSGD rank-r compression (Vogels, Karimireddy, Jaggi, NeurIPS 2019), per sender, with warm start.
+
+    Each matrix M (a tensor of ndim > 2 viewed as (shape[0], rest)) keeps its query Q (m x r) as codec state and runs
+    `power_iterations` steps of P = M Q, P^ = orthonormal(P) (QR), Q = M^T P^; the payload is P^ and Q, the receiver
+    rebuilds P^ Q^T. r is clipped per matrix to min(n, m); vectors, scalars and matrices whose r (n + m) values are
+    not `min_compression` times fewer than n m go as they are. A Q that is all zero (the first message, or after an
+    all-zero matrix) is redrawn from the key. This is the paper's local form: its all-reduce form sums P over
+    workers before orthonormalizing, an aggregation rather than a per-message codec. Error feedback
+    (`error_feedback: true`) is PowerSGD's memory."""
+
+    def __init__(self, params: PowerSGDParams) -> None:
+        self.params = params
+
+    def rank(self, t: torch.Tensor) -> int:
+        """The rank t is sent at: 0 when it goes as it is."""
+        if t.ndim < 2 or not t.is_floating_point():
+            return 0
+        n, m = t.shape[0], math.prod(t.shape[1:])
+        r = min(self.params.rank, n, m)
+        return r if r >= 1 and n * m >= self.params.min_compression * r * (n + m) else 0
+
+    def init(self, template: Pytree) -> Pytree:
+        """Zero queries, keyed by leaf path, for the compressed matrices: the first message draws them."""
+        return {path: t.new_zeros(math.prod(t.shape[1:]), r, dtype=compute_dtype(t.dtype))
+                for path, t in zip(_leaf_paths(template), tree_leaves(template), strict=True) if (r := self.rank(t))}
+
+    def _factors(self, matrix: torch.Tensor, q: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P^, Q) after the power iterations from the warm-started q (redrawn from `key` when all zero)."""
+        q = torch.where((q == 0).all(), keyed_random.normal(key, 0, q.shape, q.dtype), q)
+        for _ in range(self.params.power_iterations):
+            p = torch.linalg.qr(matrix @ q).Q
+            q = matrix.T @ p
+        return p, q
+
+    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor) -> tuple[Payload, Pytree]:
+        paths, indices, new_state = _leaf_paths(message), itertools.count(), {}
+
+        def compress(t: torch.Tensor) -> Payload | torch.Tensor:
+            path, i = next(paths), next(indices)
+            if not self.rank(t):
+                return t
+            p, q = self._factors(_as_matrix(t).to(compute_dtype(t.dtype)), state[path], keyed_random.fold_in(key, i))
+            new_state[path] = q
+            return {"p": p.to(t.dtype), "q": q.to(t.dtype)}
+
+        return tree_map(compress, message), new_state
+
+    def decode(self, payload: Payload, template: Pytree) -> Pytree:
+        def rebuild(t: torch.Tensor, sent: Payload | torch.Tensor) -> torch.Tensor:
+            if not self.rank(t):
+                return sent
+            c = compute_dtype(t.dtype)
+            return (sent["p"].to(c) @ sent["q"].to(c).T).reshape(t.shape).to(t.dtype)
+
+        return tree_map(rebuild, template, payload)
+
+    def payload_bytes(self, template: Pytree) -> int:
+        """r (n + m) values of the matrix's dtype per compressed matrix, every other tensor's own bytes."""
+        return sum((r * (t.shape[0] + math.prod(t.shape[1:])) if (r := self.rank(t)) else t.numel()) * t.element_size()
+                   for t in tree_leaves(template))

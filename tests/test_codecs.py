@@ -117,7 +117,8 @@ def test_topk_with_k_equal_d_is_lossless_bit_for_bit(scope, params):
     ({"name": "topk", "k": 3, "scope": "layer"}, "codec.scope: "),
     ({"name": "topk", "ratio": 0.1, "error_feedback": "yes"}, "codec.error_feedback: expected true or false"),
     ({"name": "topk", "ratoi": 0.1}, "codec.ratoi: unknown field"),
-    ({"name": "gzip"}, "codec.name: unknown codec 'gzip'; allowed: identity, natural, qsgd, random_k, sign, topk"),
+    ({"name": "gzip"},
+     "codec.name: unknown codec 'gzip'; allowed: identity, natural, powersgd, qsgd, random_k, sign, topk"),
     ("topk", "codec: expected a mapping"),
 ])
 def test_bad_codec_specs_are_one_line_scenario_errors_naming_the_field(spec, field):
@@ -132,7 +133,7 @@ def test_build_codec_wraps_in_error_feedback_only_when_asked():
     assert isinstance(plain, TopK) and isinstance(wrapped, ErrorFeedback) and isinstance(wrapped.inner, TopK)
     assert wrapped.inner.params == plain.params and plain.params.ratio == 0.1
     assert isinstance(build_codec({"name": "identity", "error_feedback": False}, "codec"), Identity)
-    assert CODECS.names() == ["identity", "natural", "qsgd", "random_k", "sign", "topk"]
+    assert CODECS.names() == ["identity", "natural", "powersgd", "qsgd", "random_k", "sign", "topk"]
 
 
 @pytest.mark.parametrize("inner", [{"name": "topk", "ratio": 0.1}, {"name": "topk", "k": 3, "scope": "tensor"},
