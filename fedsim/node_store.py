@@ -105,6 +105,22 @@ class StackedStore:
         if flat:
             raise ValueError(f"scatter: unknown leaf {next(iter(flat))!r}")
 
+    def assign(self, values: Pytree) -> None:
+        """Overwrite every row with `values` (leaves shaped as the store's), in place: `scatter` to all nodes
+        without an index."""
+        flat = tree_flatten(values)
+
+        def write(key: str, leaf: torch.Tensor) -> torch.Tensor:
+            value = flat.pop(key, None)
+            if not isinstance(value, torch.Tensor) or value.shape != leaf.shape or value.dtype != leaf.dtype:
+                raise ValueError(f"assign: leaf {key!r} must be {leaf.dtype} {tuple(leaf.shape)}, got "
+                                 f"{_describe(value)}")
+            return leaf.copy_(value)
+
+        tree_map_keyed(write, self._stacked)
+        if flat:
+            raise ValueError(f"assign: unknown leaf {next(iter(flat))!r}")
+
     def mean(self) -> Pytree:
         """The network average of every leaf, accumulated in float64 and returned in the leaf's dtype."""
         return tree_map(lambda v: v.double().mean(0).to(v.dtype), self._stacked)

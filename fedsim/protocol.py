@@ -19,7 +19,7 @@ from fedsim.errors import DivergenceError
 from fedsim.params import Pytree, tree_is_finite
 from fedsim.recording import Recorder, Row, Traffic
 from fedsim.registry import Params
-from fedsim.runtime import JobResult
+from fedsim.runtime import JobResult, StackedResults
 from fedsim.runtime.local import message_template
 from fedsim.seeding import Stream, derive_seed
 
@@ -75,12 +75,17 @@ class ProtocolBase:
         """Evaluate the global model every `evaluation.every` server steps and when the budget is spent, with the
         client updates so far, the protocol's own figures (`extra_metrics`) and, for rules with personal models,
         their figures."""
-        if steps % self.spec.evaluation.every == 0 or self.budget_spent(steps, now):
+        if self.evaluation_due(steps, now):
             personal = self.sim.personal(self.sim.server.broadcast(self.state)) if self.sim.personal else {}
             return self.recorder.evaluate(steps, now, self.state["params"], self.traffic,
                                           {"client_updates": self.client_updates, **self.extra_metrics(),
                                            **personal})
         return None
+
+    def evaluation_due(self, steps: int, now: float) -> bool:
+        """Whether `steps` server steps at simulated time `now` get a metrics row: every `evaluation.every` steps,
+        and when the budget is spent."""
+        return steps % self.spec.evaluation.every == 0 or self.budget_spent(steps, now)
 
     def extra_metrics(self) -> dict[str, float]:
         """Figures a protocol adds to each metrics row (none here; gossip adds consensus error, async staleness)."""
@@ -92,6 +97,15 @@ class ProtocolBase:
         if result.here:
             self.sim.states.put(result.client, result.client_state)
             self.sim.codec_states.put(result.client, result.codec_state)
+
+    def commit_all(self, results: Sequence[JobResult]) -> None:
+        """`commit` every result, in order; stacked results of a stateless rule and codec, with no state stored,
+        are skipped whole (committing them would change nothing), so their rows are never split per job."""
+        stateless = isinstance(results, StackedResults) and not results.has_states
+        if stateless and not len(self.sim.states) and not len(self.sim.codec_states):
+            return
+        for result in results:
+            self.commit(result)
 
     def broadcast(self, steps: int) -> tuple[Pytree, int]:
         """The server rule's broadcast through the downlink codec (its state kept here, one per server): the

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from pydantic import Field
 
 from fedsim.availability import AlwaysAvailable, Availability, AvailabilityParams, Dropout
@@ -123,6 +124,22 @@ class ClientSystems:
     def job_seconds(self, job: int, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
         """Simulated duration of job `job` of `client`, its three phases together."""
         return self.job_phases(job, client, work, bytes_down, bytes_up).total
+
+    def jobs_seconds(self, jobs: ArrayLike, clients: ArrayLike, work: ArrayLike, bytes_down: ArrayLike,
+                     bytes_up: ArrayLike) -> np.ndarray:
+        """`job_seconds` of many jobs at once (integer arguments broadcast against each other), the same floats as
+        an array: one array operation per phase where compute time is work / speed with a constant factor (a
+        gossip round over many nodes), else a call per job for the compute phase."""
+        jobs, clients, work, down, up = np.broadcast_arrays(
+            *(np.asarray(a, dtype=np.int64) for a in (jobs, clients, work, bytes_down, bytes_up)))
+        compute = self.compute
+        if isinstance(compute, SpeedCompute) and compute.draw.distribution == "constant":
+            seconds = work / compute.speed[clients]
+        else:
+            seconds = np.array([compute.seconds(j, c, w) for j, c, w in
+                                zip(jobs.tolist(), clients.tolist(), work.tolist(), strict=True)], dtype=np.float64)
+        latency = self.latency[clients]
+        return (latency + down / self.bandwidth_down[clients]) + seconds + (latency + up / self.bandwidth_up[clients])
 
     def mean_job_seconds(self, client: int, work: int, bytes_down: int, bytes_up: int) -> float:
         """A job's expected duration (the compute factor's mean is 1; a trace's mean over the client's rows): what

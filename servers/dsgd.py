@@ -36,11 +36,11 @@ from pydantic import Field, field_validator
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore
-from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes
+from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes
 from fedsim.protocol import LockstepProtocol
-from fedsim.recording import Recorder
+from fedsim.recording import Recorder, Row
 from fedsim.registry import Params
-from fedsim.runtime import Job, Stacked, run_stacked
+from fedsim.runtime import Jobs, Stacked, run_stacked
 from fedsim.runtime.node_transport import Neighbourhood, NodeTransport
 from fedsim.sampling import full_steps
 from fedsim.servers import PROTOCOLS
@@ -121,6 +121,12 @@ class GossipGraphs:
         return self._without[2]
 
 
+def finite(leaf: torch.Tensor) -> bool:
+    """Whether every entry of `leaf` is finite, from its least and greatest entries (both NaN if any is NaN): two
+    reductions, no mask. Nodes' models are finite exactly when their average (in float64) is."""
+    return not leaf.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(leaf))).all())
+
+
 def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
     """Refuse settings D-SGD would silently ignore (a client sample, stragglers, a server rule) and graphs it
     cannot mix over, when the scenario is validated (so `fedsim check` reports them)."""
@@ -171,6 +177,15 @@ class DecentralizedSGD(LockstepProtocol):
         """Nodes still taking part (all of them, except in a peer deployment that lost some)."""
         return self.spec.num_clients - len(self.transport.lost)
 
+    def evaluate_if_due(self, steps: int, now: float) -> Row | None:
+        """When a row is due, the network average of the nodes still taking part becomes the evaluated model first
+        (a round only checks that the nodes' models are finite: the average is a pass over every row in float64,
+        so it is taken only for rows; the server state a checkpoint saves between rows is the last row's)."""
+        if self.evaluation_due(steps, now):
+            alive, totals = self.alive(), self.transport.sum(self.nodes.sum())
+            self.state["params"] = tree_map(lambda s, v: (s / alive).to(v.dtype), totals, self.sim.model.init_params)
+        return super().evaluate_if_due(steps, now)
+
     def extra_metrics(self) -> dict[str, float]:
         """The consensus error and the nodes' own models' figures (`NodeEvaluator.report`) over the nodes still
         taking part, and how many nodes were lost."""
@@ -184,34 +199,29 @@ class DecentralizedSGD(LockstepProtocol):
         the neighbours' rows here, or, relayed, has each node mix its own); lost peers are left out on
         re-normalized rows."""
         neighbourhood, W = self.graphs.at(t).neighbourhood, self.graphs.mixing(t)
-        rows = torch.arange(len(self.owned))
         for _ in range(self.params.gossip_steps):
-            self.nodes.scatter(rows, neighbourhood.gossip(self.nodes.stacked, W))
+            self.nodes.assign(neighbourhood.gossip(self.nodes.stacked, W))
 
     def take_step(self, t: int) -> float:
         """Round t in the configured order; returns its simulated seconds."""
         if self.params.order == "cta":
             self.mix_nodes(t)
         deltas, work = self._local_steps(t)
-        half = tree_map(torch.add, self.nodes.stacked, deltas)
-        self.nodes.scatter(torch.arange(len(self.owned)), half)
+        tree_map(torch.Tensor.add_, self.nodes.stacked, deltas)  # x + delta(x), in the store's rows
         if self.params.order == "atc":
             self.mix_nodes(t)
         sends = self.params.gossip_steps * self.model_bytes * self.graphs.at(t).out_degrees
         self.traffic.up += int(sends.sum())
-        n = self.spec.num_clients
-        totals = self.transport.sum({"params": self.nodes.sum(), "work": torch.from_numpy(work).double()})
-        alive = self.alive()
-        self.state["params"] = tree_map(lambda s, v: (s / alive).to(v.dtype), totals["params"],
-                                        self.sim.model.init_params)
-        if not tree_is_finite(self.state["params"]):
+        diverged = torch.tensor(0.0 if all(map(finite, tree_leaves(self.nodes.stacked))) else 1.0)
+        totals = self.transport.sum({"work": torch.from_numpy(work).double(), "diverged": diverged})
+        if float(totals["diverged"]):
             raise DivergenceError(
                 f"variant {self.sim.scenario.variant}, round {t}: the network-average model has NaN/inf "
                 f"parameters; the run diverged; its metrics up to this round are kept; a smaller algorithm.lr may help"
             )
-        self.client_updates += alive
-        systems, work = self.sim.systems, totals["work"].long().tolist()
-        return max(systems.job_seconds(t, i, work[i], 0, int(sends[i])) for i in range(n))
+        self.client_updates += self.alive()
+        n = self.spec.num_clients
+        return float(self.sim.systems.jobs_seconds(t, np.arange(n), totals["work"].long().numpy(), 0, sends).max())
 
     def _local_steps(self, t: int) -> tuple[Pytree, np.ndarray]:
         """Every owned node's change from its local steps started at its own model (zero for nodes with no steps),
@@ -223,12 +233,11 @@ class DecentralizedSGD(LockstepProtocol):
         work = np.zeros(self.spec.num_clients, dtype=np.int64)
         if not len(ids):
             return tree_map(torch.zeros_like, self.nodes.stacked), work
-        jobs = [Job(t, i, steps, t) for i, steps in zip(ids.tolist(), self.steps[ids].tolist(), strict=True)]
+        jobs = Jobs(t, ids, self.steps[ids], t)
         rows = self.nodes.stacked if len(ids) == owned else self.nodes.gather(torch.from_numpy(ids - start))
         results = run_stacked(self.sim.runtime, jobs, Stacked({"params": rows}))
-        for result in results:
-            self.commit(result)
-        clients = np.fromiter((job.client for job in results.jobs), dtype=np.int64, count=len(results))
+        self.commit_all(results)
+        clients = Jobs.of(results.jobs).clients
         work[clients] = results.work
         deltas = results.messages["delta"]
         if len(clients) == owned:

@@ -198,10 +198,9 @@ class TokenWalk(LockstepProtocol):
         self.client_updates += params.tokens
         self.bytes_sent += int(moved.sum()) * self.token_bytes
         self.traffic.up = self.bytes_sent // params.repetitions
-        done = totals["work"].long().tolist()
+        done = totals["work"].long().numpy()
         systems = self.sim.systems
-        seconds = np.array([systems.job_seconds(n * count + w, int(here[w]), done[w],
-                                                self.token_bytes if moved[w] else 0, 0) for w in range(count)])
+        seconds = systems.jobs_seconds(n * count + np.arange(count), here, done, moved * self.token_bytes, 0)
         return float(seconds.reshape(params.repetitions, params.tokens).max(1).mean())
 
     def _visits(self, n: int, here: np.ndarray) -> tuple[Pytree, np.ndarray]:
@@ -218,7 +217,6 @@ class TokenWalk(LockstepProtocol):
         index = torch.from_numpy(mine)
         rows = self.models.stacked if mine.size == self.walkers else self.models.gather(index)
         results = run_stacked(self.sim.runtime, jobs, Stacked({"params": rows}))
-        for result in results:
-            self.commit(result)
+        self.commit_all(results)
         work[mine] = results.work
         return tree_map(lambda d, s: d.index_copy(0, index, s.to(d.dtype)), deltas, results.messages["delta"]), work

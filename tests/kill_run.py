@@ -1,8 +1,8 @@
 """`python tests/kill_run.py POINT N fedsim-arguments...`: run the fedsim command line and SIGKILL this process
 (rank 0 under MPI) at the N-th call of the function named by POINT, the crash points of the resume tests:
-training (a runtime starts a device's jobs), arrival (a result's state is committed), evaluation (the global model
-is being evaluated), checkpoint (a checkpoint file is being written, before the checkpoint is complete), exchange
-(a gRPC peer exchanges rows or sums with the others)."""
+training (a runtime starts a device's jobs), arrival (a result's state, or a batch of results' states, is
+committed), evaluation (the global model is being evaluated), checkpoint (a checkpoint file is being written,
+before the checkpoint is complete), exchange (a gRPC peer exchanges rows or sums with the others)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fedsim.runtime import mpi, sequential, vectorized
 
 POINTS = {
     "training": [(sequential.SequentialRuntime, "run_on"), (vectorized.VectorizedRuntime, "run_on")],
-    "arrival": [(protocol.ProtocolBase, "commit")],
+    "arrival": [(protocol.ProtocolBase, "commit"), (protocol.ProtocolBase, "commit_all")],
     "evaluation": [(evaluation.Evaluator, "__call__")],
     "checkpoint": [(checkpoint, "_write_synced")],
     "exchange": [(transport.PeerTransport, "send_and_receive")],

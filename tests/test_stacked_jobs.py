@@ -1,17 +1,22 @@
 """Stacked jobs: starts handed to `run_jobs` as one pytree with a leading job axis, and results taken back stacked,
-give exactly the numbers of per-job starts and results; the batched minibatch draws are torch's own."""
+give exactly the numbers of per-job starts and results, as do jobs held as columns; the batched minibatch draws are
+torch's own; a gossip round's bookkeeping (commits, seconds, divergence) takes no step per node."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import fedsim
 import fedsim.runtime.context as context
+from fedsim.errors import DivergenceError
 from fedsim.params import tree_leaves, tree_map
-from fedsim.runtime import Job, JobResult, Stacked, StackedResults, run_stacked
+from fedsim.protocol import ProtocolBase
+from fedsim.runtime import Job, JobResult, Jobs, Stacked, StackedResults, run_stacked
 from fedsim.runtime.context import leading_positions, padded_schedule, padded_schedules
 from fedsim.runtime.local import job_keys
 from fedsim.runtime.mpi import MPIRuntime
@@ -19,6 +24,7 @@ from fedsim.runtime.vectorized import VectorizedRuntime
 from fedsim.scenario import load_scenarios
 from fedsim.seeding import Stream, derive_seed
 from fedsim.simulation import build_simulation
+from fedsim.systems import LogNormalParams, lognormal
 
 STEPS = [1, 3, 0, 2, 5, 1, 1, 4, 2, 3, 1, 6]
 """Step counts of the jobs: clients leave a vectorized chunk at different steps and the last few finish alone."""
@@ -110,8 +116,6 @@ def test_stacked_rows_are_views_or_copies_and_take_copies_only_scattered_rows():
 
 
 def test_dsgd_hands_the_runtime_its_node_rows_whole_and_gets_stacked_results(monkeypatch):
-    import fedsim
-
     seen: list[Any] = []
     original = VectorizedRuntime._run_chunk
 
@@ -205,3 +209,57 @@ def test_a_stateless_uplink_looks_up_no_senders_codec_state(monkeypatch):
     jobs = [Job(0, client, 1) for client in range(12)]
     results = sim.runtime.run_jobs(jobs, job_starts(sim, 1)[0])
     assert len(results) == 12 and looked_up == [] and all(r.codec_state is None for r in results)
+
+
+@pytest.mark.parametrize("runtime", [{"name": "sequential"}, {"name": "vectorized"},
+                                     {"name": "vectorized", "chunk_size": 5, "devices": ["cpu", "cpu"]}],
+                         ids=["sequential", "vectorized", "chunked-on-two-workers"])
+def test_jobs_held_as_columns_give_exactly_the_results_of_job_objects(runtime):
+    sim = simulation("scaffold", runtime)
+    jobs = [Job(7, client, steps, version=2) for client, steps in enumerate(STEPS)]
+    columns = Jobs(7, np.arange(len(STEPS)), STEPS, 2)
+    assert list(columns) == jobs and columns[-1] == jobs[-1] and list(columns[2:5]) == jobs[2:5]
+    assert Jobs.of(columns) is columns and Jobs.of(jobs).steps.tolist() == STEPS
+    starts = Stacked(tree_map(lambda *leaves: torch.stack(leaves), *job_starts(sim, len(jobs))))
+    assert_same_results(list(sim.runtime.run_jobs(columns, starts)), list(sim.runtime.run_jobs(jobs, starts)))
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+def test_stacked_results_are_committed_per_job_only_where_a_state_is_kept_or_stored(algorithm):
+    sim = simulation(algorithm, {"name": "vectorized"})
+    results = run_stacked(sim.runtime, Jobs(0, np.arange(len(STEPS)), STEPS),
+                          Stacked(tree_map(lambda *leaves: torch.stack(leaves), *job_starts(sim, len(STEPS)))))
+    committed: list[int] = []
+    protocol = SimpleNamespace(sim=sim)
+    protocol.commit = lambda result: committed.append(result.client) or ProtocolBase.commit(protocol, result)
+    ProtocolBase.commit_all(protocol, results)
+    assert committed == ([] if algorithm == "fedavg" else list(range(len(STEPS))))
+    assert len(sim.states) == (0 if algorithm == "fedavg" else len(STEPS))
+    if algorithm == "fedavg":  # a state stored earlier is cleared by its client's stateless result
+        sim.states.put(3, {"x": torch.zeros(1)})
+        ProtocolBase.commit_all(protocol, results)
+        assert committed == list(range(len(STEPS))) and sim.states.get(3) is None
+
+
+@pytest.mark.parametrize("compute", ["constant", "exponential"])
+def test_many_jobs_seconds_at_once_are_exactly_each_jobs_own(compute):
+    systems = lognormal(LogNormalParams(compute=compute), 40, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    jobs, clients = rng.integers(0, 9, 40), rng.permutation(40)
+    work, down, up = rng.integers(0, 10**6, 40), rng.integers(0, 10**7, 40), 123457
+    want = [systems.job_seconds(int(j), int(c), int(w), int(d), up)
+            for j, c, w, d in zip(jobs, clients, work, down, strict=True)]
+    assert systems.jobs_seconds(jobs, clients, work, down, up).tolist() == want
+    assert systems.jobs_seconds(5, clients, 100, 0, up).tolist() == [systems.job_seconds(5, int(c), 100, 0, up)
+                                                                     for c in clients]
+
+
+def test_a_gossip_round_whose_nodes_go_non_finite_stops_the_run_in_that_round_between_rows():
+    """Rounds check that the nodes' models are finite (the average is taken only for rows, here every 5 rounds): a
+    run whose models overflow in round 1 stops there."""
+    with pytest.raises(DivergenceError, match=r"^variant wild, round 1: the network-average model has NaN/inf"):
+        fedsim.run({"name": "wild", "seed": 0, "rounds": 6, "num_clients": 12, "data": {"name": "digits"},
+                    "model": {"name": "logreg"}, "algorithm": {"name": "fedavg", "lr": 3e37, "batch_size": 8,
+                                                               "local_steps": 3},
+                    "protocol": {"name": "dsgd"}, "topology": {"name": "ring"}, "runtime": {"name": "vectorized"},
+                    "evaluation": {"every": 5}}, write=False)

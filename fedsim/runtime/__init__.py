@@ -4,7 +4,8 @@ message: one shared by all jobs, or one per job), and return results; the protoc
 the protocol commits a result's new client state when the result arrives. The sequential runtime is the reference
 every other runtime (vectorized, MPI, Flower) must match. Callers that hold many jobs' starts as one pytree (a
 gossip protocol's node rows) hand them over `Stacked` and take the results back stacked (`run_stacked`): the
-vectorized runtime then runs them without a pytree per job (a `JobResult` per job is made only when one is read).
+vectorized runtime then runs them without a pytree per job (a `JobResult` per job is made only when one is read);
+such callers may hand the jobs themselves as columns (`Jobs`), without a `Job` object per job.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, overload
 
+import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from fedsim.aggregation import Sums, weighted_sums
 from fedsim.params import Pytree, tree_leaves, tree_map, tree_unstack
@@ -80,6 +83,48 @@ class Job:
     client: int
     steps: int
     version: int = 0
+
+
+class Jobs(Sequence[Job]):
+    """Many jobs held as columns, int64 arrays of ids, clients, steps and versions (a scalar: the same for every
+    job): what a protocol that runs thousands of jobs at once (a gossip round) hands a runtime without a `Job`
+    object per job. As a sequence it yields each `Job` on demand; runtimes read the columns (`Jobs.of`)."""
+
+    def __init__(self, ids: ArrayLike, clients: ArrayLike, steps: ArrayLike, versions: ArrayLike = 0) -> None:
+        columns = [np.asarray(c, dtype=np.int64) for c in (ids, clients, steps, versions)]
+        shape = np.broadcast_shapes(*(c.shape for c in columns))
+        if len(shape) != 1:
+            raise ValueError("Jobs: the columns must be one-dimensional (or scalars next to one that is)")
+        self.ids, self.clients, self.steps, self.versions = (np.array(np.broadcast_to(c, shape)) for c in columns)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Jobs: ...
+
+    def __getitem__(self, i: int | slice) -> Job | Jobs:
+        if isinstance(i, slice):
+            return Jobs(self.ids[i], self.clients[i], self.steps[i], self.versions[i])
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"Jobs: job {i} of {len(self)}")
+        return Job(int(self.ids[i]), int(self.clients[i]), int(self.steps[i]), int(self.versions[i]))
+
+    def __iter__(self) -> Iterator[Job]:
+        columns = (self.ids.tolist(), self.clients.tolist(), self.steps.tolist(), self.versions.tolist())
+        return itertools.starmap(Job, zip(*columns, strict=True))
+
+    @classmethod
+    def of(cls, jobs: Sequence[Job]) -> Jobs:
+        """`jobs` as columns: itself if it is a `Jobs`, else read off the `Job` objects."""
+        if isinstance(jobs, Jobs):
+            return jobs
+        n = len(jobs)
+        return cls(*(np.fromiter((getattr(j, f) for j in jobs), dtype=np.int64, count=n)
+                     for f in ("id", "client", "steps", "version")))
 
 
 @dataclass(frozen=True)

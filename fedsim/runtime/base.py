@@ -90,7 +90,7 @@ class PlacedRuntime(InProcess, ABC):
         def work(share: tuple[int, list[int]]) -> list[Sequence[JobResult]]:
             slot, positions = share
             if len(positions) == len(jobs):
-                return self.run_on(slot, list(jobs), stored, starts_on(slot, positions))
+                return self.run_on(slot, jobs, stored, starts_on(slot, positions))
             return self.run_on(slot, [jobs[p] for p in positions], [stored[p] for p in positions],
                                starts_on(slot, positions))
 
@@ -106,7 +106,7 @@ class PlacedRuntime(InProcess, ABC):
         """Nothing to restore (see `state_dict`)."""
 
     @abstractmethod
-    def run_on(self, slot: int, jobs: list[Job], stored: list[Pytree | None],
+    def run_on(self, slot: int, jobs: Sequence[Job], stored: list[Pytree | None],
                starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
         """Run `jobs` on worker `slot`'s device, with its own model copy, each from its start (the server message,
         already on that device: a list, jobs sharing a start sharing the object, or a `Stacked`) and its client's

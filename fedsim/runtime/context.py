@@ -7,7 +7,7 @@ import functools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,11 +17,9 @@ from fedsim.codecs import Codec, Identity
 from fedsim.data.base import ClientDataSource, FederatedData
 from fedsim.models import Model
 from fedsim.params import Pytree, tree_map, tree_signature, tree_unstack
+from fedsim.runtime import Job, Jobs
 from fedsim.seeding import Stream, derive_seeds
 from fedsim.tasks import Objective
-
-if TYPE_CHECKING:
-    from fedsim.runtime import Job
 
 MASK32 = 0xFFFFFFFF
 
@@ -113,7 +111,8 @@ def local_batches(num_samples: int, batch_size: int, steps: int, generator: torc
 def job_seeds(seed: int, stream: Stream, jobs: Sequence[Job]) -> list[int]:
     """`derive_seed(seed, stream, job.id, job.client)` for every job, derived for all jobs at once
     (`derive_seeds`, ids and clients varying): the seed of each job's own random stream, whichever runtime runs it."""
-    return derive_seeds(seed, stream, [job.id for job in jobs], last=[job.client for job in jobs])
+    columns = Jobs.of(jobs)
+    return derive_seeds(seed, stream, columns.ids, last=columns.clients)
 
 
 def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
@@ -145,7 +144,7 @@ def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch
     tensor, -1 also after a job's last step. Jobs that need only the first few positions of one permutation have
     them computed for all at once (`leading_positions`, the same numbers); the others draw their own."""
     n = len(jobs)
-    steps = np.fromiter((j.steps for j in jobs), dtype=np.int64, count=n)
+    steps = Jobs.of(jobs).steps
     size = np.asarray(sizes, dtype=np.int64).reshape(n)
     most = int(steps.max(initial=0))
     out = np.full((n, most * batch_size), -1, dtype=np.int64)
@@ -171,19 +170,25 @@ _MT_SHIFT = 397
 def mt19937_outputs(seeds: np.ndarray, count: int) -> np.ndarray:
     """The first `count` (at most 227) 32-bit outputs of MT19937 generators seeded with `seeds` (uint32), as
     (count, seeds): the reference algorithm (Matsumoto & Nishimura 1998), its state seeded and twisted only as far
-    as those outputs need, every generator at once."""
+    as those outputs need, every generator at once. The seeding runs on one row of words in place (it stays in
+    cache), keeping only the words the outputs read: 0..count and _MT_SHIFT.._MT_SHIFT + count - 1."""
     n = len(seeds)
-    words = np.empty((_MT_SHIFT + count + 1, n), dtype=np.uint32)
-    words[0] = seeds
+    word = np.array(seeds, dtype=np.uint32).reshape(n)
+    low, high = np.empty((count + 1, n), dtype=np.uint32), np.empty((count, n), dtype=np.uint32)
+    low[0] = word
     tmp = np.empty(n, dtype=np.uint32)
-    for i in range(1, len(words)):
-        np.right_shift(words[i - 1], np.uint32(30), out=tmp)
-        np.bitwise_xor(words[i - 1], tmp, out=tmp)
-        np.multiply(tmp, np.uint32(1812433253), out=tmp)
-        np.add(tmp, np.uint32(i), out=words[i])
-    y = (words[:count] & np.uint32(0x80000000)) | (words[1 : count + 1] & np.uint32(0x7FFFFFFF))
-    u = words[_MT_SHIFT : _MT_SHIFT + count] ^ (y >> np.uint32(1)) ^ np.where(y & np.uint32(1),
-                                                                              np.uint32(0x9908B0DF), np.uint32(0))
+    shift, multiplier = np.uint32(30), np.uint32(1812433253)
+    for i in range(1, _MT_SHIFT + count if count else 1):
+        np.right_shift(word, shift, out=tmp)
+        np.bitwise_xor(word, tmp, out=tmp)
+        np.multiply(tmp, multiplier, out=tmp)
+        np.add(tmp, np.uint32(i), out=word)
+        if i <= count:
+            low[i] = word
+        if i >= _MT_SHIFT:
+            high[i - _MT_SHIFT] = word
+    y = (low[:count] & np.uint32(0x80000000)) | (low[1:] & np.uint32(0x7FFFFFFF))
+    u = high ^ (y >> np.uint32(1)) ^ np.where(y & np.uint32(1), np.uint32(0x9908B0DF), np.uint32(0))
     u ^= u >> np.uint32(11)
     u ^= (u << np.uint32(7)) & np.uint32(0x9D2C5680)
     u ^= (u << np.uint32(15)) & np.uint32(0xEFC60000)
@@ -196,28 +201,29 @@ def leading_positions(seeds: np.ndarray, sizes: np.ndarray, count: np.ndarray, w
     by seeds_j (its low 32 bits: all a CPU generator keeps), then -1 up to `width` (at most 227), for all jobs at
     once. torch's CPU randperm is a Fisher-Yates shuffle: position i swapped with i + (u_i mod (n - i)), u_i the
     generator's i-th MT19937 output, so entry i is final after step i and the first k entries need k draws.
-    Positions are kept in a window of `width`; swap targets beyond it as (position, value) hits, at most one per
-    step. `draws_like_torch` checks this against torch before it is used."""
+    The swap targets depend on the draws alone, so they are computed first; a job's positions that a swap reaches
+    are the window of `width` and its distinct targets beyond it, one column each, and step i swaps two columns of
+    every job at once. `draws_like_torch` checks this against torch before it is used."""
     n = len(seeds)
     draws = np.minimum(count, sizes - 1)
     d = int(draws.max(initial=0))
-    u = mt19937_outputs(seeds, d)
-    window = np.tile(np.arange(width, dtype=np.int64), (n, 1))
-    hit_at, hit_value = np.full((n, max(d, 1)), -1, dtype=np.int64), np.zeros((n, max(d, 1)), dtype=np.int64)
-    hits, rows = np.zeros(n, dtype=np.int64), np.arange(n)
+    step = np.arange(d)[:, None]
+    u = mt19937_outputs(seeds, d).astype(np.int64)
+    target = np.where(step < draws, step + u % np.maximum(sizes - step, 1), step)
+    first = np.repeat(np.arange(d), n).reshape(d, n)
+    for k in range(d - 1, -1, -1):
+        np.copyto(first[k + 1 :], k, where=target[k + 1 :] == target[k])
+    # Each step's target column: the window's own, else the one of the job's first step with that target.
+    column = np.where(target < width, target, width + first)
+    state = np.empty((n, width + d), dtype=np.int64)
+    state[:, :width] = np.arange(width)
+    state[:, width:] = target.T
+    rows = np.arange(n)
     for i in range(d):
-        target = np.where(i < draws, i + u[i].astype(np.int64) % np.maximum(sizes - i, 1), i)
-        inside = target < width
-        match = hit_at == target[:, None]
-        found, slot = match.any(axis=1), match.argmax(axis=1)
-        here = window[:, i].copy()
-        window[:, i] = np.where(inside, window[rows, np.minimum(target, width - 1)],
-                                np.where(found, hit_value[rows, slot], target))
-        window[rows[inside], target[inside]] = here[inside]
-        beyond, slot = ~inside, np.where(found, slot, hits)
-        hit_at[rows[beyond], slot[beyond]] = target[beyond]
-        hit_value[rows[beyond], slot[beyond]] = here[beyond]
-        hits += beyond & ~found
+        here = state[:, i].copy()
+        state[:, i] = state[rows, column[i]]
+        state[rows, column[i]] = here
+    window = state[:, :width]
     window[np.arange(width)[None, :] >= count[:, None]] = -1
     return window
 

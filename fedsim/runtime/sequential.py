@@ -23,7 +23,7 @@ class SequentialRuntime(PlacedRuntime):
         super().__init__(params, context)
         self.oracles = [AutogradOracle(objective) for objective in self.objectives]
 
-    def run_on(self, slot: int, jobs: list[Job], stored: list[Pytree | None],
+    def run_on(self, slot: int, jobs: Sequence[Job], stored: list[Pytree | None],
                starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
         """One piece: the jobs' results one after another (a stacked start's rows taken one at a time)."""
         seed = self.ctx.seed

@@ -13,7 +13,6 @@ logsumexp minus the true logit).
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import os
@@ -33,7 +32,7 @@ from fedsim.models import Model
 from fedsim.oracle import AutogradOracle, FuncOracle
 from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes, tree_to
 from fedsim.resources import check_fits
-from fedsim.runtime import RUNTIMES, Job, JobResult, Stacked, StackedResults
+from fedsim.runtime import RUNTIMES, Job, JobResult, Jobs, Stacked, StackedResults
 from fedsim.runtime.base import PlacedRuntime, RuntimeParams
 from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedules
 from fedsim.runtime.local import job_info, job_keys, local_steps, step_indices
@@ -162,7 +161,7 @@ class VectorizedRuntime(PlacedRuntime):
         sample = 4 * math.prod(shape)
         return 6 * params + batch * (sample + 3 * activation_bytes_per_sample(model, shape))
 
-    def run_on(self, slot: int, jobs: list[Job], stored: list[Pytree | None],
+    def run_on(self, slot: int, jobs: Sequence[Job], stored: list[Pytree | None],
                starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
         """A piece per chunk of jobs, each with its messages and states still stacked."""
         pieces: list[Sequence[JobResult]] = []
@@ -172,18 +171,19 @@ class VectorizedRuntime(PlacedRuntime):
             pieces.append(self._run_chunk(slot, chunk, states, chunk_starts))
         return pieces
 
-    def _run_chunk(self, slot: int, jobs: list[Job], states: Pytree | None,
+    def _run_chunk(self, slot: int, jobs: Sequence[Job], states: Pytree | None,
                    starts: Sequence[Pytree]) -> StackedResults:
         """One chunk's jobs from their starts and their clients' states (stacked; None for stateless rules)."""
         rule, device, real = self.ctx.rule, self.devices[slot], len(jobs)
         # Under compile, copies of the first job fill the chunk up to a compiled size; dropped after the steps.
         extra = self._compiled_size(slot, real) - real if self.compiled else 0
         stacked_starts, stacked = self._stack_starts(starts, extra), _pad_rows(states, extra)
-        jobs = jobs + [jobs[0]] * extra
+        if extra:
+            jobs = [*jobs, *[jobs[0]] * extra]
         x, y, firsts, sizes = self._chunk_data(device, jobs)
         index, weight, active = self._schedule(jobs, firsts, sizes, device)
         keys = job_keys(self.ctx.seed, jobs).to(device)
-        info = job_info(torch.tensor(sizes), torch.tensor([j.steps for j in jobs]))
+        info = job_info(torch.from_numpy(sizes), torch.from_numpy(Jobs.of(jobs).steps))
         if stacked is None:
             state = vmap(lambda m, i: rule.init(m, None, i))(stacked_starts, info)
         else:
@@ -201,10 +201,10 @@ class VectorizedRuntime(PlacedRuntime):
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         work = [p * rule.step_cost for p in weight.sum(dim=(0, 2)).long().tolist()]
         states_out, codec_out = _per_client(client_states, real), _per_client(codec_states, real)
-        return StackedResults(jobs, messages, sizes, work, [message_bytes] * real, states_out, codec_out,
+        return StackedResults(jobs, messages, sizes.tolist(), work, [message_bytes] * real, states_out, codec_out,
                               isinstance(states_out, Stacked) or isinstance(codec_out, Stacked))
 
-    def _send(self, jobs: list[Job], messages: Pytree, keys: torch.Tensor) -> tuple[Pytree, int, Pytree]:
+    def _send(self, jobs: Sequence[Job], messages: Pytree, keys: torch.Tensor) -> tuple[Pytree, int, Pytree]:
         """The chunk's messages through the uplink codec, batched over the client axis: what the server decodes,
         one payload's exact bytes (payload shapes are static, so every job's payload has that size), and the
         senders' new codec states (stacked; `{}` for stateless codecs, which look up no sender's state)."""
@@ -332,31 +332,31 @@ class VectorizedRuntime(PlacedRuntime):
         message, client_state = self.ctx.rule.final(state)
         return message, ({} if client_state is None else client_state)
 
-    def _chunk_data(self, device: torch.device, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, list[int],
-                                                                          list[int]]:
-        """Training rows for the chunk on `device`, with each client's first row and size: the device's copy of
-        in-memory data, or the chunk's clients made on demand and concatenated."""
+    def _chunk_data(self, device: torch.device, jobs: Sequence[Job]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              np.ndarray, np.ndarray]:
+        """Training rows for the chunk on `device`, with each client's first row and size (int64 arrays): the
+        device's copy of in-memory data, or the chunk's clients made on demand and concatenated."""
         data = self.ctx.data
         if isinstance(data, FederatedData):
             on_device = device_data(self.ctx, device)
-            clients = np.fromiter((j.client for j in jobs), dtype=np.int64, count=len(jobs))
-            return (on_device.x_train, on_device.y_train, np.asarray(data.train_starts)[clients].tolist(),
-                    np.asarray(data.train_sizes)[clients].tolist())
+            clients = Jobs.of(jobs).clients
+            return (on_device.x_train, on_device.y_train, np.asarray(data.train_starts, dtype=np.int64)[clients],
+                    np.asarray(data.train_sizes, dtype=np.int64)[clients])
         parts = [client_tensors(self.ctx, j.client, torch.device("cpu")) for j in jobs]
-        sizes = [len(y) for _, y in parts]
-        starts = [0, *itertools.accumulate(sizes)][:-1]
+        sizes = np.array([len(y) for _, y in parts], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
         x = torch.cat([x for x, _ in parts]).to(device)
         return x, torch.cat([y for _, y in parts]).to(device), starts, sizes
 
-    def _schedule(self, jobs: list[Job], starts: list[int], sizes: list[int],
+    def _schedule(self, jobs: Sequence[Job], starts: np.ndarray, sizes: np.ndarray,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
         # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
         local = padded_schedules(self.ctx.seed, jobs, sizes, self.batch_size)
         valid = local >= 0
-        first = torch.tensor(starts)[None, :, None]
+        first = torch.from_numpy(starts)[None, :, None]
         index = torch.where(valid, local + first, first)
-        steps = torch.tensor([j.steps for j in jobs])
+        steps = torch.from_numpy(Jobs.of(jobs).steps)
         active = torch.arange(local.shape[0])[:, None] < steps[None, :]
         return index.to(device), valid.float().to(device), active.to(device)
 
