@@ -40,6 +40,7 @@ a layer with communications exchanges y + z with the neighbouring processes (the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ from pydantic import Field
 from fedsim.data.base import ClientDataSource
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
-from fedsim.node_store import StackedStore, tree_flatten, tree_map_keyed
+from fedsim.node_store import StackedStore, tree_flatten
 from fedsim.params import Pytree, tree_is_finite, tree_leaves, tree_map, tree_nbytes
 from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
@@ -230,8 +231,11 @@ class EventStream:
         node = np.minimum((picks * self.n).astype(np.int64), self.n - 1)
         partner = np.full(count, -1, dtype=np.int64)
         graph = np.where(gradient, -1, self.graph_index(times))
-        for k in np.unique(graph[~gradient]).tolist():
-            at = graph == k
+        indices = np.unique(graph[~gradient])
+        keys = np.array([self.topology.index(k) for k in indices.tolist()], dtype=np.int64)
+        key = np.where(gradient, -1, keys[np.searchsorted(indices, graph)] if len(indices) else -1)
+        for k in np.unique(keys).tolist():  # graphs sharing an index share their edges: one pass per distinct graph
+            at = key == k
             edges = self.edges(k)
             chosen = edges[np.minimum((picks[at] * len(edges)).astype(np.int64), len(edges) - 1)]
             node[at], partner[at] = chosen[:, 0], chosen[:, 1]
@@ -245,18 +249,27 @@ def dependency_layers(node: np.ndarray, partner: np.ndarray, n: int) -> np.ndarr
     the next) ending with it; gradient events of one level form one layer, and the communications of a level follow
     them in as few layers as their chains need."""
     level, rank = [0] * n, [-1] * n  # per node: its latest event's level, and its latest communication's rank there
-    keys = np.empty((len(node), 2), dtype=np.int64)
-    for e, (i, j) in enumerate(zip(node.tolist(), partner.tolist(), strict=True)):
+    levels, ranks = [], []
+    for i, j in zip(node.tolist(), partner.tolist(), strict=True):
         if j < 0:
-            level[i], rank[i] = level[i] + 1, -1
-            keys[e] = level[i], -1
+            top, after = level[i] + 1, -1
+            level[i], rank[i] = top, -1
         else:
-            top = max(level[i], level[j])
-            after = max(rank[i] if level[i] == top else -1, rank[j] if level[j] == top else -1) + 1
+            top, other = level[i], level[j]
+            if top > other:
+                after = rank[i] + 1
+            elif other > top:
+                top, after = other, rank[j] + 1
+            else:
+                after = max(rank[i], rank[j]) + 1
             level[i] = level[j] = top
             rank[i] = rank[j] = after
-            keys[e] = top, after
-    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1) if len(keys) else keys[:, 0]
+        levels.append(top)
+        ranks.append(after)
+    if not levels:
+        return np.zeros(0, dtype=np.int64)
+    key = np.array(levels, dtype=np.int64) * (max(ranks) + 2) + np.array(ranks, dtype=np.int64) + 1  # (level, rank)
+    return np.unique(key, return_inverse=True)[1].reshape(-1)
 
 
 def check_dadao(params: DADAOParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
@@ -420,19 +433,25 @@ class DADAO(LockstepProtocol):
             self.gradients[node] += 1
             return
         touched, at = np.concatenate([node, partner]), np.concatenate([times, times])
-        mine = self._mine(touched)
-        self._integrate(touched[mine] - self.owned.start, at[mine])
-        self._communicate(node, partner, unit.graph[events])
+        if self.distributed:
+            mine = self._mine(touched)
+            touched, at = touched[mine], at[mine]
+        states = self._integrate(touched - self.owned.start, at)
+        self._communicate(node, partner, unit.graph[events], states)
 
-    def _integrate(self, rows: np.ndarray, at: np.ndarray) -> None:
-        """S <- expm(M (t - t_last)) S for the owned rows given, each to its own time."""
+    def _integrate(self, rows: np.ndarray, at: np.ndarray) -> list[torch.Tensor]:
+        """S <- expm(M (t - t_last)) S for the owned rows given, each to its own time; returns those rows' new
+        states, leaf by leaf (so a layer's jumps need not gather them again)."""
         if not len(rows):
-            return
+            return []
         E = propagators(self.M, at - self.t_last[rows])
         index = torch.from_numpy(rows)
+        states = []
         for leaf in tree_leaves(self.nodes.stacked):
-            leaf.index_copy_(0, index, apply_propagators(E, leaf.index_select(0, index)))
+            states.append(apply_propagators(E, leaf.index_select(0, index)))
+            leaf.index_copy_(0, index, states[-1])
         self.t_last[rows] = at
+        return states
 
     def _gradient_jumps(self, nodes: np.ndarray, b: int) -> None:
         """The gradient events of owned `nodes` (distinct): their gradients at x in one `run_jobs` call, then
@@ -441,8 +460,7 @@ class DADAO(LockstepProtocol):
         states = tree_map(lambda v: v.index_select(0, index), self.nodes.stacked)
         jobs = [Job(int(self.gradients[i]), i, int(self.steps[i]), version=b) for i in nodes.tolist()]
         results = run_stacked(self.sim.runtime, jobs, Stacked({"params": tree_map(lambda v: v[:, X], states)}))
-        for result in results:
-            self.commit(result)
+        self.commit_all(results)
         grads = results.messages["grad"]
         c = self.constants
 
@@ -455,35 +473,55 @@ class DADAO(LockstepProtocol):
 
         tree_map(jump, self.nodes.stacked, states, grads)
 
-    def _communicate(self, first: np.ndarray, second: np.ndarray, graphs: np.ndarray) -> None:
+    def _communicate(self, first: np.ndarray, second: np.ndarray, graphs: np.ndarray,
+                     states: list[torch.Tensor]) -> None:
         """The communications on edges (first[e], second[e]) (distinct nodes): each owned endpoint moves its z and
-        z~ by -beta m and -beta~ m, m = its y + z minus its partner's (brought from the partner's process when
-        another owns it)."""
+        z~ by -beta m and -beta~ m, m = its y + z minus its partner's. `states` are the owned endpoints' states
+        (first's, then second's), leaf by leaf."""
+        if self.distributed:
+            ends, partner_sums = self._partner_sums(first, second, graphs)
+        else:  # every endpoint here, in `states` half a layer away from its partner
+            ends = np.concatenate([first, second])
+
+            def partner_sums(key: str, sums: torch.Tensor) -> torch.Tensor:
+                return sums.roll(len(first), 0)
+
+        if not len(ends):
+            return
+        rows = torch.from_numpy(ends - self.owned.start)
+        c = self.constants
+        for (key, leaf), S in zip(tree_flatten(self.nodes.stacked).items(), states, strict=True):
+            sums = S[:, Y] + S[:, Z]
+            m = sums - partner_sums(key, sums)
+            S[:, Z] -= c.beta * m
+            S[:, Z_TILDE] -= c.beta_tilde * m
+            leaf.index_copy_(0, rows, S)
+
+    def _partner_sums(self, first: np.ndarray, second: np.ndarray,
+                      graphs: np.ndarray) -> tuple[np.ndarray, Callable[[str, torch.Tensor], torch.Tensor]]:
+        """The layer's owned endpoints (first's, then second's), and what gives, from a leaf's y + z of those, their
+        partners' y + z (a halo's when another process owns the partner; the exchange happens here)."""
         ends, partners = np.concatenate([first, second]), np.concatenate([second, first])
         graph_of = np.concatenate([graphs, graphs])
         mine = self._mine(ends)
-        ends, partners, graph_of = ends[mine], partners[mine], graph_of[mine]
+        position = np.cumsum(mine) - 1
+        partner_at = np.concatenate([position[len(first):], position[: len(first)]])  # among the owned endpoints
+        ends, partners, graph_of, partner_at = ends[mine], partners[mine], graph_of[mine], partner_at[mine]
         remote = ~self._mine(partners)
-        halos = self._exchange(graphs) if self.distributed else {}
-        rows = torch.from_numpy(ends - self.owned.start)
-        local = torch.from_numpy(partners[~remote] - self.owned.start)
-        here = torch.from_numpy(~remote)
-        c = self.constants
+        halos = self._exchange(graphs)
+        here, local = torch.from_numpy(~remote), torch.from_numpy(partner_at[~remote])
 
-        def jump(key: str, leaf: torch.Tensor) -> torch.Tensor:
-            other = torch.empty((len(rows), *leaf.shape[2:]), dtype=leaf.dtype, device=leaf.device)
-            other[here] = leaf[local, Y] + leaf[local, Z]
+        def partner_sums(key: str, sums: torch.Tensor) -> torch.Tensor:
+            other = torch.empty_like(sums)
+            other[here] = sums[local]
             for k in np.unique(graph_of[remote]).tolist():
                 halo_nodes, halo = halos[k]
                 which = remote & (graph_of == k)
                 other[torch.from_numpy(which)] = halo[key][torch.from_numpy(np.searchsorted(halo_nodes,
                                                                                            partners[which]))]
-            m = leaf[rows, Y] + leaf[rows, Z] - other
-            leaf[rows, Z] -= c.beta * m
-            leaf[rows, Z_TILDE] -= c.beta_tilde * m
-            return leaf
+            return other
 
-        tree_map_keyed(jump, self.nodes.stacked)
+        return ends, partner_sums
 
     def _exchange(self, graphs: np.ndarray) -> dict[int, tuple[np.ndarray, Pytree]]:
         """Every owned node's y + z sent along each graph the layer's communications use, and the neighbouring

@@ -57,6 +57,9 @@ def test_asynchronous_benchmark_quick_prints_fedbuff_against_synchronous_through
     assert figures["fedbuff_peak_rss_mb"] > 0 and figures["sync_events_per_s"] > 0
 
 
-def test_gossip_benchmark_quick_prints_fedsim_against_the_handwritten_round():
+def test_gossip_benchmark_quick_prints_fedsim_against_the_handwritten_round_and_dadao_events():
     figures = json.loads(run_benchmark("gossip.py").strip().splitlines()[-1])
     assert figures["gossip_fedsim_over_handwritten"] > 0 and figures["gossip_fedsim_peak_rss_mb"] > 0
+    assert figures["dadao_events"] > 1000 and figures["dadao_fedsim_over_handwritten"] > 0
+    assert figures["dadao_fedsim_peak_rss_mb"] > 0 and figures["dadao_handwritten_peak_rss_mb"] > 0
+    assert figures["dadao_average_relative_difference"] < 1e-5  # same events and constants: the same run
