@@ -55,6 +55,11 @@ class Codec(Protocol):
         """Exact bytes of one payload for messages shaped like `template` (payload shapes are static)."""
         ...
 
+    def check(self, template: Pytree, field_path: str) -> None:
+        """Refuse settings that cannot fit messages shaped like `template` (the model's tensors, when the
+        simulation is built) with a one-line ScenarioError naming `field_path.<setting>`."""
+        ...
+
 
 CODECS: Registry[Callable[[Params], Codec]] = Registry("codec")
 CODECS.register("topk", params=TopKParams)(TopK)
@@ -84,6 +89,9 @@ class Identity:
     def payload_bytes(self, template: Pytree) -> int:
         return tree_nbytes(template)
 
+    def check(self, template: Pytree, field_path: str) -> None:
+        """Any message fits."""
+
 
 class ErrorFeedback:
     """Error feedback around any codec (Stich et al. 2018; Karimireddy et al. 2019): what the inner codec dropped
@@ -107,6 +115,9 @@ class ErrorFeedback:
     def payload_bytes(self, template: Pytree) -> int:
         """The inner codec's bytes: the residual never travels."""
         return self.inner.payload_bytes(template)
+
+    def check(self, template: Pytree, field_path: str) -> None:
+        self.inner.check(template, field_path)
 
 
 def build_codec(spec: Mapping[str, Any] | None, field_path: str) -> Codec:

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fedsim import bitpack, keyed_random
+from fedsim.errors import ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.registry import Params
 
@@ -114,6 +115,10 @@ class VectorCodec(ABC):
                             template, payload["tensors"])
         d = sum(t.numel() for t in tree_leaves(template))
         return _unflatten(self.decode_vector(payload, key, d, value_dtype(template)), template)
+
+    def check(self, template: Pytree, field_path: str) -> None:
+        """Any message fits (k and ratio are clipped to each vector's size)."""
+        return None
 
     def payload_bytes(self, template: Pytree) -> int:
         """The vector payloads' bytes (per leaf in tensor scope, in the leaf's dtype), plus the key if sent."""
@@ -380,11 +385,11 @@ class PowerSGD:
 
     Each matrix M (a tensor of ndim > 2 viewed as (shape[0], rest)) keeps its query Q (m x r) as codec state and runs
     `power_iterations` steps of P = M Q, P^ = orthonormal(P) (QR), Q = M^T P^; the payload is P^ and Q, the receiver
-    rebuilds P^ Q^T. r is clipped per matrix to min(n, m); vectors, scalars and matrices whose r (n + m) values are
-    not `min_compression` times fewer than n m go as they are. A Q that is all zero (the first message, or after an
-    all-zero matrix) is redrawn from the key. This is the paper's local form: its all-reduce form sums P over
-    workers before orthonormalizing, an aggregation rather than a per-message codec. Error feedback
-    (`error_feedback: true`) is PowerSGD's memory."""
+    rebuilds P^ Q^T. r is clipped per matrix to min(n, m) (a rank that compresses no matrix is refused); vectors,
+    scalars and matrices whose r (n + m) values are not `min_compression` times fewer than n m go as they are. A Q
+    that is all zero (the first message, or after an all-zero matrix) is redrawn from the key. This is the paper's
+    local form: its all-reduce form sums P over workers before orthonormalizing, an aggregation rather than a
+    per-message codec. Error feedback (`error_feedback: true`) is PowerSGD's memory."""
 
     def __init__(self, params: PowerSGDParams) -> None:
         self.params = params
@@ -396,6 +401,16 @@ class PowerSGD:
         n, m = t.shape[0], math.prod(t.shape[1:])
         r = min(self.params.rank, n, m)
         return r if r >= 1 and n * m >= self.params.min_compression * r * (n + m) else 0
+
+    def check(self, template: Pytree, field_path: str) -> None:
+        """Refuse a rank no matrix of the message can be sent at (every one would go uncompressed)."""
+        matrices = [tuple(_as_matrix(t).shape) for t in tree_leaves(template) if t.ndim >= 2 and t.is_floating_point()]
+        if not any(self.rank(t) for t in tree_leaves(template)):
+            shapes = ", ".join(f"{n}x{m}" for n, m in matrices) or "none"
+            raise ScenarioError(
+                f"{field_path}.rank: rank {self.params.rank} compresses no matrix of this model (matrices: {shapes}); "
+                f"a matrix n x m is compressed when r <= min(n, m) and r (n + m) is at least min_compression "
+                f"({self.params.min_compression:g}) times fewer values than n m; lower rank or min_compression")
 
     def init(self, template: Pytree) -> Pytree:
         """Zero queries, keyed by leaf path, for the compressed matrices: the first message draws them."""

@@ -96,8 +96,9 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
         runtime_entry = RUNTIMES.get("sequential")
         runtime_params = runtime_entry.params(**{k: getattr(runtime_params, k) for k in RuntimeParams.model_fields})
     states, codec_states = state_store(runtime_params), ClientStateStore()
-    context = RuntimeContext(rule, objective, data, spec.seed, states,
-                             build_codec(spec.compression.uplink, "compression.uplink"), codec_states)
+    uplink = build_codec(spec.compression.uplink, "compression.uplink")
+    uplink.check(model.init_params, "compression.uplink")
+    context = RuntimeContext(rule, objective, data, spec.seed, states, uplink, codec_states)
     runtime = runtime_entry.obj(runtime_params, context)
     evaluated = evaluation_clients(spec.evaluation.clients, data.num_clients, spec.seed)
     everyone = evaluated if evaluated is not None else range(data.num_clients)
@@ -121,5 +122,6 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
                                  reduce) if has_personal_model(rule) else None
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
     downlink = build_codec(spec.compression.downlink, "compression.downlink")
+    downlink.check(model.init_params, "compression.downlink")
     return Simulation(scenario, data, objective, rule, server, runtime, states, codec_states, downlink, systems,
                       evaluator, notices, transport, personal)

@@ -8,6 +8,7 @@ import torch
 from rulekit import assert_runtimes_agree
 from torch.func import vmap
 
+import fedsim
 from fedsim.codecs import build_codec
 from fedsim.errors import ScenarioError
 from fedsim.params import tree_leaves, tree_map, tree_nbytes, tree_unstack
@@ -189,3 +190,18 @@ def test_sequential_and_vectorized_runtimes_agree_with_powersgd(tiny, error_feed
     rows = assert_runtimes_agree(lambda runtime: {**scenario, "runtime": runtime})
     weights_alone = 3 * 4 * 10 * 64 * 4  # rounds x clients x the float32 10 x 64 layer, uncompressed
     assert 0 < rows["sequential"][-1]["bytes_up"] == rows["vectorized"][-1]["bytes_up"] < weights_alone / 3
+
+
+@pytest.mark.parametrize(("direction", "codec"), [
+    ("uplink", {"name": "powersgd", "rank": 11}),
+    ("downlink", {"name": "powersgd", "rank": 4, "min_compression": 8.0}),
+    ("uplink", {"name": "powersgd", "rank": 11, "error_feedback": True}),
+])
+def test_a_rank_that_compresses_no_matrix_of_the_model_is_one_line_naming_rank(tiny, direction, codec):
+    # tiny's one matrix is 10 x 64: rank 11 exceeds min(n, m); rank 4 sends 296 values for 640, not 8x fewer
+    with pytest.raises(ScenarioError) as err:
+        fedsim.run({**tiny, "rounds": 1, "compression": {direction: codec}}, write=False)
+    message = str(err.value)
+    assert message.startswith(f"compression.{direction}.rank: ") and "10x64" in message and "\n" not in message
+    fedsim.run({**tiny, "rounds": 1, "compression": {direction: {**codec, "rank": 3, "min_compression": 2.0}}},
+               write=False)
