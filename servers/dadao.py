@@ -57,7 +57,7 @@ from fedsim.params import Pytree, tree_is_finite, tree_leaves, tree_map, tree_nb
 from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
-from fedsim.runtime import Job, Stacked, run_stacked
+from fedsim.runtime import Jobs, Stacked, run_stacked
 from fedsim.runtime.node_transport import HaloNeighbourhood
 from fedsim.sampling import full_steps
 from fedsim.seeding import Stream, derive_seed
@@ -458,7 +458,7 @@ class DADAO(LockstepProtocol):
         x -= gamma G, x~ -= gamma~ G, y~ += (delta + delta~) G, G = grad - nu x - y~."""
         index = torch.from_numpy(nodes - self.owned.start)
         states = tree_map(lambda v: v.index_select(0, index), self.nodes.stacked)
-        jobs = [Job(int(self.gradients[i]), i, int(self.steps[i]), version=b) for i in nodes.tolist()]
+        jobs = Jobs(self.gradients[nodes], nodes, self.steps[nodes], b)
         results = run_stacked(self.sim.runtime, jobs, Stacked({"params": tree_map(lambda v: v[:, X], states)}))
         self.commit_all(results)
         grads = results.messages["grad"]

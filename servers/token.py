@@ -41,7 +41,7 @@ from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes
 from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder
 from fedsim.registry import Params
-from fedsim.runtime import Job, Stacked, run_stacked
+from fedsim.runtime import Jobs, Stacked, run_stacked
 from fedsim.servers import PROTOCOLS
 from fedsim.topologies.schedule import build_topology
 from fedsim.topologies.walks import (
@@ -213,7 +213,7 @@ class TokenWalk(LockstepProtocol):
         work = np.zeros(self.walkers, dtype=np.float64)
         if not mine.size:
             return deltas, work
-        jobs = [Job(n * self.walkers + int(w), int(here[w]), self.params.local_steps, version=n) for w in mine]
+        jobs = Jobs(n * self.walkers + mine, here[mine], self.params.local_steps, n)
         index = torch.from_numpy(mine)
         rows = self.models.stacked if mine.size == self.walkers else self.models.gather(index)
         results = run_stacked(self.sim.runtime, jobs, Stacked({"params": rows}))
