@@ -29,11 +29,20 @@ from fedsim.seeding import Stream, numpy_rng
 
 @dataclass(frozen=True)
 class JobSizes:
-    """Per client: local steps and work (sample-gradient evaluations) of a full job; bytes of one upload."""
+    """Per client: local steps and work (sample-gradient evaluations) of a full job; bytes of one upload (a
+    sender's first upload may differ: EF21 and EControl send it uncompressed)."""
 
     steps: np.ndarray
     work: np.ndarray
     bytes_up: int
+    bytes_first: int
+
+    def upload_bytes(self, sim: Any, client: int) -> int:
+        """The bytes a job of `client` will upload: its first message's when it has stored no codec state (results
+        still in flight are not counted, so two jobs of a client in flight at once are both charged as first)."""
+        if self.bytes_first == self.bytes_up or sim.codec_states.get(client) is not None:
+            return self.bytes_up
+        return self.bytes_first
 
 
 def job_sizes(sim: Any, template: Pytree) -> JobSizes:
@@ -43,7 +52,8 @@ def job_sizes(sim: Any, template: Pytree) -> JobSizes:
     steps = full_steps(sizes, hp.local_epochs, hp.batch_size, hp.local_steps)
     work = samples_processed(steps, sizes, hp.batch_size) * sim.rule.step_cost
     uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
-    return JobSizes(steps, work, uplink.payload_bytes(template) + SAMPLE_COUNT_BYTES)
+    return JobSizes(steps, work, uplink.payload_bytes(template) + SAMPLE_COUNT_BYTES,
+                    uplink.payload_bytes(template, first=True) + SAMPLE_COUNT_BYTES)
 
 
 class JobBook:
@@ -249,7 +259,8 @@ class AsyncProtocol(ProtocolBase):
             return  # the client never comes online: its slot stays empty
         down = self.book.download_bytes(self.step)
         self.traffic.down += down
-        phases = systems.job_phases(job.id, client, int(self.sizes.work[client]), down, self.sizes.bytes_up)
+        phases = systems.job_phases(job.id, client, int(self.sizes.work[client]), down,
+                                    self.sizes.upload_bytes(self.sim, client))
         drop = systems.drop_time(job.id, client, start, phases)
         if drop is not None:
             clock.schedule(start - clock.now + drop, "dropout", job=job, start=start, phases=phases.until(drop))

@@ -99,7 +99,11 @@ class VectorCodec(ABC):
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
         """Exact bytes of one vector payload for d entries of `dtype`."""
 
-    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor) -> tuple[Payload, Pytree]:
+    def shared(self, state: Pytree) -> Pytree:
+        return {}
+
+    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
+                                                                                                         Pytree]:
         if self.params.scope == "tensor":
             keys = _leaf_keys(key if self.randomized else None)
             payload = {"tensors": tree_map(lambda t: self.encode_vector(t.reshape(-1), next(keys)), message)}
@@ -107,20 +111,20 @@ class VectorCodec(ABC):
             payload = self.encode_vector(_flatten(message), key)
         return ({**payload, "key": _key_words(key)} if self.sends_key else payload), state
 
-    def decode(self, payload: Payload, template: Pytree) -> Pytree:
+    def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
         key = _key_of(payload["key"]) if self.sends_key else None
         if self.params.scope == "tensor":
             keys = _leaf_keys(key)
             return tree_map(lambda t, p: self.decode_vector(p, next(keys), t.numel(), t.dtype).reshape(t.shape),
-                            template, payload["tensors"])
+                            template, payload["tensors"]), shared
         d = sum(t.numel() for t in tree_leaves(template))
-        return _unflatten(self.decode_vector(payload, key, d, value_dtype(template)), template)
+        return _unflatten(self.decode_vector(payload, key, d, value_dtype(template)), template), shared
 
     def check(self, template: Pytree, field_path: str) -> None:
         """Any message fits (k and ratio are clipped to each vector's size)."""
         return None
 
-    def payload_bytes(self, template: Pytree) -> int:
+    def payload_bytes(self, template: Pytree, *, first: bool = False) -> int:
         """The vector payloads' bytes (per leaf in tensor scope, in the leaf's dtype), plus the key if sent."""
         key = KEY_BYTES if self.sends_key else 0
         if self.params.scope == "tensor":
@@ -425,7 +429,12 @@ class PowerSGD:
             q = matrix.T @ p
         return p, q
 
-    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor) -> tuple[Payload, Pytree]:
+    def shared(self, state: Pytree) -> Pytree:
+        """Nothing: P^ and Q both travel, so the receiver needs no query of its own."""
+        return {}
+
+    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
+                                                                                                         Pytree]:
         paths, indices, new_state = _leaf_paths(message), itertools.count(), {}
 
         def compress(t: torch.Tensor) -> Payload | torch.Tensor:
@@ -438,16 +447,16 @@ class PowerSGD:
 
         return tree_map(compress, message), new_state
 
-    def decode(self, payload: Payload, template: Pytree) -> Pytree:
+    def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
         def rebuild(t: torch.Tensor, sent: Payload | torch.Tensor) -> torch.Tensor:
             if not self.rank(t):
                 return sent
             c = compute_dtype(t.dtype)
             return (sent["p"].to(c) @ sent["q"].to(c).T).reshape(t.shape).to(t.dtype)
 
-        return tree_map(rebuild, template, payload)
+        return tree_map(rebuild, template, payload), shared
 
-    def payload_bytes(self, template: Pytree) -> int:
+    def payload_bytes(self, template: Pytree, *, first: bool = False) -> int:
         """r (n + m) values of the matrix's dtype per compressed matrix, every other tensor's own bytes."""
         return sum((r * (t.shape[0] + math.prod(t.shape[1:])) if (r := self.rank(t)) else t.numel()) * t.element_size()
                    for t in tree_leaves(template))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fedsim import keyed_random
 from fedsim.aggregation import Aggregate, finish_means, total_weights
 from fedsim.clock import Clock, Event
+from fedsim.codecs import transmit
 from fedsim.errors import DivergenceError
 from fedsim.params import Pytree, tree_is_finite
 from fedsim.recording import Recorder, Row, Traffic
@@ -109,13 +110,14 @@ class ProtocolBase:
 
     def broadcast(self, steps: int) -> tuple[Pytree, int]:
         """The server rule's broadcast through the downlink codec (its state kept here, one per server): the
-        message clients decode, and the payload's exact bytes on one link."""
-        message = self.sim.server.broadcast(self.state)
-        if self.downlink_state is None:
-            self.downlink_state = self.sim.downlink.init(message)
+        message clients decode, and the payload's exact bytes on one link. Every client mirrors the server's shared
+        codec state as if it heard every broadcast (one decode stands for all of them)."""
+        message, codec = self.sim.server.broadcast(self.state), self.sim.downlink
+        first = self.downlink_state is None
+        state = codec.init(message) if first else self.downlink_state
         key = keyed_random.key_from_seed(derive_seed(self.spec.seed, Stream.SERVER, steps, 1))
-        payload, self.downlink_state = self.sim.downlink.encode(message, self.downlink_state, key)
-        return self.sim.downlink.decode(payload, message), self.sim.downlink.payload_bytes(message)
+        decoded, nbytes, self.downlink_state = transmit(codec, message, state, key, first)
+        return decoded, nbytes
 
     def aggregate(self, results: Sequence[JobResult], steps: int) -> Aggregate:
         """The server rule's view of `results`, reduced over devices and ranks in client order (then job id), so

@@ -56,7 +56,7 @@ from fedsim.async_jobs import JobBook, RecentStaleness, job_sizes
 from fedsim.clock import Clock, Event
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.params import Pytree
-from fedsim.protocol import ProtocolBase
+from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.recording import Recorder, Row
 from fedsim.registry import Params
 from fedsim.runtime import Job, JobResult
@@ -403,7 +403,7 @@ class Simultaneous:
     def _place(self, task: Task, job: Job, down: int, now: float) -> tuple[float, JobPhases]:
         """Queue `job` on its client: it starts when the client is free (or now) and ends after its phases."""
         phases = self.sim.systems.job_phases(job.id, job.client, int(task.sizes.work[job.client]), down,
-                                             task.sizes.bytes_up)
+                                             task.sizes.upload_bytes(task.sim, job.client))
         begin = max(now, float(self.free_at[job.client]))
         self.free_at[job.client] = begin + phases.total
         return begin, phases
@@ -461,7 +461,7 @@ class FedAST(Simultaneous):
             return
         _, begin, phases = task.flying.pop(job.id)
         result = task.book.result(job)
-        task.traffic.up += task.sizes.bytes_up
+        task.traffic.up += result.message_bytes + SAMPLE_COUNT_BYTES
         task.commit(result)
         staleness = task.server_steps - job.version
         self.recorder.timeline.job(job, begin, phases, "used", staleness)
@@ -580,7 +580,7 @@ class SyncST(Simultaneous):
 
     def _on_arrival(self, event: Event, clock: Clock) -> None:
         task, result = self.tasks[event.payload["task"]], event.payload["result"]
-        task.traffic.up += task.sizes.bytes_up
+        task.traffic.up += result.message_bytes + SAMPLE_COUNT_BYTES
         task.commit(result)
         self.recorder.timeline.job(result.job, event.payload["start"], event.payload["phases"], "used")
         task.buffer.append(result)

@@ -36,6 +36,7 @@ from pydantic import Field
 from fedsim.async_jobs import AsyncProtocol, RecentStaleness, scale_delta
 from fedsim.clock import Clock, Event
 from fedsim.errors import ScenarioError
+from fedsim.protocol import SAMPLE_COUNT_BYTES
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import JobResult
@@ -117,7 +118,7 @@ class FedBuff(AsyncProtocol):
     def _arrive(self, event: Event, clock: Clock) -> None:
         job = event.payload["job"]
         result = self.book.result(job)
-        self.traffic.up += self.sizes.bytes_up
+        self.traffic.up += result.message_bytes + SAMPLE_COUNT_BYTES
         self.commit(result)
         staleness = self.step - job.version
         refused = self.params.max_staleness is not None and staleness > self.params.max_staleness

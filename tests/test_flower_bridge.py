@@ -106,6 +106,18 @@ def test_topk_with_error_feedback_through_flower_gives_the_in_process_metrics():
     assert rows[1]["bytes_up"] == 4 * per_message
 
 
+@pytest.mark.parametrize("feedback", ["ef21", {"name": "econtrol", "eta": 0.1}], ids=["ef21", "econtrol"])
+def test_receiver_mirrored_error_feedback_through_flower_gives_the_in_process_metrics(feedback):
+    # The server keeps each client's h_i from its payloads alone; first messages travel uncompressed.
+    uplink = {"name": "topk", "ratio": 0.1, "error_feedback": feedback}
+    scenario = small("fedavg", rounds=3, clients_per_round=4, stragglers={"fraction": 0.0},
+                     compression={"uplink": uplink})
+    rows = bridged(scenario)
+    assert_same_metrics(rows, in_process(scenario))
+    assert rows[1]["bytes_up"] == 4 * ((10 * 64 + 10) * 4 + 8)
+    assert rows[2]["bytes_up"] - rows[1]["bytes_up"] == 4 * (65 * 8 + 8)
+
+
 def test_dpsgd_through_flower_gives_the_in_process_metrics():
     scenario = small("fedavg", privacy={"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.0})
     rows = bridged(scenario)

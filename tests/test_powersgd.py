@@ -27,7 +27,7 @@ def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tor
 def send(codec, message: dict, state: dict, key: torch.Tensor = KEY) -> tuple[dict, dict, dict]:
     """(payload, decoded message, new state) of one message."""
     payload, state = codec.encode(message, state, key)
-    return payload, codec.decode(payload, message), state
+    return payload, codec.decode(payload, message, {})[0], state
 
 
 def with_spectrum(singular_values: list[float], n: int, m: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_payload_bytes_are_the_payload_tensors_bytes(params):
     for template in templates:
         payload, _ = codec.encode(template, codec.init(template), KEY)
         assert codec.payload_bytes(template) == tree_nbytes(payload)
-        decoded = codec.decode(payload, template)
+        decoded = codec.decode(payload, template, {})[0]
         assert [(t.shape, t.dtype) for t in tree_leaves(decoded)] == [(t.shape, t.dtype) for t in tree_leaves(template)]
 
 
@@ -146,11 +146,11 @@ def test_vmapped_encode_and_decode_equal_a_loop(dtype):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for _ in range(2):  # the first message draws the queries, the second warm-starts from them
         payloads, states = vmap(codec.encode)(batch, states, keys)
-        decoded = vmap(codec.decode, in_dims=(0, None))(payloads, template)
+        decoded = vmap(codec.decode, in_dims=(0, None, None))(payloads, template, {})[0]
         for i, message in enumerate(tree_unstack(batch, clients)):
             payload, loop_states[i] = codec.encode(message, loop_states[i], keys[i])
             for got, want in zip(tree_leaves(tree_unstack(decoded, clients)[i]),
-                                 tree_leaves(codec.decode(payload, template)), strict=True):
+                                 tree_leaves(codec.decode(payload, template, {})[0]), strict=True):
                 torch.testing.assert_close(got, want, **tol)
             for got, want in zip(tree_leaves(tree_unstack(states, clients)[i]), tree_leaves(loop_states[i]),
                                  strict=True):

@@ -205,7 +205,7 @@ def test_job_keys_are_the_two_words_of_each_jobs_derived_seed():
 def test_a_stateless_uplink_looks_up_no_senders_codec_state(monkeypatch):
     sim = simulation("fedavg", {"name": "vectorized"})
     looked_up = []
-    monkeypatch.setattr(sim.runtime.ctx, "codec_state", lambda client, template: looked_up.append(client))
+    monkeypatch.setattr(sim.runtime.ctx.codec_states, "get", lambda client: looked_up.append(client))
     jobs = [Job(0, client, 1) for client in range(12)]
     results = sim.runtime.run_jobs(jobs, job_starts(sim, 1)[0])
     assert len(results) == 12 and looked_up == [] and all(r.codec_state is None for r in results)

@@ -99,8 +99,9 @@ def run_job(sim: Simulation, job: Job, start: Pytree, client_state: Pytree | Non
     state = rule.initial_state(start) if client_state is None else client_state
     message, new_state, processed = run_client(rule, AutogradOracle(sim.objective), start, state,
                                                job_info(len(y), job.steps), batches)
-    payload, new_codec = uplink.encode(message, uplink.init(message) if codec_state is None else codec_state,
-                                       codec_key)
+    first = codec_state is None
+    payload, new_codec = uplink.encode(message, uplink.init(message) if first else codec_state, codec_key,
+                                       first=first)
     return payload, new_state, kept_state(new_codec), len(y), processed * rule.step_cost
 
 
@@ -114,13 +115,16 @@ def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> Re
                               f"client {job.client}")
     relayed = START not in content  # a gossip node: its local steps start from the model it holds
     start = {"params": node_row(sim, context)} if relayed else get_tree(content, START)
+    codec_state = get_tree(context.state, CODEC_STATE)
     payload, new_state, new_codec, samples, work = run_job(sim, job, start, get_tree(context.state, CLIENT_STATE),
-                                                           get_tree(context.state, CODEC_STATE))
+                                                           codec_state)
     put_tree(context.state, CLIENT_STATE, new_state)
     put_tree(context.state, CODEC_STATE, new_codec)
     if relayed:
         uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
-        delta = uplink.decode(payload, message_template(sim.rule, start))["delta"]
+        template = message_template(sim.rule, start)
+        mirror = uplink.shared(uplink.init(template) if codec_state is None else codec_state)
+        delta = uplink.decode(payload, template, mirror)[0]["delta"]
         put_tree(context.state, NODE_ROW, {k: torch.add(v, delta[k].to(v.dtype)) for k, v in start["params"].items()})
     time.sleep(train_delay(context.node_config))
     reply = RecordDict({RESULT: ConfigRecord({"id": job.id, "client": job.client, "num_samples": samples,

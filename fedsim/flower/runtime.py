@@ -23,7 +23,7 @@ from fedsim.errors import FedsimError
 from fedsim.evaluation import Sums
 from fedsim.flower.client import ERROR, JOB, NODE, PAYLOAD, PERSONAL, RESULT, START, NodeConfigError, job_record
 from fedsim.flower.records import data_bytes, get_tree, put_tree
-from fedsim.params import Pytree
+from fedsim.params import Pytree, tree_leaves
 from fedsim.runtime import InProcess, Job, JobResult, Starts, jobs_starts
 from fedsim.runtime.local import message_template
 
@@ -64,6 +64,8 @@ class FlowerRuntime(InProcess):
         """Asynchronous results pulled and not yet taken, by job id, in arrival order."""
         self.announced: set[int] = set()
         """Job ids `wait_arrival` has returned."""
+        self.mirrors: dict[int, Pytree] = {}
+        """Per client, the server's mirror of its uplink codec's shared state (EF21's h_i), kept from its payloads."""
 
     def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
         if not self.nodes:
@@ -99,7 +101,13 @@ class FlowerRuntime(InProcess):
     def decoded(self, job: Job, start: Pytree, content: RecordDict) -> JobResult:
         """A reply's result, its payload decoded against the message template of the job's start."""
         facts = content.config_records[RESULT]
-        message = self.uplink.decode(get_tree(content, PAYLOAD), message_template(self.rule, start))
+        template = message_template(self.rule, start)
+        mirror = self.mirrors.get(job.client)
+        if mirror is None:
+            mirror = self.uplink.shared(self.uplink.init(template))
+        message, mirror = self.uplink.decode(get_tree(content, PAYLOAD), template, mirror)
+        if any(True for _ in tree_leaves(mirror)):
+            self.mirrors[job.client] = mirror
         return JobResult(job, message, int(facts["num_samples"]), int(facts["work"]),
                          data_bytes(content.array_records[PAYLOAD]))
 
@@ -212,10 +220,11 @@ class FlowerRuntime(InProcess):
         return lost
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """The server's codec mirrors (the nodes keep their own state)."""
+        return {"mirrors": {str(client): mirror for client, mirror in self.mirrors.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: the nodes keep their own state."""
+        self.mirrors = {int(client): mirror for client, mirror in state["mirrors"].items()}
 
 
 def checked(reply: Message) -> RecordDict:

@@ -89,11 +89,6 @@ class RuntimeContext:
     def model(self) -> Model:
         return self.objective.model
 
-    def codec_state(self, client: int, template: Pytree) -> Pytree:
-        """The client's uplink codec state (error-feedback residuals ...), or a fresh one."""
-        state = self.codec_states.get(client)
-        return self.uplink.init(template) if state is None else state
-
 
 def local_batches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Index tensors of `steps` minibatches: consecutive slices of a fresh permutation each epoch (last may be

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedsim.clients import Batch, ClientRule, JobInfo, Oracle, StepState
-from fedsim.codecs import Codec
+from fedsim.codecs import Codec, transmit
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job
 from fedsim.runtime.context import MASK32, job_seeds, local_batches
@@ -83,12 +83,15 @@ def message_template(rule: ClientRule, server_message: Pytree) -> Pytree:
     return tree_map(torch.zeros_like, rule.final(state)[0])
 
 
-def send(codec: Codec, message: Pytree, codec_state: Pytree, key: torch.Tensor) -> tuple[Pytree, int,
-                                                                                      Pytree | None]:
-    """A message through the uplink codec (`key`: the job's CODEC-stream key): what the server decodes, the
-    payload's exact bytes, and the sender's new codec state (None when the codec keeps none)."""
-    payload, new_state = codec.encode(message, codec_state, key)
-    return codec.decode(payload, message), codec.payload_bytes(message), kept_state(new_state)
+def send(codec: Codec, message: Pytree, codec_state: Pytree | None, key: torch.Tensor) -> tuple[Pytree, int,
+                                                                                             Pytree | None]:
+    """A message through the uplink codec (`key`: the job's CODEC-stream key) from a sender whose stored state is
+    `codec_state` (None: none yet, so this is its first message): what the server decodes, the payload's exact
+    bytes, and the sender's new codec state (None when the codec keeps none)."""
+    first = codec_state is None
+    state = codec.init(message) if first else codec_state
+    decoded, nbytes, new_state = transmit(codec, message, state, key, first)
+    return decoded, nbytes, kept_state(new_state)
 
 
 def kept_state(state: Pytree) -> Pytree | None:

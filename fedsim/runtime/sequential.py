@@ -45,6 +45,7 @@ class SequentialRuntime(PlacedRuntime):
         return JobResult(job, tree_to(message, "cpu"), len(y), processed * rule.step_cost, nbytes,
                          tree_to(new_state, "cpu"), tree_to(codec_state, "cpu"))
 
-    def _codec_state(self, client: int, message: Pytree) -> Pytree:
-        """The client's uplink codec state on the message's device (a fresh one made there)."""
-        return tree_to(self.ctx.codec_state(client, message), next(iter(tree_leaves(message))).device)
+    def _codec_state(self, client: int, message: Pytree) -> Pytree | None:
+        """The client's stored uplink codec state on the message's device (None: it has sent nothing yet)."""
+        state = self.ctx.codec_states.get(client)
+        return None if state is None else tree_to(state, next(iter(tree_leaves(message))).device)

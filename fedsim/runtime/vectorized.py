@@ -201,25 +201,37 @@ class VectorizedRuntime(PlacedRuntime):
         messages, client_states = tree_to(messages, "cpu"), tree_to(client_states, "cpu")
         work = [p * rule.step_cost for p in weight.sum(dim=(0, 2)).long().tolist()]
         states_out, codec_out = _per_client(client_states, real), _per_client(codec_states, real)
-        return StackedResults(jobs, messages, sizes.tolist(), work, [message_bytes] * real, states_out, codec_out,
+        return StackedResults(jobs, messages, sizes.tolist(), work, message_bytes, states_out, codec_out,
                               isinstance(states_out, Stacked) or isinstance(codec_out, Stacked))
 
-    def _send(self, jobs: Sequence[Job], messages: Pytree, keys: torch.Tensor) -> tuple[Pytree, int, Pytree]:
-        """The chunk's messages through the uplink codec, batched over the client axis: what the server decodes,
-        one payload's exact bytes (payload shapes are static, so every job's payload has that size), and the
-        senders' new codec states (stacked; `{}` for stateless codecs, which look up no sender's state)."""
+    def _send(self, jobs: Sequence[Job], messages: Pytree, keys: torch.Tensor) -> tuple[Pytree, list[int],
+                                                                                          Pytree]:
+        """The chunk's messages through the uplink codec, batched over the client axis: what the server decodes
+        (with its mirrors of the senders' shared states), each payload's exact bytes, and the senders' new codec
+        states (stacked; `{}` for stateless codecs, which look up no sender's state). Senders with no stored state
+        send their first message, in a batch of their own (its payload's shapes may differ)."""
         codec = self.ctx.uplink
         template = tree_map(lambda v: v[0], messages)
+        stateful = any(True for _ in tree_leaves(codec.init(template)))
+        stored = [self.ctx.codec_states.get(j.client) for j in jobs] if stateful else [None] * len(jobs)
+        firsts = np.array([s is None for s in stored])
+        groups = [(first, np.flatnonzero(firsts == first)) for first in (True, False)]
+        groups = [(first, rows) for first, rows in groups if len(rows)]
         device = next(iter(tree_leaves(messages))).device
-        if any(True for _ in tree_leaves(codec.init(template))):
-            on_cpu = tree_to(template, "cpu")
-            states = [self.ctx.codec_state(j.client, on_cpu) for j in jobs]
-            stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states)
-        else:
-            stacked = {}
-        payload, new_states = vmap(codec.encode)(messages, stacked, keys)
-        decoded = vmap(codec.decode, in_dims=(0, None))(payload, template)
-        return decoded, codec.payload_bytes(template), tree_to(new_states, "cpu")
+        fresh = codec.init(tree_to(template, "cpu")) if stateful else {}
+        parts = []
+        for first, rows in groups:
+            states = [fresh if stored[i] is None else stored[i] for i in rows]
+            stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states) if stateful else {}
+            part = _rows(messages, rows, len(jobs))
+            payload, new_states = vmap(lambda m, s, k, f=first: codec.encode(m, s, k, first=f))(
+                part, stacked, keys[torch.from_numpy(rows).to(keys.device)] if len(rows) < len(jobs) else keys)
+            decoded, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, template, codec.shared(stacked))
+            parts.append((rows, decoded, tree_to(new_states, "cpu")))
+        nbytes = [codec.payload_bytes(template, first=bool(f)) for f in firsts]
+        if len(parts) == 1:
+            return parts[0][1], nbytes, parts[0][2]
+        return _merge_rows(parts, 1, len(jobs)), nbytes, _merge_rows(parts, 2, len(jobs))
 
     @staticmethod
     def _stack_starts(starts: Sequence[Pytree], extra: int = 0) -> Pytree:
@@ -366,6 +378,24 @@ def _pad_rows(stacked: Pytree | None, extra: int) -> Pytree | None:
     if stacked is None or not extra:
         return stacked
     return tree_map(lambda v: torch.cat([v, v[:1].expand(extra, *v.shape[1:])]), stacked)
+
+
+def _rows(stacked: Pytree, rows: np.ndarray, n: int) -> Pytree:
+    """Rows `rows` of a stacked tree of n rows (the tree itself when they are all of them, in order)."""
+    if len(rows) == n:
+        return stacked
+    index = torch.from_numpy(rows)
+    return tree_map(lambda v: v.index_select(0, index.to(v.device)), stacked)
+
+
+def _merge_rows(parts: Sequence[tuple[np.ndarray, ...]], field: int, n: int) -> Pytree:
+    """One stacked tree of n rows from parts that each hold some rows (`part[0]`) of tree `part[field]`."""
+    first = parts[0][field]
+    merged = tree_map(lambda v: v.new_empty((n, *v.shape[1:])), first)
+    for part in parts:
+        index = torch.from_numpy(part[0])
+        tree_map(lambda out, v, i=index: out.index_copy_(0, i.to(out.device), v), merged, part[field])
+    return merged
 
 
 def _per_client(stacked: Pytree, n: int) -> Sequence[Pytree | None]:
