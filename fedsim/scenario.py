@@ -4,10 +4,10 @@ Every mistake is caught here, before any work, as one line naming the field and 
 (`data`, `partition`, `task`, `model`, `algorithm`, `server`, `protocol`, `topology`, `systems`, `runtime`) are
 `{name: ..., **params}` mappings resolved against their registries; `task`, `server` and `protocol` default to the
 data set's and the algorithm's own; an optional `privacy` section wraps the rules in a privacy mechanism, and
-`compression` puts codecs on the uplink and downlink. Files and override values are read by `fedsim.strict_input`:
-plain YAML only (no code, no object construction), bounded in size, depth and alias expansion, strict about
-duplicate keys. A file may define `variants`: named sets of overrides, each run on top of the base scenario;
-command-line overrides change the base, and a variant's own settings come last.
+`compression` puts codecs on the uplink, downlink and gossip paths. Files and override values are read by
+`fedsim.strict_input`: plain YAML only (no code, no object construction), bounded in size, depth and alias
+expansion, strict about duplicate keys. A file may define `variants`: named sets of overrides, each run on top of
+the base scenario; command-line overrides change the base, and a variant's own settings come last.
 """
 
 from __future__ import annotations
@@ -76,10 +76,16 @@ class EvaluationSpec(Params):
 
 class CompressionSpec(Params):
     """Codecs on the message paths (`fedsim.codecs`): `{name: topk, ratio: 0.1, error_feedback: true}`; identity
-    where not given."""
+    where not given. Client/server protocols have an uplink and a downlink, gossip protocols a gossip path (node
+    to node); a codec on a path the protocol lacks is refused."""
 
     uplink: dict[str, Any] | None = None
     downlink: dict[str, Any] | None = None
+    gossip: dict[str, Any] | None = None
+
+
+MESSAGE_PATHS = ("uplink", "downlink", "gossip")
+CLIENT_SERVER_PATHS = ("uplink", "downlink")
 
 
 class CheckpointSpec(Params):
@@ -387,9 +393,15 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
     if spec.rounds is None and spec.time_budget is None:
         raise ScenarioError("rounds: a run needs a budget: rounds (server steps), time_budget (simulated seconds), "
                             "or both")
-    for direction in ("uplink", "downlink"):
-        build_codec(getattr(spec.compression, direction), f"compression.{direction}")
     protocol = components["protocol"]
+    paths = protocol.entry.meta.get("paths", CLIENT_SERVER_PATHS)
+    for path in MESSAGE_PATHS:
+        codec = getattr(spec.compression, path)
+        build_codec(codec, f"compression.{path}")
+        if codec is not None and path not in paths:
+            has = f"its paths are {', '.join(paths)}" if paths else "it sends nothing through a codec"
+            raise ScenarioError(f"compression.{path}: protocol {protocol.name!r} has no {path} path ({has}); "
+                                f"remove it")
     missing = next((f for f in protocol.entry.meta.get("needs", ()) if getattr(spec, f) is None), None)
     if missing is not None:
         raise ScenarioError(f"{missing}: protocol {protocol.name!r} needs it; set it")

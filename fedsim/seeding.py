@@ -24,6 +24,7 @@ class Stream(IntEnum):
     PROTOCOL = 9
     CODEC = 10
     TOPOLOGY = 11
+    GOSSIP = 12
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -68,7 +68,8 @@ PROTOCOLS: Registry = Registry("protocol")
 jobs go through `fedsim.async_jobs`, so on real devices it runs on a `RealTimeClock`), `stragglers` (the straggler
 models it honours: "fraction", "deadline"), `availability` (True: it honours the systems profile's availability
 and dropouts; others refuse them), `peer_to_peer` (True:
-the protocol runs on a peer-to-peer topology, not the client/server star) and `check` (`fn(params, spec,
+the protocol runs on a peer-to-peer topology, not the client/server star), `paths` (the message paths a codec can
+go on, of "uplink", "downlink", "gossip"; uplink and downlink by default) and `check` (`fn(params, spec,
 components)`, raising ScenarioError for settings the protocol cannot honour; run by the scenario validator, so
 `fedsim check` reports them before any run)."""
 

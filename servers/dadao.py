@@ -297,16 +297,12 @@ def check_dadao(params: DADAOParams, spec: ScenarioSchema, components: dict[str,
     if systems.name != "homogeneous" or systems.params != type(systems.params)():
         raise ScenarioError("systems: protocol 'dadao' times nodes by its Poisson clocks (protocol.time_unit "
                             "seconds per unit of time) and ignores a systems profile; remove systems")
-    for direction in ("uplink", "downlink"):
-        codec = getattr(spec.compression, direction)
-        if codec is not None and codec.get("name") != "identity":
-            raise ScenarioError(f"compression.{direction}: protocol 'dadao' sends y + z uncompressed; remove it")
     if build_topology(components["topology"], spec.num_clients, spec.seed).directed:
         raise ScenarioError(f"topology.name: protocol 'dadao' communicates along undirected edges; "
                             f"{components['topology'].name!r} is directed")
 
 
-@PROTOCOLS.register("dadao", params=DADAOParams, peer_to_peer=True, check=check_dadao)
+@PROTOCOLS.register("dadao", params=DADAOParams, peer_to_peer=True, paths=(), check=check_dadao)
 class DADAO(LockstepProtocol):
     """DADAO (Nabli & Oyallon 2023): gradient and communication events on Poisson clocks, an exact ODE between them;
     a server step per unit of DADAO time (`unit` events)."""

@@ -15,12 +15,16 @@ of them (`local_steps`), then `gossip_steps` Q mixing steps of the current itera
 with Q = 1 and K = 1, D-SGD itself). The graph may change with the round (`fedsim.topologies.schedule`): each
 round mixes over its own graph's matrix, and the transport re-plans its exchanges when the graph changes.
 
+Compressed gossip (CHOCO-SGD, `compression.gossip` and `consensus_step`): each gossip step every node sends its
+model through the gossip codec, receivers keep its public copy x^_j (the codec's receiver mirror, e.g. EF21's h_i),
+and x_i <- x_i + gamma ((W x^)_i - x^_i) (`PublicCopies`).
+
 Cost model: each gossip step every node sends its model (the half-step model under ATC, its current one under
 CTA) to each neighbour it is heard by, counted as `bytes_up` (Q times per directed edge and round, the model's bytes
-each; there is no download). A round t lasts as long as its slowest node's `job_seconds(t, i, work_i, 0,
-Q * model_bytes * out_degree_i)`: a simplification that charges a node's sends one after another on its uplink,
-plus one latency each way, and ignores that a node must wait for its neighbours' models rather than only its own
-work.
+each, or the gossip codec's payload bytes; there is no download). A round t lasts as long as its slowest node's
+`job_seconds(t, i, work_i, 0, bytes sent_i)`: a simplification that charges a node's sends one after another on
+its uplink, plus one latency each way, and ignores that a node must wait for its neighbours' models rather than only
+its own work.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ import networkx as nx
 import numpy as np
 import torch
 from pydantic import Field, field_validator
+from torch.func import vmap
 
+from fedsim import keyed_random
+from fedsim.codecs import Codec, build_codec
 from fedsim.errors import DivergenceError, ScenarioError
 from fedsim.node_evaluation import NodeEvaluator
 from fedsim.node_store import StackedStore
@@ -41,8 +48,9 @@ from fedsim.protocol import LockstepProtocol
 from fedsim.recording import Recorder, Row
 from fedsim.registry import Params
 from fedsim.runtime import Jobs, Stacked, run_stacked
-from fedsim.runtime.node_transport import Neighbourhood, NodeTransport
+from fedsim.runtime.node_transport import HaloNeighbourhood, Neighbourhood, NodeTransport
 from fedsim.sampling import full_steps
+from fedsim.seeding import Stream, derive_seed
 from fedsim.servers import PROTOCOLS
 from fedsim.topologies.mixing import DEFAULT_MIXING, MIXING, drop_nodes, mixing_matrix
 from fedsim.topologies.schedule import Topology, build_topology
@@ -62,6 +70,8 @@ class DSGDParams(Params):
                                                             "default: local_epochs * ceil(n_k / batch_size)")
     gossip_steps: int = Field(1, ge=1, description="mixing steps per round, each of the current iterate "
                                                    "(DFedSAM-MGS's Q; bytes count Q times per edge)")
+    consensus_step: float = Field(1.0, gt=0, le=1, description="CHOCO's gamma: x_i += gamma ((W x^)_i - x^_i) "
+                                                               "over the public copies x^ the gossip codec sends")
 
     @field_validator("mixing")
     @classmethod
@@ -121,6 +131,59 @@ class GossipGraphs:
         return self._without[2]
 
 
+class PublicCopies:
+    """Compressed gossip (CHOCO-SGD, Koloskova, Stich, Jaggi, ICML 2019, Algorithm 2): each gossip step every node
+    sends its model through the gossip codec, every node's receivers decode it into their copy of the node's
+    public model x^_j (one copy per node here: all receivers apply the same payload), and then
+    x_i <- x_i + gamma ((W x^)_i - x^_i). With a receiver-mirrored codec (`error_feedback: ef21`, first message
+    compressed) x^_j += Q(x_j - x^_j) is the paper's public-copy update; the paper's order is kept (send, then
+    mix the new copies), where the authors' code mixes the old copies first. Under a doubly stochastic W the
+    network average is preserved."""
+
+    def __init__(self, codec: Codec, gamma: float, template: Pytree, owned: range, seed: int) -> None:
+        self.codec, self.gamma, self.template, self.owned, self.seed = codec, gamma, template, owned, seed
+        self.states = tree_map(lambda v: v.unsqueeze(0).repeat(len(owned), *(1,) * v.ndim), codec.init(template))
+        """The owned nodes' codec states, stacked (`{}` for a stateless codec)."""
+        self.first = True
+        """Whether the next send is every node's first message."""
+
+    @classmethod
+    def build(cls, spec: ScenarioSchema, sim: Simulation, owned: range, graphs: GossipGraphs) -> PublicCopies:
+        """The scenario's gossip codec (identity when none: gossip with a consensus step only), checked against
+        the model and the transport (a relayed transport mixes on the nodes, where no public copy is kept)."""
+        codec = build_codec(spec.compression.gossip, "compression.gossip")
+        codec.check(sim.model.init_params, "compression.gossip")
+        if not isinstance(graphs.at(0).neighbourhood, HaloNeighbourhood):
+            raise ScenarioError("compression.gossip: relayed gossip mixes on the nodes, which keep no public copies; "
+                                "compressed gossip and protocol.consensus_step run in one process, under MPI or on "
+                                "gRPC peers")
+        return cls(codec, graphs.params.consensus_step, sim.model.init_params, owned, spec.seed)
+
+    def keys(self, t: int, q: int) -> torch.Tensor:
+        """The owned nodes' codec keys of round t's gossip step q: fold_in(step key, node), the same however the
+        nodes are split over processes."""
+        key = keyed_random.key_from_seed(derive_seed(self.seed, Stream.GOSSIP, t, q))
+        return keyed_random.fold_in(key, torch.arange(self.owned.start, self.owned.stop))
+
+    def send(self, protocol: DecentralizedSGD, t: int, q: int, neighbourhood: Neighbourhood,
+             W: torch.Tensor) -> int:
+        """One compressed gossip step of the owned nodes, in place; returns one node's payload bytes."""
+        codec, x, first = self.codec, protocol.nodes.stacked, self.first
+        payload, new_states = vmap(lambda m, s, k: codec.encode(m, s, k, first=first))(x, self.states,
+                                                                                         self.keys(t, q))
+        public, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, self.template, codec.shared(self.states))
+        self.states, self.first = new_states, False
+        mixed = neighbourhood.gossip(public, W)
+        protocol.nodes.assign(tree_map(lambda v, m, p: v + self.gamma * (m - p), x, mixed, public))
+        return codec.payload_bytes(self.template, first=first)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"states": self.states, "first": self.first}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.states, self.first = state["states"], state["first"]
+
+
 def finite(leaf: torch.Tensor) -> bool:
     """Whether every entry of `leaf` is finite, from its least and greatest entries (both NaN if any is NaN): two
     reductions, no mask. Nodes' models are finite exactly when their average (in float64) is."""
@@ -141,7 +204,8 @@ def check_dsgd(params: DSGDParams, spec: ScenarioSchema, components: dict[str, C
         mixing_of(params, topology.graph(t))
 
 
-@PROTOCOLS.register("dsgd", params=DSGDParams, peer_to_peer=True, carries=("delta",), check=check_dsgd)
+@PROTOCOLS.register("dsgd", params=DSGDParams, peer_to_peer=True, carries=("delta",), paths=("gossip",),
+                    check=check_dsgd)
 class DecentralizedSGD(LockstepProtocol):
     """Synchronous gossip rounds on the virtual clock: every node trains and mixes every round; the evaluated
     global model is the network average, and each row reports the consensus error."""
@@ -165,13 +229,19 @@ class DecentralizedSGD(LockstepProtocol):
         self.steps = np.full(n, params.local_steps) if params.local_steps is not None else \
             full_steps(np.asarray(sim.data.train_sizes), hp.local_epochs, hp.batch_size, hp.local_steps)
         self.state["params"] = tree_map(torch.clone, sim.model.init_params)
+        self.public = PublicCopies.build(spec, sim, self.owned, self.graphs) \
+            if spec.compression.gossip is not None or params.consensus_step != 1 else None
+        """The gossip codec's senders and receivers (CHOCO-SGD); None: exact gossip x <- W x."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "nodes": self.nodes.state_dict()}
+        public = {} if self.public is None else {"public": self.public.state_dict()}
+        return {**super().state_dict(), "nodes": self.nodes.state_dict(), **public}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.nodes.load_state_dict(state["nodes"])
+        if self.public is not None:
+            self.public.load_state_dict(state["public"])
 
     def alive(self) -> int:
         """Nodes still taking part (all of them, except in a peer deployment that lost some)."""
@@ -194,23 +264,27 @@ class DecentralizedSGD(LockstepProtocol):
                                              self.topology.graph(self.server_steps), self.recorder.timeline),
                 "nodes_lost": len(self.transport.lost)}
 
-    def mix_nodes(self, t: int) -> None:
-        """Q gossip steps x <- W_t x over the owned nodes, along round t's graph through the transport (which brings
-        the neighbours' rows here, or, relayed, has each node mix its own); lost peers are left out on
-        re-normalized rows."""
+    def mix_nodes(self, t: int) -> np.ndarray:
+        """Q gossip steps over the owned nodes along round t's graph through the transport (which brings the
+        neighbours' rows here, or, relayed, has each node mix its own); lost peers are left out on re-normalized
+        rows. Returns every node's bytes sent (its payloads times the nodes that hear it)."""
         neighbourhood, W = self.graphs.at(t).neighbourhood, self.graphs.mixing(t)
-        for _ in range(self.params.gossip_steps):
-            self.nodes.assign(neighbourhood.gossip(self.nodes.stacked, W))
+        sent = np.zeros(self.spec.num_clients, dtype=np.int64)
+        for q in range(self.params.gossip_steps):
+            if self.public is None:
+                self.nodes.assign(neighbourhood.gossip(self.nodes.stacked, W))
+                sent += self.model_bytes
+            else:
+                sent += self.public.send(self, t, q, neighbourhood, W)
+        return sent * self.graphs.at(t).out_degrees
 
     def take_step(self, t: int) -> float:
         """Round t in the configured order; returns its simulated seconds."""
-        if self.params.order == "cta":
-            self.mix_nodes(t)
+        sends = self.mix_nodes(t) if self.params.order == "cta" else 0
         deltas, work = self._local_steps(t)
         tree_map(torch.Tensor.add_, self.nodes.stacked, deltas)  # x + delta(x), in the store's rows
         if self.params.order == "atc":
-            self.mix_nodes(t)
-        sends = self.params.gossip_steps * self.model_bytes * self.graphs.at(t).out_degrees
+            sends = self.mix_nodes(t)
         self.traffic.up += int(sends.sum())
         diverged = torch.tensor(0.0 if all(map(finite, tree_leaves(self.nodes.stacked))) else 1.0)
         totals = self.transport.sum({"work": torch.from_numpy(work).double(), "diverged": diverged})

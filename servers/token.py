@@ -114,7 +114,8 @@ def check_token(params: TokenParams, spec: ScenarioSchema, components: dict[str,
                             f"{MAX_JOB_IDS} job ids; take fewer steps, tokens or repetitions")
 
 
-@PROTOCOLS.register("token", params=TokenParams, peer_to_peer=True, carries=("delta",), check=check_token)
+@PROTOCOLS.register("token", params=TokenParams, peer_to_peer=True, carries=("delta",), paths=(),
+                    check=check_token)
 class TokenWalk(LockstepProtocol):
     """Tokens walking the graph (SA-SRRW), every node they reach training the model they carry.
 

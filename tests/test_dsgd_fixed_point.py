@@ -142,8 +142,9 @@ def test_q_gossip_steps_keep_the_network_average_only_under_a_doubly_stochastic_
 
         def mix_nodes(t):
             before = protocol.nodes.mean()
-            original(t)
+            sent = original(t)
             means.append((float(before["1.weight"]), float(protocol.nodes.mean()["1.weight"])))
+            return sent
 
         monkeypatch.setattr(protocol, "mix_nodes", mix_nodes)
         spread(protocol, seed=5)

@@ -121,6 +121,8 @@ VARIANTS = {
     "mgs-one-peer": {"algorithm": {"name": "fedsam", "rho": 0.05, "lr": 0.05, "batch_size": 20},
                      "protocol": {"name": "dsgd", "gossip_steps": 2, "mixing": {"name": "uniform_neighbour"}},
                      "topology": {"name": "one_peer_exponential"}, "runtime": {"name": "vectorized"}},
+    "choco-ring": {"protocol": {"name": "dsgd", "consensus_step": 0.5}, "runtime": {"name": "sequential"},
+                   "compression": {"gossip": {"name": "random_k", "ratio": 0.2, "error_feedback": "ef21"}}},
     "token-srrw": {"protocol": {"name": "token", "walk": "srrw", "alpha": 1.0, "tokens": 3, "repetitions": 2},
                    "runtime": {"name": "vectorized"}},
     "dadao-ring": {"algorithm": {"name": "gradient", "batch_size": 20, "local_steps": 1},

@@ -46,8 +46,11 @@ def scenario_for(protocol: str, tiny: dict, runtime: str = "sequential") -> dict
         out.update(algorithm={"name": "gradient", "batch_size": 20, "local_steps": 1},
                    protocol={"name": "dadao", "L": 20.0, "mu": 0.1}, systems={"name": "homogeneous"})
     if protocol == "dsgd":
+        # CHOCO-SGD: the public copies and keyed draws of a gossip codec resume with the nodes.
         out.update(topology={"name": "random_k", "k": 2},
-                   protocol={"name": "dsgd", "gossip_steps": 2, "mixing": {"name": "uniform_neighbour"}})
+                   protocol={"name": "dsgd", "gossip_steps": 2, "mixing": {"name": "uniform_neighbour"},
+                             "consensus_step": 0.5},
+                   compression={"gossip": {"name": "random_k", "ratio": 0.2, "error_feedback": "ef21"}})
     if "clients_per_round" not in meta.get("needs", ()):
         out.update(clients_per_round=None)
     return out
