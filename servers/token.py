@@ -36,6 +36,7 @@ import torch
 from pydantic import Field
 
 from fedsim.errors import DivergenceError, FedsimError, ScenarioError
+from fedsim.gossip_protocol import refuse_client_server_settings
 from fedsim.node_store import StackedStore, tree_flatten
 from fedsim.params import Pytree, tree_is_finite, tree_map, tree_nbytes
 from fedsim.protocol import LockstepProtocol
@@ -101,12 +102,8 @@ def walk_of(params: TokenParams, topology: Component, num_nodes: int, seed: int)
 def check_token(params: TokenParams, spec: ScenarioSchema, components: dict[str, Component]) -> None:
     """Refuse what the token protocol would silently ignore (a client sample, a server rule), graphs and targets
     its walk cannot follow, and more steps than job ids, when the scenario is validated."""
-    if spec.clients_per_round not in (None, spec.num_clients):
-        raise ScenarioError(f"clients_per_round: protocol 'token' visits the nodes its tokens reach; remove it or "
-                            f"set it to num_clients ({spec.num_clients})")
-    if components["server"].name != "fedavg":
-        raise ScenarioError(f"server.name: protocol 'token' moves models along walks and uses no server rule; "
-                            f"remove server (got {components['server'].name!r})")
+    refuse_client_server_settings("token", spec, components, "visits the nodes its tokens reach",
+                                  "moves models along walks")
     walk_of(params, components["topology"], spec.num_clients, spec.seed)
     walkers = params.tokens * params.repetitions
     if spec.rounds is not None and spec.rounds * walkers > MAX_JOB_IDS:

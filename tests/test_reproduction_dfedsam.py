@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import fedsim
+from fedsim.gossip_protocol import mixing_of
 from fedsim.scenario import load_scenarios
-from fedsim.servers.dsgd import mixing_of
 from fedsim.topologies.schedule import build_topology
 
 SCENARIO = Path(__file__).parent.parent / "scenarios" / "dfedsam_repro.yaml"

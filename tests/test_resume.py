@@ -45,6 +45,10 @@ def scenario_for(protocol: str, tiny: dict, runtime: str = "sequential") -> dict
     if protocol == "dadao":
         out.update(algorithm={"name": "gradient", "batch_size": 20, "local_steps": 1},
                    protocol={"name": "dadao", "L": 20.0, "mu": 0.1}, systems={"name": "homogeneous"})
+    if protocol == "cdproxsgt":
+        out.update(algorithm={"name": "gradient", "batch_size": 20, "local_steps": 1},
+                   protocol={"name": "cdproxsgt", "lr": 0.05, "l1": 1e-3, "gamma_x": 0.5, "gamma_y": 0.5},
+                   compression={"gossip": {"name": "random_k", "ratio": 0.3, "error_feedback": "ef21"}})
     if protocol == "dsgd":
         # CHOCO-SGD: the public copies and keyed draws of a gossip codec resume with the nodes.
         out.update(topology={"name": "random_k", "k": 2},
@@ -83,7 +87,7 @@ def kill_twice_then_resume(path: Path, out: Path, rng: random.Random, ranks: int
     return [first, second]
 
 
-VECTORIZED = {"fedbuff", "sync_st", "dsgd", "dadao", "token"}
+VECTORIZED = {"fedbuff", "sync_st", "dsgd", "dadao", "token", "cdproxsgt"}
 """Protocols whose resume test runs under the vectorized runtime (stacked node states among them); the others run
 under the sequential one, so each runtime's own state is resumed in several protocols' runs, each protocol once."""
 
