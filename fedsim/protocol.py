@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from fedsim import keyed_random
 from fedsim.aggregation import Aggregate, finish_means, total_weights
 from fedsim.clock import Clock, Event
-from fedsim.codecs import transmit
 from fedsim.errors import DivergenceError
 from fedsim.params import Pytree, tree_is_finite
 from fedsim.recording import Recorder, Row, Traffic
@@ -116,8 +115,10 @@ class ProtocolBase:
         first = self.downlink_state is None
         state = codec.init(message) if first else self.downlink_state
         key = keyed_random.key_from_seed(derive_seed(self.spec.seed, Stream.SERVER, steps, 1))
-        decoded, nbytes, self.downlink_state = transmit(codec, message, state, key, first)
-        return decoded, nbytes
+        payload, self.downlink_state = codec.encode(message, state, key, first=first)
+        decoded, _ = codec.decode(payload, message, codec.shared(state))
+        self.sim.runtime.broadcast_payload(decoded, payload)
+        return decoded, codec.payload_bytes(message, first=first)
 
     def aggregate(self, results: Sequence[JobResult], steps: int) -> Aggregate:
         """The server rule's view of `results`, reduced over devices and ranks in client order (then job id), so

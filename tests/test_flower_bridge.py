@@ -118,6 +118,27 @@ def test_receiver_mirrored_error_feedback_through_flower_gives_the_in_process_me
     assert rows[2]["bytes_up"] - rows[1]["bytes_up"] == 4 * (65 * 8 + 8)
 
 
+def test_a_compressed_downlink_travels_as_its_payload_and_nodes_decode_it(monkeypatch):
+    import fedsim.flower.client as flower_client
+
+    decoded = []
+    real = flower_client.decoded_broadcast
+    monkeypatch.setattr(flower_client, "decoded_broadcast", lambda sim, payload: decoded.append(payload) or
+                        real(sim, payload))
+    scenario = small("fedavg", compression={"downlink": {"name": "qsgd", "levels": 4},
+                                            "uplink": {"name": "topk", "ratio": 0.1, "error_feedback": "econtrol"}})
+    rows = bridged(scenario)
+    assert_same_metrics(rows, in_process(scenario))
+    # Every job's start arrived as the qsgd payload (a norm and bit-packed codes), never as the decoded model.
+    assert len(decoded) == rows[-1]["client_updates"] == 4 and all(set(p) == {"norm", "codes"} for p in decoded)
+
+
+def test_a_downlink_codec_that_needs_a_mirror_on_the_nodes_is_refused_on_flower():
+    scenario = small("fedavg", compression={"downlink": {"name": "topk", "ratio": 0.1, "error_feedback": "ef21"}})
+    with pytest.raises(FedsimError, match=r"^compression\.downlink\.error_feedback: on Flower nodes"):
+        bridged(scenario)
+
+
 def test_dpsgd_through_flower_gives_the_in_process_metrics():
     scenario = small("fedavg", privacy={"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.0})
     rows = bridged(scenario)

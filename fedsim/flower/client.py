@@ -32,6 +32,8 @@ CLIENT_STATE, CODEC_STATE, NODE_ROW = "fedsim.client_state", "fedsim.codec_state
 """Where a node keeps its client's state, its uplink codec state and (relayed gossip) its model in `context.state`."""
 START, JOB, PAYLOAD, RESULT, NODE, ERROR, MIX, ROW, PERSONAL = ("start", "job", "payload", "result", "node", "error",
                                                            "mix", "row", "personal")
+BROADCAST = "broadcast"
+"""A job's start as the downlink codec's payload, which the node decodes (in place of `start`)."""
 """Names of the records in the bridge's messages."""
 
 
@@ -105,6 +107,14 @@ def run_job(sim: Simulation, job: Job, start: Pytree, client_state: Pytree | Non
     return payload, new_state, kept_state(new_codec), len(y), processed * rule.step_cost
 
 
+def decoded_broadcast(sim: Simulation, payload: Pytree) -> Pytree:
+    """The server's broadcast rebuilt from its downlink payload (downlink codecs on Flower keep nothing on the
+    receiving side, `fedsim.flower.server` checks, so the node needs no mirror of past broadcasts)."""
+    downlink = build_codec(sim.scenario.spec.compression.downlink, "compression.downlink")
+    template = sim.server.broadcast(sim.server.init(sim.model.init_params))
+    return downlink.decode(payload, template, downlink.shared(downlink.init(template)))[0]
+
+
 def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
     """A train message's reply: the job's encoded payload and facts; the node's states are updated in place."""
     sim = node_simulation(scenario, context)
@@ -113,8 +123,11 @@ def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> Re
     if job.client != client:
         raise NodeConfigError(f"node_config.partition-id: this node holds client {client}, but was sent a job of "
                               f"client {job.client}")
-    relayed = START not in content  # a gossip node: its local steps start from the model it holds
-    start = {"params": node_row(sim, context)} if relayed else get_tree(content, START)
+    relayed = START not in content and BROADCAST not in content  # a gossip node: it starts from the model it holds
+    if relayed:
+        start = {"params": node_row(sim, context)}
+    else:
+        start = get_tree(content, START) if START in content else decoded_broadcast(sim, get_tree(content, BROADCAST))
     codec_state = get_tree(context.state, CODEC_STATE)
     payload, new_state, new_codec, samples, work = run_job(sim, job, start, get_tree(context.state, CLIENT_STATE),
                                                            codec_state)

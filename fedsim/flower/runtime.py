@@ -9,6 +9,7 @@ has), later jobs of its client are lost without waiting, and `take_lost` says wh
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,18 @@ from fedsim.clients import ClientRule
 from fedsim.codecs import Codec
 from fedsim.errors import FedsimError
 from fedsim.evaluation import Sums
-from fedsim.flower.client import ERROR, JOB, NODE, PAYLOAD, PERSONAL, RESULT, START, NodeConfigError, job_record
+from fedsim.flower.client import (
+    BROADCAST,
+    ERROR,
+    JOB,
+    NODE,
+    PAYLOAD,
+    PERSONAL,
+    RESULT,
+    START,
+    NodeConfigError,
+    job_record,
+)
 from fedsim.flower.records import data_bytes, get_tree, put_tree
 from fedsim.params import Pytree, tree_leaves
 from fedsim.runtime import InProcess, Job, JobResult, Starts, jobs_starts
@@ -31,6 +43,10 @@ POLL_SECONDS = 0.5
 """How often the server looks for nodes that have not connected yet."""
 PULL_SECONDS = 0.02
 """How often an asynchronous run pulls replies while none has come."""
+
+
+KEPT_BROADCASTS = 64
+"""Broadcasts whose payloads the runtime keeps for jobs still to start from them (older ones go decoded)."""
 
 
 class FlowerError(FedsimError):
@@ -66,6 +82,23 @@ class FlowerRuntime(InProcess):
         """Job ids `wait_arrival` has returned."""
         self.mirrors: dict[int, Pytree] = {}
         """Per client, the server's mirror of its uplink codec's shared state (EF21's h_i), kept from its payloads."""
+        self.broadcasts: OrderedDict[int, tuple[Pytree, Pytree]] = OrderedDict()
+        """The latest broadcasts the protocol encoded, by the decoded message's id: (message, payload); a job
+        starting from one of them carries the payload, which its node decodes."""
+
+    def broadcast_payload(self, message: Pytree, payload: Pytree) -> None:
+        """Send `payload` wherever a job starts from `message` (the latest `KEPT_BROADCASTS` of them)."""
+        self.broadcasts[id(message)] = message, payload
+        while len(self.broadcasts) > KEPT_BROADCASTS:
+            self.broadcasts.popitem(last=False)
+
+    def put_start(self, content: RecordDict, start: Pytree) -> None:
+        """A job's start into its train message: the downlink payload it was decoded from, when known."""
+        sent = self.broadcasts.get(id(start))
+        if sent is not None and sent[0] is start:
+            put_tree(content, BROADCAST, sent[1])
+        else:
+            put_tree(content, START, start)
 
     def run_jobs(self, jobs: Sequence[Job], starts: Starts) -> list[JobResult]:
         if not self.nodes:
@@ -77,7 +110,7 @@ class FlowerRuntime(InProcess):
                 continue
             content = RecordDict({JOB: job_record(job)})
             if not self.starts_on_nodes:
-                put_tree(content, START, start)
+                self.put_start(content, start)
             messages.append(Message(content, self.nodes[job.client], "train", group_id=str(job.id)))
         replies: dict[tuple[int, int], RecordDict] = {}
         for _, content in self.answers(messages):
@@ -116,7 +149,7 @@ class FlowerRuntime(InProcess):
         if not self.nodes:
             self.nodes = self.discover()
         content = RecordDict({JOB: job_record(job)})
-        put_tree(content, START, start)
+        self.put_start(content, start)
         message = Message(content, self.nodes[job.client], "train", group_id=str(job.id))
         (message_id,) = self.grid.push_messages([message])
         self.submitted[message_id] = (job, start)

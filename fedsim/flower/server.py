@@ -24,17 +24,29 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.clock import Clock, RealTimeClock
 from fedsim.codecs import build_codec
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.flower.build import ScenarioSource, resolve_one
 from fedsim.flower.relay import RelayTransport
 from fedsim.flower.runtime import FlowerRuntime
 from fedsim.outputs import RunDirectory
+from fedsim.params import tree_leaves
 from fedsim.recording import Recorder, Row
-from fedsim.simulation import build_simulation
+from fedsim.simulation import Simulation, build_simulation
 
 METRICS = "fedsim.metrics"
 DEFAULT_TIMEOUT = 600.0
 """Seconds the server waits for a round's replies (run config `timeout`), and by default for nodes to connect."""
+
+
+def check_downlink(sim: Simulation) -> None:
+    """Refuse a downlink codec whose receivers mirror the server's state (EF21-style error feedback): Flower nodes
+    hear only the broadcasts of the rounds they are sampled in, so their mirrors would drift from the server's."""
+    downlink = sim.downlink
+    template = sim.server.broadcast(sim.server.init(sim.model.init_params))
+    if any(True for _ in tree_leaves(downlink.shared(downlink.init(template)))):
+        raise ScenarioError("compression.downlink.error_feedback: on Flower nodes the downlink codec cannot keep "
+                            "state on the receiving side (ef21, ef21_sgdm, econtrol): a node hears only the rounds it "
+                            "is sampled in; use ef14 or none")
 
 
 def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_TIMEOUT,
@@ -45,6 +57,7 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
     relay = RelayTransport(spec.num_clients) if resolved.components["protocol"].entry.meta.get("peer_to_peer") \
         else None
     sim = build_simulation(resolved, transport=relay)
+    check_downlink(sim)
     runtime = FlowerRuntime(grid, sim.rule, build_codec(spec.compression.uplink, "compression.uplink"),
                             spec.num_clients, timeout, starts_on_nodes=relay is not None,
                             connect_timeout=connect_timeout)

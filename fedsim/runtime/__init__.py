@@ -232,6 +232,11 @@ class Runtime(Protocol):
         message None): a list, or for `Stacked` starts, from a runtime that runs jobs batched, a `StackedResults`."""
         ...
 
+    def broadcast_payload(self, message: Pytree, payload: Pytree) -> None:
+        """The downlink payload the decoded broadcast `message` came from: a runtime whose starts travel over a wire
+        sends it in place of a start that is `message`; in-process runtimes need only the message."""
+        ...
+
     def reduce(self, results: Sequence[JobResult], weighting: Mapping[str, str], template: Pytree) -> Sums:
         """Per message key, the weighted sum of the results' messages and the total weight, over every process's
         share (see `fedsim.aggregation`)."""
@@ -250,6 +255,9 @@ class Runtime(Protocol):
 
 class InProcess:
     """Reductions for runtimes whose results are all in this process."""
+
+    def broadcast_payload(self, message: Pytree, payload: Pytree) -> None:
+        """Nothing: jobs start from the decoded message in this process."""
 
     def reduce(self, results: Sequence[JobResult], weighting: Mapping[str, str], template: Pytree) -> Sums:
         return weighted_sums(results, weighting, template)

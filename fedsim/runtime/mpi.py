@@ -160,6 +160,9 @@ class MPIRuntime:
         remote = {i: JobResult(jobs[i], None, n, w, b) for part in shared for i, n, w, b in part if i not in local}
         return [local.get(i) or remote[i] for i in range(len(jobs))]
 
+    def broadcast_payload(self, message: Pytree, payload: Pytree) -> None:
+        """Nothing: every rank decodes the broadcast itself."""
+
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
