@@ -228,7 +228,8 @@ class VectorizedRuntime(PlacedRuntime):
                 part, stacked, keys[torch.from_numpy(rows).to(keys.device)] if len(rows) < len(jobs) else keys)
             decoded, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, template, codec.shared(stacked))
             parts.append((rows, decoded, tree_to(new_states, "cpu")))
-        nbytes = [codec.payload_bytes(template, first=bool(f)) for f in firsts]
+        sizes = {first: codec.payload_bytes(template, first=first) for first, _ in groups}
+        nbytes = [sizes[bool(first)] for first in firsts]
         if len(parts) == 1:
             return parts[0][1], nbytes, parts[0][2]
         return _merge_rows(parts, 1, len(jobs)), nbytes, _merge_rows(parts, 2, len(jobs))
