@@ -106,14 +106,22 @@ class PublicCopies:
     here: all receivers apply the same payload), then x_i <- x_i + gamma ((W x^)_i - x^_i). With a
     receiver-mirrored codec (`error_feedback: ef21`, first message compressed) x^_j += Q(x_j - x^_j) is the paper's
     public-copy update; the paper's order is kept (send, then mix the new copies), where the authors' code mixes
-    the old copies first. Under a doubly stochastic W the network average is preserved."""
+    the old copies first. Under a doubly stochastic W the network average is preserved.
 
-    def __init__(self, codec: Codec, gamma: float, template: Pytree, owned: range, seed: int,
-                 channel: int = 0) -> None:
+    On a fixed graph the transport carries the payloads: this process decodes its halo nodes' payloads into its own
+    mirrors of their shared state, as a peer would. On a graph that changes, a new neighbour's past payloads were
+    never seen here, so the transport carries the decoded public rows instead (bytes count the payloads either
+    way)."""
+
+    def __init__(self, codec: Codec, gamma: float, template: Pytree, owned: range, seed: int, channel: int = 0,
+                 halo: int | None = None) -> None:
+        """`halo`: the halo's size on a fixed graph (its payloads then travel), None on a changing one."""
         self.codec, self.gamma, self.template, self.owned = codec, gamma, template, owned
         self.seed, self.channel = seed, channel
-        self.states = tree_map(lambda v: v.unsqueeze(0).repeat(len(owned), *(1,) * v.ndim), codec.init(template))
+        self.states = _replicate(codec.init(template), len(owned))
         """The owned nodes' codec states, stacked (`{}` for a stateless codec)."""
+        self.halo_mirrors = None if halo is None else _replicate(codec.shared(codec.init(template)), halo)
+        """This process's mirrors of its halo nodes' shared codec states, stacked; None when rows travel."""
         self.first = True
         """Whether the next send is every node's first message."""
 
@@ -129,7 +137,9 @@ class PublicCopies:
             raise ScenarioError("compression.gossip: relayed gossip mixes on the nodes, which keep no public copies; "
                                 "compressed gossip and consensus steps run in one process, under MPI or on gRPC "
                                 "peers")
-        return cls(codec, gamma, template, owned, spec.seed, channel)
+        fixed = graphs.topology.sequence.period == 1
+        return cls(codec, gamma, template, owned, spec.seed, channel,
+                   len(graphs.at(0).neighbourhood.plan.halo) if fixed else None)
 
     def keys(self, t: int, q: int) -> torch.Tensor:
         """The owned nodes' codec keys of round t's gossip step q: fold_in(step key, node), the same however the
@@ -144,16 +154,34 @@ class PublicCopies:
         payload, new_states = vmap(lambda m, s, k: codec.encode(m, s, k, first=first))(rows, self.states,
                                                                                          self.keys(t, q))
         public, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, self.template, codec.shared(self.states))
-        self.states, self.first = new_states, False
-        mixed = neighbourhood.gossip(public, W)
+        # A codec may keep the message itself as state (EF21's h = m after a full first message), and the caller
+        # writes the new rows into `rows` in place: the states are copied so they keep the rows as sent.
+        self.states, self.first = tree_map(torch.clone, new_states), False
+        if self.halo_mirrors is None:
+            mixed = neighbourhood.gossip(public, W)
+        else:
+            mixed = neighbourhood.mix(public, self._halo_rows(neighbourhood.exchange(payload)), W)
         return tree_map(lambda v, m, p: v + self.gamma * (m - p), rows, mixed, public), \
             codec.payload_bytes(self.template, first=first)
 
+    def _halo_rows(self, payloads: Pytree) -> Pytree:
+        """The halo nodes' public rows, decoded from their payloads into this process's mirrors of them."""
+        if not any(leaf.shape[0] for leaf in tree_leaves(payloads)):
+            return tree_map(lambda v: v.unsqueeze(0)[:0], self.template)
+        rows, self.halo_mirrors = vmap(self.codec.decode, in_dims=(0, None, 0))(payloads, self.template,
+                                                                                 self.halo_mirrors)
+        return rows
+
     def state_dict(self) -> dict[str, Any]:
-        return {"states": self.states, "first": self.first}
+        return {"states": self.states, "halo_mirrors": self.halo_mirrors, "first": self.first}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.states, self.first = state["states"], state["first"]
+        self.states, self.halo_mirrors, self.first = state["states"], state["halo_mirrors"], state["first"]
+
+
+def _replicate(tree: Pytree, n: int) -> Pytree:
+    """n copies of `tree` stacked on a leading axis."""
+    return tree_map(lambda v: v.unsqueeze(0).repeat(n, *(1,) * v.ndim), tree)
 
 
 def finite(leaf: torch.Tensor) -> bool:

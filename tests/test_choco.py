@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from rulekit import finished, protocol_of, spread
+from torch.func import vmap
 
 import fedsim
 from fedsim.errors import ScenarioError
@@ -120,3 +121,59 @@ def test_consensus_error_of_choco_gossip_falls_below_its_start_within_a_few_roun
     for t in range(30):
         protocol.mix_nodes(t)
     assert consensus_error(protocol.nodes.stacked) < start
+
+
+def test_after_a_full_first_message_the_public_copies_are_the_models_as_sent():
+    # EF21's opening keeps the message itself as h; the nodes' rows are then rewritten in place by the mixing, so the
+    # public copies must be the rows as they were sent, not the mixed ones.
+    protocol = protocol_of(ring(gossip={**TOPK_PUBLIC, "error_feedback": "ef21"}, consensus_step=0.5))
+    spread(protocol)
+    sent = tree_map(torch.clone, protocol.nodes.stacked)
+    protocol.mix_nodes(0)
+    tree_map(lambda h, x: torch.testing.assert_close(h, x, rtol=0, atol=0), protocol.public.states["h"], sent)
+    assert not all(torch.equal(a, b) for a, b in zip(sent.values(), protocol.nodes.stacked.values(), strict=True))
+
+
+
+class TwoNodeLink:
+    """A stand-in halo neighbourhood between two processes of one node each: `exchange` hands this node's payload
+    to the other side's queue and returns the other side's, as gRPC peers do."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.incoming: list = []
+
+    def exchange(self, payload):
+        self.sent.append(payload)
+        return self.incoming.pop(0)
+
+    def mix(self, rows, halo, W):
+        return tree_map(lambda x, h: (x + h) / 2, rows, halo)
+
+
+def test_on_a_fixed_graph_peers_carry_payloads_and_decode_them_into_their_own_mirrors():
+    from fedsim.codecs import build_codec
+    from fedsim.gossip_protocol import PublicCopies
+
+    codec = build_codec({**TOPK_PUBLIC, "ratio": 0.3}, "compression.gossip")
+    template = {"w": torch.zeros(10)}
+    a, b = (PublicCopies(codec, 0.5, template, range(k, k + 1), seed=0, halo=1) for k in (0, 1))
+    link_a, link_b = TwoNodeLink(), TwoNodeLink()
+    x = {"w": torch.arange(10.0).unsqueeze(0)}
+    y = {"w": -torch.arange(10.0).unsqueeze(0)}
+    for t in range(5):
+        # b's payload of this step, computed on a copy of b's copies, is what a receives (and the other way round).
+        link_a.incoming.append(_payload_of(b, y, t))
+        link_b.incoming.append(_payload_of(a, x, t))
+        x, _ = a.gossip(x, t, 0, link_a, None)
+        y, _ = b.gossip(y, t, 0, link_b, None)
+        assert set(link_a.sent[-1]) == {"update"}  # a payload went out, not a decoded row
+        torch.testing.assert_close(a.halo_mirrors["h"]["w"], b.states["h"]["w"], rtol=0, atol=0)
+        torch.testing.assert_close(b.halo_mirrors["h"]["w"], a.states["h"]["w"], rtol=0, atol=0)
+
+
+def _payload_of(copies, rows, t):
+    """The payload `copies` sends for `rows` at round t's first gossip step, without changing `copies`."""
+    codec, first = copies.codec, copies.first
+    payload, _ = vmap(lambda m, s, k: codec.encode(m, s, k, first=first))(rows, copies.states, copies.keys(t, 0))
+    return payload

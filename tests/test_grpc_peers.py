@@ -210,12 +210,20 @@ CONFIGURATIONS = {
     "dfedsam_mgs": ring_scenario(4, 3) | {
         "partition": {"name": "quantity"}, "algorithm": {"name": "fedsam", "rho": 0.05, "lr": 0.05, "batch_size": 20},
         "protocol": {"name": "dsgd", "gossip_steps": 2}, "runtime": {"name": "vectorized"}},
+    "choco": ring_scenario(4, 3) | {
+        "protocol": {"name": "dsgd", "consensus_step": 0.5},
+        "compression": {"gossip": {"name": "random_k", "ratio": 0.2, "error_feedback": "ef21"}}},
+    "cdproxsgt": ring_scenario(4, 3) | {
+        "algorithm": {"name": "gradient", "batch_size": 20, "local_steps": 1},
+        "protocol": {"name": "cdproxsgt", "lr": 0.1, "l1": 1e-3, "gamma_x": 0.5, "gamma_y": 0.5},
+        "compression": {"gossip": {"name": "topk", "ratio": 0.3, "error_feedback": "ef21"}}},
     "token": ring_scenario(4, 5) | {
         "algorithm": {"name": "fedavg", "lr": 0.5, "batch_size": 20}, "runtime": {"name": "vectorized"},
         "protocol": {"name": "token", "walk": "srrw", "alpha": 1.0, "tokens": 2, "repetitions": 2}},
 }
-"""Each runs over 4 peers: D-SGD; DFedSAM-MGS (uneven data, so uneven local steps); SA-SRRW tokens (every process
-keeps every token, a token's job runs where its node is, the changes are summed over the peers)."""
+"""Each runs over 4 peers: D-SGD; DFedSAM-MGS (uneven data, so uneven local steps); CHOCO-SGD and CDProxSGT (the
+links carry the gossip codec's payloads, each peer decodes its neighbours' into its own mirrors); SA-SRRW tokens
+(every process keeps every token, a token's job runs where its node is, the changes are summed over the peers)."""
 RUN_IN_TURN = ("import json, sys\nfrom fedsim.cli import main\n"
                "sys.exit(next((code for args in json.loads(sys.argv[1]) if (code := main(args))), 0))\n")
 """One process running `fedsim` command lines (a JSON list of argument lists) in turn, stopping at the first failing."""

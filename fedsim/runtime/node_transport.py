@@ -106,9 +106,12 @@ class HaloNeighbourhood:
         """Nothing to free (transports holding resources override it)."""
 
     def gossip(self, rows: Pytree, W: torch.Tensor) -> Pytree:
+        return self.mix(rows, self.exchange(rows), W)
+
+    def mix(self, rows: Pytree, halo: Pytree, W: torch.Tensor) -> Pytree:
+        """The owned rows after one step x_i <- sum_j W_ij x_j, given theirs and the halo's (`exchange`'s order)."""
         if self.mixing is None or self.mixing[0] is not W:
             self.mixing = W, local_mixing(W, self.plan)
-        halo = self.exchange(rows)
         below, owned = self.below, len(self.plan.owned)
         stacked = tree_map(lambda h, x: torch.cat([h[:below], x, h[below:]]), halo, rows) if self.plan.halo else rows
         return tree_map(lambda v: v[below : below + owned], mix(self.mixing[1], stacked))
