@@ -26,6 +26,7 @@ import fedsim.data  # noqa: F401  (fill the data registries)
 from fedsim.clients import ALGORITHMS
 from fedsim.codecs import CODECS, build_codec
 from fedsim.data.base import DATASETS, PARTITIONERS
+from fedsim.error_feedback import ERROR_FEEDBACK
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import MODELS
 from fedsim.privacy import PRIVACY
@@ -155,7 +156,8 @@ COMPONENTS: dict[str, Registry] = {
 }
 
 
-PLUGINS: dict[str, Registry] = {**COMPONENTS, "privacy": PRIVACY, "codec": CODECS, "mixing": MIXING}
+PLUGINS: dict[str, Registry] = {**COMPONENTS, "privacy": PRIVACY, "codec": CODECS,
+                                 "error_feedback": ERROR_FEEDBACK, "mixing": MIXING}
 """Every registry a scenario can name something from (what `fedsim list` shows)."""
 
 
