@@ -4,8 +4,10 @@ PowerSGD.
 The vector codecs compress the whole message flattened into one vector (`scope: model`) or each tensor on its own
 (`scope: tensor`); PowerSGD compresses each matrix to rank r. Payloads hold what would be sent (values, bit-packed
 codes, scales, a key, low-rank factors), so `payload_bytes` is their exact size; randomized codecs draw only from the
-`key` they are given (`fedsim.keyed_random`), so every runtime draws the same numbers, and encode/decode are pure
-tensor functions that run under `torch.func.vmap`.
+`key` they are given (`fedsim.keyed_random`: SplitMix64 for the per-entry draws of random-k, QSGD and natural,
+Philox for PowerSGD's first queries), so every runtime draws the same numbers, and encode/decode are pure tensor
+functions that run under `torch.func.vmap`. Codes are worked on in int32 where they fit (`bitpack.int_dtype`), which
+is several times faster than int64 on CPU.
 """
 
 from __future__ import annotations
@@ -198,11 +200,10 @@ class TopK(Sparsifier):
 
 def _random_indices(key: torch.Tensor, d: int, k: int) -> torch.Tensor:
     """k distinct indices of range(d), uniformly at random from `key`, the same on every device: the k largest of
-    distinct int64 scores (random high bits, the index in the low bits), so no tie is left to a kernel."""
+    distinct int64 scores, entry i's being SplitMix64 output i with its low b bits (b = bits of d - 1) replaced by i,
+    so 64 - b random bits decide and no tie is left to a kernel."""
     index_bits = max(1, (d - 1).bit_length())
-    random_bits = min(52, 63 - index_bits)
-    odd = (keyed_random.uniform(key, 0, (d,), torch.float64) * 2.0**53).long()  # 2m + 1, m uniform in [0, 2^52)
-    scores = ((odd >> (53 - random_bits)) << index_bits) | torch.arange(d, device=key.device)
+    scores = keyed_random.splitmix64(key, d, lambda z, i: z.bitwise_and_(-(1 << index_bits)).bitwise_or_(i))
     return torch.topk(scores, k).indices
 
 
@@ -259,20 +260,22 @@ class QSGD(VectorCodec):
         self.width = params.levels.bit_length() + 1
 
     def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
-        s, v = self.params.levels, x.to(compute_dtype(x.dtype))
+        s, v, codes = self.params.levels, x.to(compute_dtype(x.dtype)), bitpack.int_dtype(self.width)
         norm = torch.linalg.vector_norm(v)
-        level = v.abs() / torch.where(norm > 0, norm, 1) * s
+        level = v.abs().div_(torch.where(norm > 0, norm, 1)).mul_(s)
         lower = level.floor()
-        up = keyed_random.uniform(key, 0, v.shape, v.dtype) < level - lower
-        levels = (lower.long() + up.long()).clamp(max=s)
-        return {"norm": norm, "codes": bitpack.pack(levels << 1 | (v < 0).long(), self.width)}
+        up = keyed_random.fast_uniform(key, v.shape, v.dtype) < level.sub_(lower)
+        levels = up.to(codes).add_(lower.to(codes)).clamp_max_(s)  # in place on what depends on key and x alike
+        signed = levels.bitwise_left_shift_(1).bitwise_or_((v < 0).to(codes))  # level << 1 | sign
+        return {"norm": norm, "codes": bitpack.pack(signed, self.width)}
 
     def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
         s, norm = self.params.levels, payload["norm"]
         codes = bitpack.unpack(payload["codes"], self.width, d)
-        out = norm * ((codes >> 1) * (1 - 2 * (codes & 1))).to(norm.dtype) / s
+        signs = (codes & 1).mul_(-2).add_(1)
+        out = codes.bitwise_right_shift_(1).mul_(signs).to(norm.dtype).mul_(norm).div_(s)  # norm * (+-level) / s
         if self.params.variant == "contractive":
-            out = out / (min(d / s**2, math.sqrt(d) / s) + 1)
+            out = out.div_(min(d / s**2, math.sqrt(d) / s) + 1)
         return out.to(dtype)
 
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
@@ -296,11 +299,12 @@ class ScaledSign(VectorCodec):
 
     def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
         v = x.to(compute_dtype(x.dtype))
-        return {"scale": v.abs().sum() / max(1, v.shape[-1]), "signs": bitpack.pack((v < 0).long(), 1)}
+        signs = (v < 0).to(bitpack.int_dtype(1))
+        return {"scale": v.abs().sum() / max(1, v.shape[-1]), "signs": bitpack.pack(signs, 1)}
 
     def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
         scale = payload["scale"]
-        return (scale * (1 - 2 * bitpack.unpack(payload["signs"], 1, d)).to(scale.dtype)).to(dtype)
+        return bitpack.unpack(payload["signs"], 1, d).mul_(-2).add_(1).to(scale.dtype).mul_(scale).to(dtype)
 
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
         """The scale (float32, float64 for float64 values) and one bit per entry, packed."""
@@ -313,11 +317,31 @@ def _exponent_range(dtype: torch.dtype) -> tuple[int, int]:
     return math.frexp(info.smallest_normal)[1] - 1, math.frexp(info.max)[1] - 1
 
 
-def _power_of_two(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """2^e exactly, as float32 or float64 built from its bits (e within the dtype's normal exponents)."""
-    if dtype == torch.float64:
-        return ((e + 1023) << 52).view(torch.float64)
-    return ((e + 127) << 23).to(torch.int32).view(torch.float32)
+_SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                  torch.float64: torch.int64}
+
+
+def _fraction_bits(dtype: torch.dtype) -> int:
+    """Bits of the fraction field of `dtype` (23 for float32): eps = 2^-bits."""
+    return 1 - math.frexp(torch.finfo(dtype).eps)[1]
+
+
+def _exponent_and_fraction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The biased exponent field E and the fraction field F of each entry of x, read from its bits in x's own format:
+    |x| = (1 + F 2^-m) 2^(E - bias) for E > 0, F 2^-m 2^(1 - bias) for E = 0 (zero and subnormals)."""
+    m = _fraction_bits(x.dtype)
+    word = x.view(_SAME_SIZE_INT[x.dtype])
+    return (word >> m).bitwise_and_((1 << (8 * x.element_size() - 1 - m)) - 1), word & ((1 << m) - 1)
+
+
+def _signed_power_of_two(code: torch.Tensor, negative: torch.Tensor, low: int, dtype: torch.dtype) -> torch.Tensor:
+    """+-2^(code - 1 + low) (0 for code 0; minus where `negative` is 1) as float32 or float64 built from its bits:
+    biased exponent code - 1 + low + bias, sign bit `negative`."""
+    integer, m = _SAME_SIZE_INT[dtype], _fraction_bits(dtype)
+    offset = low - 1 + _exponent_range(dtype)[1]
+    code = code.to(integer)
+    magnitude = code << m if offset == 0 else ((code + offset) << m).mul_((code > 0).to(integer))
+    return magnitude.bitwise_or_(negative.to(integer).bitwise_left_shift_(8 * dtype.itemsize - 1)).view(dtype)
 
 
 class Natural(VectorCodec):
@@ -338,23 +362,23 @@ class Natural(VectorCodec):
         return (high - low + 1).bit_length()
 
     def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        """Code E + [u < F 2^-m] for |x| = (1 + F 2^-m) 2^(E - bias), u uniform: the exponent code of the power of
+        two below |x| is E, and it rounds up to the one above with chance F 2^-m = |x| / 2^(E - bias) - 1. A
+        subnormal (E = 0) goes to 0 or the smallest normal (code 1) with chance F 2^-m = |x| / smallest normal.
+        Read from the bits, with no frexp or where (each several times slower on CPU than the integer ops)."""
         low, high = _exponent_range(x.dtype)
         bits = self.exponent_bits(x.dtype)
-        v = x.to(compute_dtype(x.dtype))
-        a, tiny = v.abs(), torch.finfo(x.dtype).smallest_normal
-        mantissa, exponent = torch.frexp(a)  # a = mantissa 2^exponent, mantissa in [0.5, 1): between 2^(exponent-1)
-        u = keyed_random.uniform(key, 0, v.shape, v.dtype)  # and 2^exponent, the upper one with chance 2m - 1
-        normal = (exponent.long() - low + (u < 2 * mantissa - 1).long()).clamp(max=high - low + 1)
-        code = torch.where(a < tiny, (u < a / tiny).long(), normal)
-        return {"codes": bitpack.pack(code | (v < 0).long() << bits, bits + 1)}
+        c, codes = compute_dtype(x.dtype), bitpack.int_dtype(bits + 1)
+        biased, fraction = _exponent_and_fraction(x)
+        up = keyed_random.fast_uniform(key, x.shape, c) < fraction.to(c).mul_(2.0**-_fraction_bits(x.dtype))
+        code = up.to(codes).add_(biased.to(codes)).clamp_max_(high - low + 1)  # in place on what depends on key and x
+        return {"codes": bitpack.pack(code.bitwise_or_((x < 0).to(codes).bitwise_left_shift_(bits)), bits + 1)}
 
     def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
         low, _ = _exponent_range(dtype)
         bits = self.exponent_bits(dtype)
         words = bitpack.unpack(payload["codes"], bits + 1, d)
-        code, c = words & ((1 << bits) - 1), compute_dtype(dtype)
-        magnitude = torch.where(code > 0, _power_of_two(code - 1 + low, c), 0)
-        return torch.where(words >> bits == 1, -magnitude, magnitude).to(dtype)
+        return _signed_power_of_two(words & ((1 << bits) - 1), words >> bits, low, compute_dtype(dtype)).to(dtype)
 
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
         """d codes of sign + exponent bits, packed."""

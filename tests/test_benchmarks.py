@@ -63,3 +63,14 @@ def test_gossip_benchmark_quick_prints_fedsim_against_the_handwritten_round_and_
     assert figures["dadao_events"] > 1000 and figures["dadao_fedsim_over_handwritten"] > 0
     assert figures["dadao_fedsim_peak_rss_mb"] > 0 and figures["dadao_handwritten_peak_rss_mb"] > 0
     assert figures["dadao_average_relative_difference"] < 1e-5  # same events and constants: the same run
+
+
+def test_compression_benchmark_quick_prints_every_codecs_time_and_bytes_against_uncompressed():
+    figures = json.loads(run_benchmark("compression.py").strip().splitlines()[-1])
+    codecs = ["topk", "random_k", "random_k_biased", "qsgd", "sign", "natural", "powersgd", "topk_ef14",
+              "topk_econtrol"]
+    for name in codecs:
+        assert figures[f"{name}_over_uncompressed"] > 0 and figures[f"{name}_cpu_over_uncompressed"] > 0
+        assert 0 < figures[f"{name}_bytes_over_uncompressed"] < 1
+    assert figures["uncompressed_bytes_up_per_round"] >= 100 * 14_210 * 4  # 100 float32 models a round
+    assert figures["worst_over_uncompressed"] == max(figures[f"{n}_over_uncompressed"] for n in codecs)

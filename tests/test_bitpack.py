@@ -1,4 +1,5 @@
-"""Bit packing: round trips for every width and odd lengths, the pinned bit order, exact sizes, vmap."""
+"""Bit packing: round trips for every width and odd lengths, the pinned bit order, exact sizes, vmap, and int32
+work up to 24 bits giving the bytes int64 gives."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch.func import vmap
 from fedsim import bitpack
 
 
-@pytest.mark.parametrize("width", [*range(1, 17), 31, 32, 56])
+@pytest.mark.parametrize("width", [*range(1, 17), 23, 24, 25, 31, 32, 56])
 @pytest.mark.parametrize("n", [0, 1, 3, 7, 13, 64])
 def test_pack_then_unpack_gives_the_values_back_in_packed_size_bytes(width, n):
     g = torch.Generator().manual_seed(width * 100 + n)
@@ -18,7 +19,8 @@ def test_pack_then_unpack_gives_the_values_back_in_packed_size_bytes(width, n):
         values[0] = 2**width - 1  # the widest value fits
     packed = bitpack.pack(values, width)
     assert packed.dtype == torch.uint8 and packed.shape == (bitpack.packed_size(n, width),)
-    assert torch.equal(bitpack.unpack(packed, width, n), values)
+    unpacked = bitpack.unpack(packed, width, n)
+    assert unpacked.dtype == bitpack.int_dtype(width) and torch.equal(unpacked, values)
 
 
 def test_bits_go_least_significant_first_and_the_last_byte_is_zero_padded():
@@ -39,3 +41,18 @@ def test_vmapped_pack_and_unpack_equal_a_loop():
 def test_a_width_outside_1_to_56_is_refused(width):
     with pytest.raises(ValueError, match="bit width must be in 1..56"):
         bitpack.pack(torch.zeros(3, dtype=torch.int64), width)
+
+
+@pytest.mark.parametrize(("width", "dtype"),
+                         [(1, torch.int32), (24, torch.int32), (25, torch.int64), (56, torch.int64)])
+def test_widths_up_to_24_bits_work_in_int32_and_wider_ones_in_int64(width, dtype):
+    assert bitpack.int_dtype(width) == dtype
+
+
+@pytest.mark.parametrize("width", [1, 9, 24])
+def test_the_bytes_do_not_depend_on_the_integer_dtype_of_the_values(width):
+    values = torch.randint(0, 2**width, (29,), generator=torch.Generator().manual_seed(width))
+    values[-1] = 2**width - 1
+    packed = bitpack.pack(values, width)
+    dtypes = [torch.int32, *([torch.int16] if width < 16 else []), *([torch.bool] if width == 1 else [])]
+    assert all(torch.equal(bitpack.pack(values.to(dtype), width), packed) for dtype in dtypes)

@@ -11,7 +11,9 @@ import torch
 from rulekit import assert_runtimes_agree
 from torch.func import vmap
 
+from fedsim import keyed_random
 from fedsim.codecs import build_codec
+from fedsim.compressors import _random_indices
 from fedsim.errors import ScenarioError
 from fedsim.params import tree_leaves, tree_map, tree_nbytes, tree_unstack
 
@@ -123,7 +125,7 @@ def test_scaled_sign_is_the_l1_mean_with_the_signs_of_x():
     assert torch.equal(out, torch.tensor([-1.2, 1.2, 1.2, 1.2, -1.2]))  # zeros go as +
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_natural_compression_sends_one_of_the_two_nearest_powers_of_two(dtype):
     x = (torch.randn(500, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
     x[:3] = torch.tensor([0.0, -0.0, 0.25])
@@ -160,6 +162,22 @@ def test_random_k_sends_k_distinct_entries_scaled_by_d_over_k_when_unbiased():
     assert torch.equal(out[out != 0], (x * 4).expand(50, 20)[out != 0])
 
 
+def test_random_k_keeps_the_k_largest_scores_splitmix64_outputs_with_the_index_in_their_low_bits():
+    d, k, key = 37, 5, KEY
+    index_bits = (d - 1).bit_length()
+    scores = [(o & -(1 << index_bits)) | i for i, o in enumerate(keyed_random.splitmix64(key, d).tolist())]
+    expected = sorted(range(d), key=lambda i: scores[i], reverse=True)[:k]
+    assert _random_indices(key, d, k).tolist() == expected
+
+
+def test_random_k_keeps_every_entry_equally_often():
+    d, k, n = 12, 3, 6000
+    chosen = vmap(lambda key: _random_indices(key, d, k))(keys(n))
+    assert (chosen.sort(dim=1).values.diff(dim=1) > 0).all()
+    frequency = torch.bincount(chosen.reshape(-1), minlength=d) / n
+    assert ((frequency - k / d).abs() < 4.5 * math.sqrt(k / d * (1 - k / d) / n)).all()
+
+
 @pytest.mark.parametrize("scope", ["model", "tensor"])
 @pytest.mark.parametrize("variant", ["unbiased", "contractive"])
 def test_qsgd_with_a_huge_number_of_levels_is_near_identity(scope, variant):
@@ -188,6 +206,20 @@ def test_vmapped_encode_and_decode_equal_a_loop_bit_for_bit(spec, scope):
     decoded = vmap(c.decode, in_dims=(0, None, None))(payloads, template, {})[0]
     for i, m in enumerate(tree_unstack(batch, clients)):
         payload, _ = c.encode(m, {}, batch_keys[i])
+        assert_bitwise_equal(tree_unstack(payloads, clients)[i], payload)
+        assert_bitwise_equal(tree_unstack(decoded, clients)[i], c.decode(payload, template, {})[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", RANDOMIZED, ids=lambda s: "-".join(map(str, s.values())))
+def test_vmap_equals_a_loop_on_messages_longer_than_a_chunk_of_draws(spec, dtype):
+    clients, d = 3, 2 * keyed_random.CHUNK + 3
+    c, template = codec(spec), {"v": torch.zeros(d, dtype=dtype)}
+    batch = {"v": torch.randn(clients, d, generator=torch.Generator().manual_seed(4)).to(dtype)}
+    payloads, _ = vmap(c.encode, in_dims=(0, None, 0))(batch, {}, keys(clients))
+    decoded = vmap(c.decode, in_dims=(0, None, None))(payloads, template, {})[0]
+    for i, m in enumerate(tree_unstack(batch, clients)):
+        payload, _ = c.encode(m, {}, keys(clients)[i])
         assert_bitwise_equal(tree_unstack(payloads, clients)[i], payload)
         assert_bitwise_equal(tree_unstack(decoded, clients)[i], c.decode(payload, template, {})[0])
 

@@ -1,4 +1,5 @@
-"""Keyed random draws: Philox matches Random123, vmap draws what a loop draws, and the numbers are well distributed."""
+"""Keyed random draws: Philox matches Random123 and SplitMix64 its reference, vmap draws what a loop draws (across
+SplitMix64's chunks too), and the numbers are well distributed."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import pytest
 import torch
 from torch.func import vmap
 
+from fedsim import keyed_random
 from fedsim.keyed_random import (
     _unit_float,
+    fast_uniform,
     fold_in,
     key_from_seed,
+    mix64_,
     normal,
     philox4x32,
+    splitmix64,
     tree_normal,
     uniform,
 )
@@ -196,3 +201,90 @@ def test_draws_for_a_smaller_shape_are_a_prefix_of_a_larger_ones():
     assert torch.equal(normal(key_from_seed(14), 0, (3, 3)).reshape(-1), normal(key_from_seed(14), 0, (10,))[:9])
     assert torch.equal(uniform(key_from_seed(14), 0, (5,), torch.float64), uniform(key_from_seed(14), 0, (8,),
                                                                                      torch.float64)[:5])
+
+
+# Vigna's splitmix64.c (prng.di.unimi.it): the first outputs of next() from state 1234567 and from state 0.
+_SPLITMIX_REFERENCE = {1234567: [6457827717110365317, 3203168211198807973, 9817491932198370423,
+                                 4593380528125082431, 16408922859458223821],
+                       0: [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]}
+
+
+def _reference_splitmix64(seed: int, n: int) -> list[int]:
+    """SplitMix64 on Python ints: next() n times from state `seed`."""
+    out, mask = [], 2**64 - 1
+    for i in range(1, n + 1):
+        z = (seed + i * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def _unsigned(words: torch.Tensor) -> list[int]:
+    return [w % 2**64 for w in words.tolist()]
+
+
+@pytest.mark.parametrize("seed", sorted(_SPLITMIX_REFERENCE))
+def test_splitmix64_matches_the_reference_outputs(seed):
+    expected = _SPLITMIX_REFERENCE[seed]
+    assert _unsigned(splitmix64(key_from_seed(seed), len(expected))) == expected
+
+
+def test_splitmix64_matches_a_pure_python_reference_across_chunks():
+    n, seed = 2 * keyed_random.CHUNK + 5, 2**63 + 2**40 + 17
+    assert _unsigned(splitmix64(key_from_seed(seed), n)) == _reference_splitmix64(seed, n)
+    assert torch.equal(splitmix64(key_from_seed(seed), 7), splitmix64(key_from_seed(seed), n)[:7])
+
+
+def test_mix64_works_in_place_on_the_tensor_it_is_given():
+    z = torch.tensor([1, -1, 2**62])
+    out = mix64_(z)
+    assert out is z and _unsigned(out) == [_reference_splitmix64(x % 2**64 - 0x9E3779B97F4A7C15, 1)[0]
+                                          for x in (1, -1, 2**62)]
+
+
+def test_splitmix64_hands_each_chunk_and_its_positions_to_then():
+    n, key = keyed_random.CHUNK + 3, key_from_seed(5)
+    seen = []
+    out = splitmix64(key, n, lambda z, i: (seen.append(i.tolist()), z ^ i)[1])
+    assert [s[0] for s in seen] == [0, keyed_random.CHUNK] and sum(map(len, seen)) == n
+    assert torch.equal(out, splitmix64(key, n) ^ torch.arange(n))
+    assert splitmix64(key, 0).shape == (0,) and fast_uniform(key, (0,)).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_uniform_under_vmap_equals_a_loop_across_chunks(dtype):
+    keys = _keys(0, 1, 2**40 + 3, 2**64 - 1)
+    shape = (3, keyed_random.CHUNK + 1)  # more than one chunk of outputs in either dtype
+    batched = vmap(lambda k: fast_uniform(k, shape, dtype))(keys)
+    assert batched.dtype == dtype and torch.equal(batched, torch.stack([fast_uniform(k, shape, dtype) for k in keys]))
+    assert torch.equal(vmap(lambda k: splitmix64(k, 2500))(keys), torch.stack([splitmix64(k, 2500) for k in keys]))
+
+
+def test_fast_uniform_takes_the_top_bits_of_each_half_of_an_output_for_float32_and_of_the_whole_for_float64():
+    seed = 99
+    words = _reference_splitmix64(seed, 3)
+    halves = [h for w in words for h in (w >> 32, w & 0xFFFFFFFF)]
+    assert fast_uniform(key_from_seed(seed), (5,)).tolist() == [((h >> 9) * 2 + 1) * 2.0**-24 for h in halves[:5]]
+    assert fast_uniform(key_from_seed(seed), (3,), torch.float64).tolist() == [((w >> 12) * 2 + 1) * 2.0**-53
+                                                                               for w in words]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_uniform_is_strictly_inside_the_unit_interval_and_uniform(dtype):
+    u = fast_uniform(key_from_seed(21), (N,), dtype)
+    assert u.dtype == dtype and u.min() > 0 and u.max() < 1
+    assert _ks_statistic(u, lambda x: x) < _KS_CRITICAL
+    pairs = u[: N // 2 * 2].reshape(-1, 2).double().T  # the two halves of one output are uncorrelated
+    assert abs(float(torch.corrcoef(pairs)[0, 1])) < 0.02
+
+
+def test_fast_uniform_streams_of_neighbouring_keys_are_unrelated():
+    a, b = fast_uniform(key_from_seed(1), (N,)), fast_uniform(key_from_seed(2), (N,))
+    assert (a == b).float().mean() < 0.001 and abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.02
+    assert _ks_statistic((a - b).abs(), lambda x: 1 - (1 - x) ** 2) < _KS_CRITICAL  # |U - V| of independent U, V
+
+
+def test_fast_uniform_refuses_unsupported_dtypes():
+    with pytest.raises(ValueError, match="float32 and float64"):
+        fast_uniform(key_from_seed(0), (3,), torch.float16)
