@@ -36,13 +36,7 @@ class JobSizes:
     work: np.ndarray
     bytes_up: int
     bytes_first: int
-
-    def upload_bytes(self, sim: Any, client: int) -> int:
-        """The bytes a job of `client` will upload: its first message's when it has stored no codec state (results
-        still in flight are not counted, so two jobs of a client in flight at once are both charged as first)."""
-        if self.bytes_first == self.bytes_up or sim.codec_states.get(client) is not None:
-            return self.bytes_up
-        return self.bytes_first
+    """Bytes of a client's first upload (`ProtocolBase.upload_bytes` picks between the two)."""
 
 
 def job_sizes(sim: Any, template: Pytree) -> JobSizes:
@@ -260,7 +254,7 @@ class AsyncProtocol(ProtocolBase):
         down = self.book.download_bytes(self.step)
         self.traffic.down += down
         phases = systems.job_phases(job.id, client, int(self.sizes.work[client]), down,
-                                    self.sizes.upload_bytes(self.sim, client))
+                                    self.upload_bytes(self.sizes, client))
         drop = systems.drop_time(job.id, client, start, phases)
         if drop is not None:
             clock.schedule(start - clock.now + drop, "dropout", job=job, start=start, phases=phases.until(drop))

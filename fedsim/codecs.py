@@ -58,7 +58,8 @@ class Codec(Protocol):
                                                                                                          Pytree]:
         """(payload, new state); pure and vmappable over a leading client axis of the three tensor arguments.
         `key` is an int64 (2,) counter-based RNG key, ignored by deterministic codecs; `first`: the sender's first
-        message (a Python bool, the same for a whole batch)."""
+        message (a Python bool, the same for a whole batch). The new state never shares storage with `message`
+        (callers may write into the message afterwards); the payload may."""
         ...
 
     def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
@@ -120,8 +121,6 @@ class Identity:
 
     def check(self, template: Pytree, field_path: str) -> None:
         """Any message fits."""
-
-
 
 
 def _error_feedback_spec(value: Any, field_path: str) -> dict[str, Any] | None:

@@ -96,14 +96,14 @@ class MirroredFeedback(ABC):
         return own
 
     def opened_own(self, message: Pytree, state: Pytree) -> Pytree:
-        """The sender's own state after a full first message."""
+        """The sender's own state after a full first message (`message`: the sender's own copy of it)."""
         return state["own"]
 
     def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
                                                                                                          Pytree]:
-        if self.opens_full(first):
-            return {"opening": message}, {"h": message, "inner": state["inner"],
-                                          "own": self.opened_own(message, state)}
+        if self.opens_full(first):  # the state keeps a copy: callers may write into `message` afterwards
+            kept = tree_map(torch.clone, message)
+            return {"opening": message}, {"h": kept, "inner": state["inner"], "own": self.opened_own(kept, state)}
         target, own = self.prepare(message, state, first)
         payload, inner_state = self.inner.encode(target, state["inner"], key, first=first)
         sent, _ = self.inner.decode(payload, target, self.inner.shared(state["inner"]))
@@ -153,7 +153,8 @@ class EF21SGDM(MirroredFeedback):
 
     def prepare(self, message: Pytree, state: Pytree, first: bool) -> tuple[Pytree, Pytree]:
         eta = self.params.eta
-        v = message if first else tree_map(lambda v, m: (1 - eta) * v + eta * m, state["own"]["v"], message)
+        v = tree_map(torch.clone, message) if first else \
+            tree_map(lambda v, m: (1 - eta) * v + eta * m, state["own"]["v"], message)
         return tree_sub(v, state["h"]), {"v": v}
 
 

@@ -134,9 +134,10 @@ class PublicCopies:
         codec = build_codec(spec.compression.gossip, "compression.gossip")
         codec.check(sim.model.init_params, "compression.gossip")
         if not isinstance(graphs.at(0).neighbourhood, HaloNeighbourhood):
-            raise ScenarioError("compression.gossip: relayed gossip mixes on the nodes, which keep no public copies; "
-                                "compressed gossip and consensus steps run in one process, under MPI or on gRPC "
-                                "peers")
+            field = "compression.gossip" if spec.compression.gossip is not None else "protocol"
+            raise ScenarioError(f"{field}: relayed gossip mixes on the nodes, which keep no public copies; compressed "
+                                f"gossip and consensus steps (consensus_step, gamma_x, gamma_y below 1) run in one "
+                                f"process, under MPI or on gRPC peers")
         fixed = graphs.topology.sequence.period == 1
         return cls(codec, gamma, template, owned, spec.seed, channel,
                    len(graphs.at(0).neighbourhood.plan.halo) if fixed else None)
@@ -154,9 +155,7 @@ class PublicCopies:
         payload, new_states = vmap(lambda m, s, k: codec.encode(m, s, k, first=first))(rows, self.states,
                                                                                          self.keys(t, q))
         public, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, self.template, codec.shared(self.states))
-        # A codec may keep the message itself as state (EF21's h = m after a full first message), and the caller
-        # writes the new rows into `rows` in place: the states are copied so they keep the rows as sent.
-        self.states, self.first = tree_map(torch.clone, new_states), False
+        self.states, self.first = new_states, False
         if self.halo_mirrors is None:
             mixed = neighbourhood.gossip(public, W)
         else:

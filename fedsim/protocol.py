@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fedsim import keyed_random
 from fedsim.aggregation import Aggregate, finish_means, total_weights
 from fedsim.clock import Clock, Event
+from fedsim.codecs import build_codec
 from fedsim.errors import DivergenceError
 from fedsim.params import Pytree, tree_is_finite
 from fedsim.recording import Recorder, Row, Traffic
@@ -24,6 +25,7 @@ from fedsim.runtime.local import message_template
 from fedsim.seeding import Stream, derive_seed
 
 if TYPE_CHECKING:
+    from fedsim.async_jobs import JobSizes
     from fedsim.simulation import Simulation
 
 SAMPLE_COUNT_BYTES = 8
@@ -46,6 +48,11 @@ class ProtocolBase:
         """Server steps taken so far (rounds, asynchronous updates, gossip rounds)."""
         self.client_updates = 0
         """Client results that went into server steps so far (a gossip round counts each node's local update)."""
+        self.uploaded: set[int] = set()
+        """Clients whose results have arrived, on every process (the first upload of an uplink codec that sends it
+        differently is charged as such): kept only for such codecs."""
+        uplink = build_codec(self.spec.compression.uplink, "compression.uplink")
+        self.tracks_uploads = uplink.payload_bytes(self.template, first=True) != uplink.payload_bytes(self.template)
 
     def start(self, clock: Clock) -> None:
         raise NotImplementedError
@@ -55,12 +62,13 @@ class ProtocolBase:
         flight and their results), plain data for a checkpoint; `server_steps` tells checkpoints when to fall."""
         return {"server": self.state, "traffic": [self.traffic.down, self.traffic.up],
                 "downlink": self.downlink_state, "server_steps": self.server_steps,
-                "client_updates": self.client_updates}
+                "client_updates": self.client_updates, "uploaded": sorted(self.uploaded)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state, self.downlink_state = state["server"], state["downlink"]
         self.traffic = Traffic(*state["traffic"])
         self.server_steps, self.client_updates = state["server_steps"], state["client_updates"]
+        self.uploaded = set(state["uploaded"])
 
     def handle(self, event: Event, clock: Clock) -> None:
         raise NotImplementedError
@@ -93,7 +101,9 @@ class ProtocolBase:
 
     def commit(self, result: JobResult) -> None:
         """File an arrived result's new client state and uplink codec state (results held by another MPI rank are
-        that rank's)."""
+        that rank's; every rank notes that the client has uploaded)."""
+        if self.tracks_uploads:
+            self.uploaded.add(result.client)
         if result.here:
             self.sim.states.put(result.client, result.client_state)
             self.sim.codec_states.put(result.client, result.codec_state)
@@ -102,7 +112,7 @@ class ProtocolBase:
         """`commit` every result, in order; stacked results of a stateless rule and codec, with no state stored,
         are skipped whole (committing them would change nothing), so their rows are never split per job."""
         stateless = isinstance(results, StackedResults) and not results.has_states
-        if stateless and not len(self.sim.states) and not len(self.sim.codec_states):
+        if stateless and not len(self.sim.states) and not len(self.sim.codec_states) and not self.tracks_uploads:
             return
         for result in results:
             self.commit(result)
@@ -119,6 +129,11 @@ class ProtocolBase:
         decoded, _ = codec.decode(payload, message, codec.shared(state))
         self.sim.runtime.broadcast_payload(decoded, payload)
         return decoded, codec.payload_bytes(message, first=first)
+
+    def upload_bytes(self, sizes: JobSizes, client: int) -> int:
+        """The bytes a job of `client` will upload (with its sample count): its first message's when none of its
+        results has arrived yet (two jobs of one client in flight at once are both charged as first)."""
+        return sizes.bytes_first if self.tracks_uploads and client not in self.uploaded else sizes.bytes_up
 
     def aggregate(self, results: Sequence[JobResult], steps: int) -> Aggregate:
         """The server rule's view of `results`, reduced over devices and ranks in client order (then job id), so

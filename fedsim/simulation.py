@@ -10,9 +10,10 @@ from fedsim.clients import ClientRule
 from fedsim.codecs import Codec, build_codec
 from fedsim.data import build_federated_data
 from fedsim.data.base import ClientDataSource
-from fedsim.errors import DataError
+from fedsim.errors import DataError, ScenarioError
 from fedsim.evaluation import Evaluator, no_reduce
 from fedsim.models import Model, build_model
+from fedsim.params import Pytree, tree_leaves
 from fedsim.personal import PersonalEvaluator, has_personal_model
 from fedsim.runtime import RUNTIMES, Runtime, mpi
 from fedsim.runtime.base import RuntimeParams
@@ -64,6 +65,21 @@ def evaluation_clients(count: int | None, num_clients: int, seed: int) -> list[i
     if count is None or count >= num_clients:
         return None
     return sorted(numpy_rng(seed, Stream.EVALUATION).choice(num_clients, count, replace=False).tolist())
+
+
+def check_downlink_mirror(downlink: Codec, template: Pytree, scenario: ResolvedScenario) -> None:
+    """Refuse a downlink codec whose receivers keep a mirror of the server's state (EF21-style error feedback)
+    unless every client hears every broadcast (synchronous rounds of all clients): the simulation decodes each
+    broadcast once for all clients, which a client that missed one could not."""
+    if not any(True for _ in tree_leaves(downlink.shared(downlink.init(template)))):
+        return
+    spec, protocol = scenario.spec, scenario.components["protocol"]
+    everyone = spec.clients_per_round in (None, spec.num_clients) and not protocol.entry.meta.get("asynchronous")
+    if not everyone:
+        raise ScenarioError(f"compression.downlink.error_feedback: clients keep a mirror of the server's state, so "
+                            f"every client must hear every broadcast; protocol {protocol.name!r} with "
+                            f"clients_per_round {spec.clients_per_round} of {spec.num_clients} does not: use ef14 or "
+                            f"none, or every client every round")
 
 
 def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None,
@@ -123,5 +139,6 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))
     downlink = build_codec(spec.compression.downlink, "compression.downlink")
     downlink.check(model.init_params, "compression.downlink")
+    check_downlink_mirror(downlink, server.broadcast(server.init(model.init_params)), scenario)
     return Simulation(scenario, data, objective, rule, server, runtime, states, codec_states, downlink, systems,
                       evaluator, notices, transport, personal)

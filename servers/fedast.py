@@ -403,7 +403,7 @@ class Simultaneous:
     def _place(self, task: Task, job: Job, down: int, now: float) -> tuple[float, JobPhases]:
         """Queue `job` on its client: it starts when the client is free (or now) and ends after its phases."""
         phases = self.sim.systems.job_phases(job.id, job.client, int(task.sizes.work[job.client]), down,
-                                             task.sizes.upload_bytes(task.sim, job.client))
+                                             task.upload_bytes(task.sizes, job.client))
         begin = max(now, float(self.free_at[job.client]))
         self.free_at[job.client] = begin + phases.total
         return begin, phases

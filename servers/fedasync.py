@@ -35,6 +35,7 @@ from pydantic import Field
 from fedsim.async_jobs import AsyncProtocol, RecentStaleness
 from fedsim.clock import Clock, Event
 from fedsim.params import Pytree, tree_map
+from fedsim.protocol import SAMPLE_COUNT_BYTES
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import JobResult
@@ -93,7 +94,7 @@ class FedAsync(AsyncProtocol):
         job = event.payload["job"]
         start = self.book.start_params(job.version)
         result = self.book.result(job)
-        self.traffic.up += self.sizes.bytes_up
+        self.traffic.up += result.message_bytes + SAMPLE_COUNT_BYTES
         self.commit(result)
         staleness = self.step - job.version
         self.recent.add(staleness)

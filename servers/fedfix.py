@@ -42,7 +42,7 @@ from pydantic import Field
 from fedsim.async_jobs import JobBook, RecentStaleness, job_sizes, scale_delta
 from fedsim.clock import Clock, Event
 from fedsim.errors import ScenarioError
-from fedsim.protocol import ProtocolBase
+from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.recording import Recorder
 from fedsim.registry import Params
 from fedsim.runtime import Job, JobResult
@@ -140,12 +140,12 @@ class FraboniBase(ProtocolBase):
         down = self.book.dispatch(job)
         self.traffic.down += down
         return job, now, self.sim.systems.job_phases(job_id, client, int(self.sizes.work[client]), down,
-                                                     self.sizes.bytes_up)
+                                                     self.upload_bytes(self.sizes, client))
 
     def receive(self, job: Job, start: float, phases: JobPhases) -> JobResult:
         """An arrived job's result: uploaded, its client state committed, logged on the timeline as used."""
         result = self.book.result(job)
-        self.traffic.up += self.sizes.bytes_up
+        self.traffic.up += result.message_bytes + SAMPLE_COUNT_BYTES
         self.commit(result)
         staleness = self.step - job.version
         self.recent.add(staleness)

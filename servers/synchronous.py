@@ -132,7 +132,7 @@ class SynchronousRounds(ProtocolBase):
         jobs, timing = [], []
         for client in plan.clients.tolist():
             full = int(sizes.steps[client])
-            phases = sim.systems.job_phases(t, client, int(sizes.work[client]), down, sizes.upload_bytes(sim, client))
+            phases = sim.systems.job_phases(t, client, int(sizes.work[client]), down, self.upload_bytes(sizes, client))
             steps, cut = steps_by_deadline(phases, self.deadline, full, int(sim.data.train_sizes[client]),
                                            hp.batch_size, sim.rule.step_cost)
             if steps == full or (steps > 0 and not self.drop_stragglers):

@@ -187,3 +187,14 @@ def test_bad_error_feedback_settings_are_one_line_errors_naming_the_field(feedba
     with pytest.raises(ScenarioError) as err:
         codec(TOP1, feedback)
     assert str(err.value).startswith(field) and "\n" not in str(err.value)
+
+
+def test_a_mirrored_downlink_runs_only_when_every_client_hears_every_broadcast(tiny):
+    downlink = {"name": "topk", "ratio": 0.1, "error_feedback": "ef21"}
+    with pytest.raises(ScenarioError) as err:
+        fedsim.run({**tiny, "compression": {"downlink": downlink}}, write=False)  # 4 of 10 clients a round
+    assert str(err.value).startswith("compression.downlink.error_feedback: clients keep a mirror")
+    rows = fedsim.run({**tiny, "clients_per_round": 10, "compression": {"downlink": downlink}}, write=False)
+    full = 10 * 64 * 4 + 10 * 4
+    assert rows.metrics.rows[1]["bytes_down"] == 10 * full  # the opening broadcast goes whole to every client
+    assert rows.metrics.rows[-1]["loss"] < rows.metrics.rows[0]["loss"]

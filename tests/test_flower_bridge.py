@@ -429,3 +429,23 @@ def test_nodes_read_their_data_from_their_own_data_dir(tmp_path):
     missing = [{"partition-id": 0, "data-dir": str(tmp_path / "nowhere")}, {"partition-id": 1}]
     with pytest.raises(NodeConfigError, match=r"^node_config\.data-dir: '.*nowhere': data\.root"):
         bridged(scenario, missing)
+
+
+def test_a_node_whose_reply_was_lost_starts_its_uplink_codec_afresh():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+
+    from fedsim.flower.client import CODEC_STATE, HEARD, SENT, synced_codec_state
+
+    context = SimpleNamespace(state=RecordDict())
+    put_tree(context.state, CODEC_STATE, {"h": {"w": torch.ones(3)}})
+    context.state[SENT] = ConfigRecord({"payloads": 4})
+
+    def train_message(heard: int) -> RecordDict:
+        return RecordDict({HEARD: ConfigRecord({"payloads": heard})})
+
+    state, restarted = synced_codec_state(train_message(4), context)  # the server decoded all 4 payloads
+    assert not restarted and torch.equal(state["h"]["w"], torch.ones(3))
+    state, restarted = synced_codec_state(train_message(3), context)  # the 4th reply never reached it
+    assert restarted and state is None

@@ -62,12 +62,15 @@ V2_VARIANTS = {
     "fedasync": {"protocol": {"name": "fedasync"}, "rounds": 8, "runtime": {"name": "vectorized"}},
     "dsgd": {"protocol": {"name": "dsgd"}, "topology": {"name": "ring"}, "clients_per_round": None,
              "runtime": {"name": "vectorized"}},
+    # Each client's first upload goes whole: every rank must time it so, owner of the client or not.
+    "fedasync_econtrol": {"protocol": {"name": "fedasync"}, "rounds": 8, "systems": {"name": "linear"},
+                          "compression": {"uplink": {"name": "topk", "ratio": 0.1, "error_feedback": "econtrol"}}},
 }
 
 
 def test_scaffold_fedasync_and_dsgd_on_two_ranks_give_the_single_process_metrics(tiny, tmp_path):
-    """Per-key weighting and client control variates, jobs from several model versions, and per-node starts with
-    gathered node models, each across ranks (one mpiexec for the three)."""
+    """Per-key weighting and client control variates, jobs from several model versions, per-node starts with
+    gathered node models, and first uploads of an error-feedback codec, each across ranks (one mpiexec for all)."""
     scenario = {**tiny, "partition": {"name": "quantity"}, "variants": V2_VARIANTS}
     path = tmp_path / "v2.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))

@@ -24,7 +24,7 @@ from fedsim.params import Pytree
 from fedsim.personal import personal_test_sums
 from fedsim.runtime import Job
 from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
-from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, message_template, run_client
+from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, run_client
 from fedsim.seeding import Stream
 from fedsim.simulation import Simulation
 
@@ -32,9 +32,11 @@ CLIENT_STATE, CODEC_STATE, NODE_ROW = "fedsim.client_state", "fedsim.codec_state
 """Where a node keeps its client's state, its uplink codec state and (relayed gossip) its model in `context.state`."""
 START, JOB, PAYLOAD, RESULT, NODE, ERROR, MIX, ROW, PERSONAL = ("start", "job", "payload", "result", "node", "error",
                                                            "mix", "row", "personal")
+"""Names of the records in the bridge's messages."""
 BROADCAST = "broadcast"
 """A job's start as the downlink codec's payload, which the node decodes (in place of `start`)."""
-"""Names of the records in the bridge's messages."""
+HEARD, SENT = "heard", "fedsim.payloads_sent"
+"""How many of the client's payloads the server has decoded (train messages), and sent (the node's context)."""
 
 
 def neighbour_key(node: int) -> str:
@@ -115,6 +117,16 @@ def decoded_broadcast(sim: Simulation, payload: Pytree) -> Pytree:
     return downlink.decode(payload, template, downlink.shared(downlink.init(template)))[0]
 
 
+def synced_codec_state(content: RecordDict, context: Context) -> tuple[Pytree | None, bool]:
+    """The node's uplink codec state, and whether it starts afresh: when the server decoded fewer payloads than the
+    node sent (a reply was lost), the server's mirror no longer matches, so both sides start the codec over."""
+    state = get_tree(context.state, CODEC_STATE)
+    sent = context.state[SENT]["payloads"] if SENT in context.state else 0
+    if state is not None and sent != int(content.config_records[HEARD]["payloads"]):
+        return None, True
+    return state, False
+
+
 def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> RecordDict:
     """A train message's reply: the job's encoded payload and facts; the node's states are updated in place."""
     sim = node_simulation(scenario, context)
@@ -128,20 +140,18 @@ def train(scenario: ScenarioSource, content: RecordDict, context: Context) -> Re
         start = {"params": node_row(sim, context)}
     else:
         start = get_tree(content, START) if START in content else decoded_broadcast(sim, get_tree(content, BROADCAST))
-    codec_state = get_tree(context.state, CODEC_STATE)
+    codec_state, restarted = synced_codec_state(content, context)
     payload, new_state, new_codec, samples, work = run_job(sim, job, start, get_tree(context.state, CLIENT_STATE),
                                                            codec_state)
     put_tree(context.state, CLIENT_STATE, new_state)
     put_tree(context.state, CODEC_STATE, new_codec)
-    if relayed:
-        uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
-        template = message_template(sim.rule, start)
-        mirror = uplink.shared(uplink.init(template) if codec_state is None else codec_state)
-        delta = uplink.decode(payload, template, mirror)[0]["delta"]
+    context.state[SENT] = ConfigRecord({"payloads": int(content.config_records[HEARD]["payloads"]) + 1})
+    if relayed:  # gossip protocols have no uplink path, so the payload is the message itself
+        delta = payload["delta"]
         put_tree(context.state, NODE_ROW, {k: torch.add(v, delta[k].to(v.dtype)) for k, v in start["params"].items()})
     time.sleep(train_delay(context.node_config))
     reply = RecordDict({RESULT: ConfigRecord({"id": job.id, "client": job.client, "num_samples": samples,
-                                              "work": work})})
+                                              "work": work, "codec_restarted": restarted})})
     put_tree(reply, PAYLOAD, payload)
     return reply
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
@@ -25,6 +25,7 @@ from fedsim.evaluation import Sums
 from fedsim.flower.client import (
     BROADCAST,
     ERROR,
+    HEARD,
     JOB,
     NODE,
     PAYLOAD,
@@ -82,6 +83,8 @@ class FlowerRuntime(InProcess):
         """Job ids `wait_arrival` has returned."""
         self.mirrors: dict[int, Pytree] = {}
         """Per client, the server's mirror of its uplink codec's shared state (EF21's h_i), kept from its payloads."""
+        self.heard: dict[int, int] = {}
+        """Per client, how many of its payloads the server has decoded (what the node compares with what it sent)."""
         self.broadcasts: OrderedDict[int, tuple[Pytree, Pytree]] = OrderedDict()
         """The latest broadcasts the protocol encoded, by the decoded message's id: (message, payload); a job
         starting from one of them carries the payload, which its node decodes."""
@@ -108,9 +111,7 @@ class FlowerRuntime(InProcess):
         for job, start in zip(jobs, per_job, strict=True):
             if self.nodes[job.client] in self.gone:
                 continue
-            content = RecordDict({JOB: job_record(job)})
-            if not self.starts_on_nodes:
-                self.put_start(content, start)
+            content = self.train_content(job, start)
             messages.append(Message(content, self.nodes[job.client], "train", group_id=str(job.id)))
         replies: dict[tuple[int, int], RecordDict] = {}
         for _, content in self.answers(messages):
@@ -131,14 +132,24 @@ class FlowerRuntime(InProcess):
             results.append(self.decoded(job, start, content))
         return results
 
+    def train_content(self, job: Job, start: Pytree) -> RecordDict:
+        """A train message's content: the job, how many of its client's payloads the server has decoded (a node
+        whose count differs lost a reply, so it starts its codec afresh), and its start (none for relayed gossip)."""
+        content = RecordDict({JOB: job_record(job), HEARD: ConfigRecord({"payloads": self.heard.get(job.client, 0)})})
+        if not self.starts_on_nodes:
+            self.put_start(content, start)
+        return content
+
     def decoded(self, job: Job, start: Pytree, content: RecordDict) -> JobResult:
-        """A reply's result, its payload decoded against the message template of the job's start."""
+        """A reply's result, its payload decoded against the message template of the job's start, with the server's
+        mirror of the client's codec state (a fresh one when the node started its codec afresh)."""
         facts = content.config_records[RESULT]
         template = message_template(self.rule, start)
-        mirror = self.mirrors.get(job.client)
+        mirror = None if facts.get("codec_restarted", False) else self.mirrors.get(job.client)
         if mirror is None:
             mirror = self.uplink.shared(self.uplink.init(template))
         message, mirror = self.uplink.decode(get_tree(content, PAYLOAD), template, mirror)
+        self.heard[job.client] = self.heard.get(job.client, 0) + 1
         if any(True for _ in tree_leaves(mirror)):
             self.mirrors[job.client] = mirror
         return JobResult(job, message, int(facts["num_samples"]), int(facts["work"]),
@@ -148,9 +159,7 @@ class FlowerRuntime(InProcess):
         """Push one job to its client's node now, without waiting (asynchronous protocols: `fedsim.async_jobs`)."""
         if not self.nodes:
             self.nodes = self.discover()
-        content = RecordDict({JOB: job_record(job)})
-        self.put_start(content, start)
-        message = Message(content, self.nodes[job.client], "train", group_id=str(job.id))
+        message = Message(self.train_content(job, start), self.nodes[job.client], "train", group_id=str(job.id))
         (message_id,) = self.grid.push_messages([message])
         self.submitted[message_id] = (job, start)
 
@@ -254,10 +263,12 @@ class FlowerRuntime(InProcess):
 
     def state_dict(self) -> dict[str, Any]:
         """The server's codec mirrors (the nodes keep their own state)."""
-        return {"mirrors": {str(client): mirror for client, mirror in self.mirrors.items()}}
+        return {"mirrors": {str(client): mirror for client, mirror in self.mirrors.items()},
+                "heard": {str(client): count for client, count in self.heard.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mirrors = {int(client): mirror for client, mirror in state["mirrors"].items()}
+        self.heard = {int(client): count for client, count in state["heard"].items()}
 
 
 def checked(reply: Message) -> RecordDict:
