@@ -134,7 +134,8 @@ def test_a_compressed_downlink_travels_as_its_payload_and_nodes_decode_it(monkey
 
 
 def test_a_downlink_codec_that_needs_a_mirror_on_the_nodes_is_refused_on_flower():
-    scenario = small("fedavg", compression={"downlink": {"name": "topk", "ratio": 0.1, "error_feedback": "ef21"}})
+    scenario = small("fedavg", clients_per_round=4, stragglers={"fraction": 0.0},
+                     compression={"downlink": {"name": "topk", "ratio": 0.1, "error_feedback": "ef21"}})
     with pytest.raises(FedsimError, match=r"^compression\.downlink\.error_feedback: on Flower nodes"):
         bridged(scenario)
 

@@ -213,6 +213,20 @@ def answered(work: Callable[[], RecordDict]) -> RecordDict:
         return RecordDict({ERROR: ConfigRecord({"kind": type(exc).__name__, "line": str(exc)})})
 
 
+def in_scenario_threads(scenario: ScenarioSource, context: Context,
+                        work: Callable[[ScenarioSource, RecordDict, Context], RecordDict],
+                        content: RecordDict) -> RecordDict:
+    """work(scenario, content, context) with torch's intra-op threads set to the scenario's runtime threads, as an
+    in-process run sets them: reductions split over another number of threads round differently, and a node's
+    numbers must be the in-process run's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(node_simulation(scenario, context).scenario.components["runtime"].params.threads)
+    try:
+        return work(scenario, content, context)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def client_app(scenario: ScenarioSource) -> ClientApp:
     """The ClientApp of a scenario: `query` tells the server which client this node holds, `train` runs a job,
     `train.mix` takes a relayed gossip step, `evaluate` scores the client's personal model."""
@@ -227,14 +241,17 @@ def client_app(scenario: ScenarioSource) -> ClientApp:
 
     @app.train()
     def train_message(message: Message, context: Context) -> Message:
-        return Message(answered(lambda: train(scenario, message.content, context)), reply_to=message)
+        return Message(answered(lambda: in_scenario_threads(scenario, context, train, message.content)),
+                       reply_to=message)
 
     @app.evaluate()
     def evaluate_message(message: Message, context: Context) -> Message:
-        return Message(answered(lambda: personal(scenario, message.content, context)), reply_to=message)
+        return Message(answered(lambda: in_scenario_threads(scenario, context, personal, message.content)),
+                       reply_to=message)
 
     @app.train(MIX)
     def mix_message(message: Message, context: Context) -> Message:
-        return Message(answered(lambda: mix(scenario, message.content, context)), reply_to=message)
+        return Message(answered(lambda: in_scenario_threads(scenario, context, mix, message.content)),
+                       reply_to=message)
 
     return app
