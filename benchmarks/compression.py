@@ -60,6 +60,7 @@ from sequential import SEED, Config, keep_fraction_test, scenario
 from fedsim.clock import Clock
 from fedsim.data import ClientDataSource
 from fedsim.recording import Recorder
+from fedsim.runtime.base import torch_threads
 from fedsim.scenario import ResolvedScenario, load_scenarios
 from fedsim.simulation import Simulation, build_simulation
 
@@ -131,14 +132,11 @@ def run_once(resolved: ResolvedScenario, sim: Simulation, rounds: int) -> tuple[
     recorder = Recorder(resolved.variant, sim.evaluator,
                         sink=lambda row: stamps.append((time.perf_counter(), time.process_time())))
     component = resolved.components["protocol"]
-    clock, threads = Clock(), torch.get_num_threads()
-    torch.set_num_threads(sim.runtime.threads)
-    try:
+    clock = Clock()
+    with torch_threads(sim.runtime.threads):
         protocol = component.entry.obj(component.params, sim, recorder)
         protocol.start(clock)
         clock.run(protocol)
-    finally:
-        torch.set_num_threads(threads)
     (wall0, cpu0), (wall, cpu) = stamps[0], stamps[-1]
     return (wall - wall0) / rounds, (cpu - cpu0) / rounds, float(recorder.rows[-1]["bytes_up"]) / rounds
 

@@ -24,6 +24,7 @@ from fedsim.recording import OUTCOMES, Recorder, run_variant
 from fedsim.report import final_rows, format_table, targets_of, write_pictures
 from fedsim.run_state import Checkpointing, RunState, SignalFlag
 from fedsim.runtime import mpi
+from fedsim.runtime.base import torch_threads
 from fedsim.scenario import ResolvedScenario, load_scenarios, naming_variant
 from fedsim.simulation import Simulation, build_simulation
 from fedsim.timeline import target_of, variant_report
@@ -198,10 +199,8 @@ def _run_one(sim: Simulation, run_dir: RunDirectory | None, root: Path | None, p
                         progress=make_progress(progress, variant, spec.rounds))
     component = sim.scenario.components["protocol"]
     clock = Clock()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(sim.runtime.threads)
     try:
-        with SignalFlag() as signals:
+        with torch_threads(sim.runtime.threads), SignalFlag() as signals:
             protocol = component.entry.obj(component.params, sim, recorder)
             state = RunState(sim, protocol, clock, recorder)
             saving = Checkpointing(root, spec.checkpoint, variant, state, signals, Collective(mpi.world())) \
@@ -210,7 +209,6 @@ def _run_one(sim: Simulation, run_dir: RunDirectory | None, root: Path | None, p
                 protocol.start(clock)
             clock.run(protocol, saving.after_event if saving else None)
     finally:
-        torch.set_num_threads(threads)
         recorder.progress.close()
     if not clock.stopped:
         raise FedsimError(f"variant {variant}: protocol {component.name!r} ran out of events at "

@@ -78,13 +78,14 @@ class Codec(Protocol):
         ...
 
 
-def transmit(codec: Codec, message: Pytree, state: Pytree, key: torch.Tensor, first: bool) -> tuple[Pytree, int,
-                                                                                                   Pytree]:
-    """One message from sender to receiver in one process: what the receiver decodes (with its mirror, which
-    equals the sender's shared state before the message), the payload's exact bytes, and the sender's new state."""
+def transmit(codec: Codec, message: Pytree, state: Pytree, key: torch.Tensor,
+             first: bool) -> tuple[Payload, Pytree, int, Pytree]:
+    """One message from sender to receiver in one process: the payload, what the receiver decodes (with its
+    mirror, which equals the sender's shared state before the message), the payload's exact bytes, and the
+    sender's new state."""
     payload, new_state = codec.encode(message, state, key, first=first)
     decoded, _ = codec.decode(payload, message, codec.shared(state))
-    return decoded, codec.payload_bytes(message, first=first), new_state
+    return payload, decoded, codec.payload_bytes(message, first=first), new_state
 
 
 CODECS: Registry[Callable[[Params], Codec]] = Registry("codec")

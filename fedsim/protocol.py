@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fedsim import keyed_random
 from fedsim.aggregation import Aggregate, finish_means, total_weights
 from fedsim.clock import Clock, Event
-from fedsim.codecs import build_codec
+from fedsim.codecs import build_codec, transmit
 from fedsim.errors import DivergenceError
 from fedsim.params import Pytree, tree_is_finite
 from fedsim.recording import Recorder, Row, Traffic
@@ -125,10 +125,9 @@ class ProtocolBase:
         first = self.downlink_state is None
         state = codec.init(message) if first else self.downlink_state
         key = keyed_random.key_from_seed(derive_seed(self.spec.seed, Stream.SERVER, steps, 1))
-        payload, self.downlink_state = codec.encode(message, state, key, first=first)
-        decoded, _ = codec.decode(payload, message, codec.shared(state))
+        payload, decoded, nbytes, self.downlink_state = transmit(codec, message, state, key, first)
         self.sim.runtime.broadcast_payload(decoded, payload)
-        return decoded, codec.payload_bytes(message, first=first)
+        return decoded, nbytes
 
     def upload_bytes(self, sizes: JobSizes, client: int) -> int:
         """The bytes a job of `client` will upload (with its sample count): its first message's when none of its

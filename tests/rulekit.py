@@ -17,6 +17,7 @@ from fedsim.clock import Clock
 from fedsim.params import tree_map
 from fedsim.recording import Recorder
 from fedsim.run_state import RunState
+from fedsim.runtime.base import torch_threads
 from fedsim.scenario import load_scenarios
 from fedsim.servers import PROTOCOLS
 from fedsim.simulation import build_simulation
@@ -131,13 +132,9 @@ def finished(mapping: dict[str, Any], before_start: Callable[[Any], None] | None
     if before_start is not None:
         before_start(protocol)
     clock = Clock()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(protocol.sim.runtime.threads)
-    try:
+    with torch_threads(protocol.sim.runtime.threads):
         protocol.start(clock)
         clock.run(protocol)
-    finally:
-        torch.set_num_threads(threads)
     assert clock.stopped
     return protocol
 
@@ -162,10 +159,8 @@ def restarted_rows(source: dict[str, Any], stop_after: int | None) -> list[dict[
         component = resolved.components["protocol"]
         return RunState(sim, component.entry.obj(component.params, sim, recorder), Clock(), recorder)
 
-    threads = torch.get_num_threads()
     run = fresh()
-    torch.set_num_threads(run.sim.runtime.threads)  # as `fedsim.run` does
-    try:
+    with torch_threads(run.sim.runtime.threads):  # as `fedsim.run` does
         run.protocol.start(run.clock)
         if stop_after is not None:
             events = 0
@@ -184,6 +179,4 @@ def restarted_rows(source: dict[str, Any], stop_after: int | None) -> list[dict[
             run.clock.load_state_dict({**run.clock.state_dict(), "stopped": False})
         run.clock.run(run.protocol)
         assert run.clock.stopped
-    finally:
-        torch.set_num_threads(threads)
     return [{k: v for k, v in r.items() if k != "wall_time"} for r in run.recorder.rows]

@@ -146,7 +146,7 @@ def test_a_full_first_message_is_sent_and_counted_as_the_message_itself(feedback
     assert c.payload_bytes(template, first=True) == first_bytes and c.payload_bytes(template) == 2 * (4 + 4)
     message = {"w": torch.arange(11.0)}
     payload, _ = c.encode(message, c.init(template), KEY, first=True)
-    decoded, nbytes, _ = transmit(c, message, c.init(template), KEY, True)
+    _, decoded, nbytes, _ = transmit(c, message, c.init(template), KEY, True)
     assert tree_nbytes(payload) == nbytes == first_bytes
     assert torch.equal(decoded["w"], message["w"]) == (first_bytes == 44)
 

@@ -23,6 +23,7 @@ from fedsim.oracle import AutogradOracle
 from fedsim.params import Pytree
 from fedsim.personal import personal_test_sums
 from fedsim.runtime import Job
+from fedsim.runtime.base import torch_threads
 from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
 from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, run_client
 from fedsim.seeding import Stream
@@ -219,12 +220,8 @@ def in_scenario_threads(scenario: ScenarioSource, context: Context,
     """work(scenario, content, context) with torch's intra-op threads set to the scenario's runtime threads, as an
     in-process run sets them: reductions split over another number of threads round differently, and a node's
     numbers must be the in-process run's."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(node_simulation(scenario, context).scenario.components["runtime"].params.threads)
-    try:
+    with torch_threads(node_simulation(scenario, context).scenario.components["runtime"].params.threads):
         return work(scenario, content, context)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def client_app(scenario: ScenarioSource) -> ClientApp:

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -31,6 +30,7 @@ from fedsim.flower.runtime import FlowerRuntime
 from fedsim.outputs import RunDirectory
 from fedsim.params import tree_leaves
 from fedsim.recording import Recorder, Row
+from fedsim.runtime.base import torch_threads
 from fedsim.simulation import Simulation, build_simulation
 
 METRICS = "fedsim.metrics"
@@ -81,14 +81,10 @@ def run_on_grid(scenario: ScenarioSource, grid: Grid, timeout: float = DEFAULT_T
     if component.entry.meta.get("asynchronous"):
         runtime.nodes = runtime.discover()  # real seconds count from when every node is there
         clock = RealTimeClock(runtime)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(resolved.components["runtime"].params.threads)
-    try:
+    with torch_threads(resolved.components["runtime"].params.threads):
         protocol = component.entry.obj(component.params, sim, recorder)
         protocol.start(clock)
         clock.run(protocol)
-    finally:
-        torch.set_num_threads(threads)
     if not clock.stopped:
         raise FedsimError(f"variant {resolved.variant}: protocol {component.name!r} ran out of events at simulated "
                           f"time {clock.now:.6g} s before its budget was spent")

@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 
 from fedsim.params import Pytree, tree_to
@@ -20,6 +22,18 @@ from fedsim.runtime.context import RuntimeContext
 from fedsim.runtime.placement import Placement, PlacementParams, resolve_devices
 from fedsim.sizes import parse_bytes
 from fedsim.tasks import Objective
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (a run's runtime threads: reductions split over
+    another number of threads round differently), restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class RuntimeParams(Params):

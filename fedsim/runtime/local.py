@@ -90,7 +90,7 @@ def send(codec: Codec, message: Pytree, codec_state: Pytree | None, key: torch.T
     bytes, and the sender's new codec state (None when the codec keeps none)."""
     first = codec_state is None
     state = codec.init(message) if first else codec_state
-    decoded, nbytes, new_state = transmit(codec, message, state, key, first)
+    _, decoded, nbytes, new_state = transmit(codec, message, state, key, first)
     return decoded, nbytes, kept_state(new_state)
 
 
