@@ -67,6 +67,13 @@ class Codec(Protocol):
         dtypes of `template` (read for shapes only); vmappable like `encode`."""
         ...
 
+    def round_trip(self, message: Pytree, state: Pytree, key: torch.Tensor, *,
+                   first: bool = False) -> tuple[Payload, Pytree, Pytree]:
+        """(payload, the message a receiver whose mirror is `shared(state)` decodes, new state): `encode` then
+        `decode`, bit for bit, in one call, so a codec can skip work the receiver would redo (random-k's index draw,
+        unpacking codes it just packed); vmappable like `encode`. In-process sends use it."""
+        ...
+
     def payload_bytes(self, template: Pytree, *, first: bool = False) -> int:
         """Exact bytes of one payload for messages shaped like `template` (payload shapes are static; a first
         message's may differ)."""
@@ -83,8 +90,7 @@ def transmit(codec: Codec, message: Pytree, state: Pytree, key: torch.Tensor,
     """One message from sender to receiver in one process: the payload, what the receiver decodes (with its
     mirror, which equals the sender's shared state before the message), the payload's exact bytes, and the
     sender's new state."""
-    payload, new_state = codec.encode(message, state, key, first=first)
-    decoded, _ = codec.decode(payload, message, codec.shared(state))
+    payload, decoded, new_state = codec.round_trip(message, state, key, first=first)
     return payload, decoded, codec.payload_bytes(message, first=first), new_state
 
 
@@ -116,6 +122,10 @@ class Identity:
 
     def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
         return payload, shared
+
+    def round_trip(self, message: Pytree, state: Pytree, key: torch.Tensor, *,
+                   first: bool = False) -> tuple[Payload, Pytree, Pytree]:
+        return message, message, state
 
     def payload_bytes(self, template: Pytree, *, first: bool = False) -> int:
         return tree_nbytes(template)

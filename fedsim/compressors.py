@@ -104,14 +104,36 @@ class VectorCodec(ABC):
     def shared(self, state: Pytree) -> Pytree:
         return {}
 
-    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
-                                                                                                         Pytree]:
+    def round_trip_vector(self, x: torch.Tensor, key: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        """(the payload of x, the vector its receiver rebuilds), bit for bit `decode_vector` of `encode_vector`;
+        codecs override it to skip work the receiver would redo."""
+        payload = self.encode_vector(x, key)
+        return payload, self.decode_vector(payload, key if self.sends_key else None, x.shape[-1], x.dtype)
+
+    def _code(self, message: Pytree, key: torch.Tensor, rebuild: bool) -> tuple[Payload, Pytree | None]:
+        """The payload in the codec's scope, and with `rebuild` the message its receiver decodes (else None)."""
+        def vector(x: torch.Tensor, k: torch.Tensor) -> tuple[Payload, torch.Tensor | None]:
+            return self.round_trip_vector(x, k) if rebuild else (self.encode_vector(x, k), None)
+
         if self.params.scope == "tensor":
             keys = _leaf_keys(key if self.randomized else None)
-            payload = {"tensors": tree_map(lambda t: self.encode_vector(t.reshape(-1), next(keys)), message)}
+            coded = [vector(t.reshape(-1), next(keys)) for t in tree_leaves(message)]
+            payloads, vectors = iter(p for p, _ in coded), iter(v for _, v in coded)
+            payload = {"tensors": tree_map(lambda t: next(payloads), message)}
+            decoded = tree_map(lambda t: next(vectors).reshape(t.shape), message) if rebuild else None
         else:
-            payload = self.encode_vector(_flatten(message), key)
-        return ({**payload, "key": _key_words(key)} if self.sends_key else payload), state
+            payload, flat = vector(_flatten(message), key)
+            decoded = _unflatten(flat, message) if rebuild else None
+        return ({**payload, "key": _key_words(key)} if self.sends_key else payload), decoded
+
+    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
+                                                                                                         Pytree]:
+        return self._code(message, key, rebuild=False)[0], state
+
+    def round_trip(self, message: Pytree, state: Pytree, key: torch.Tensor, *,
+                   first: bool = False) -> tuple[Payload, Pytree, Pytree]:
+        payload, decoded = self._code(message, key, rebuild=True)
+        return payload, decoded, state
 
     def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
         key = _key_of(payload["key"]) if self.sends_key else None
@@ -229,10 +251,20 @@ class RandomK(Sparsifier):
         return {"values": x.gather(0, _random_indices(key, d, self.k(d)))}
 
     def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
-        k, values = self.k(d), payload["values"]
-        if self.params.scaling == "unbiased" and k < d:
-            values = values * (d / k)
-        return _scatter(_random_indices(key, d, k), values, d)
+        return self._rebuild(_random_indices(key, d, self.k(d)), payload["values"], d)
+
+    def round_trip_vector(self, x: torch.Tensor, key: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        """The indices drawn once, where encode and decode each draw them (the draw is most of the cost)."""
+        d = x.shape[-1]
+        indices = _random_indices(key, d, self.k(d))
+        values = x.gather(0, indices)
+        return {"values": values}, self._rebuild(indices, values, d)
+
+    def _rebuild(self, indices: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:
+        """The kept values at their indices, scaled by d/k when unbiased."""
+        if self.params.scaling == "unbiased" and len(indices) < d:
+            values = values * (d / len(indices))
+        return _scatter(indices, values, d)
 
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
         """k values in the message dtype (the key is counted once per payload)."""
@@ -259,19 +291,32 @@ class QSGD(VectorCodec):
         self.params = params
         self.width = params.levels.bit_length() + 1
 
-    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+    def _quantize(self, x: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||x||, the codes level << 1 | sign, unpacked)."""
         s, v, codes = self.params.levels, x.to(compute_dtype(x.dtype)), bitpack.int_dtype(self.width)
         norm = torch.linalg.vector_norm(v)
         level = v.abs().div_(torch.where(norm > 0, norm, 1)).mul_(s)
         lower = level.floor()
         up = keyed_random.fast_uniform(key, v.shape, v.dtype) < level.sub_(lower)
         levels = up.to(codes).add_(lower.to(codes)).clamp_max_(s)  # in place on what depends on key and x alike
-        signed = levels.bitwise_left_shift_(1).bitwise_or_((v < 0).to(codes))  # level << 1 | sign
-        return {"norm": norm, "codes": bitpack.pack(signed, self.width)}
+        return norm, levels.bitwise_left_shift_(1).bitwise_or_((v < 0).to(codes))
+
+    def encode_vector(self, x: torch.Tensor, key: torch.Tensor) -> Payload:
+        norm, codes = self._quantize(x, key)
+        return {"norm": norm, "codes": bitpack.pack(codes, self.width)}
 
     def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
-        s, norm = self.params.levels, payload["norm"]
-        codes = bitpack.unpack(payload["codes"], self.width, d)
+        return self._dequantize(bitpack.unpack(payload["codes"], self.width, d), payload["norm"], dtype)
+
+    def round_trip_vector(self, x: torch.Tensor, key: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        """Dequantized from the codes before packing, where the receiver unpacks them."""
+        norm, codes = self._quantize(x, key)
+        payload = {"norm": norm, "codes": bitpack.pack(codes, self.width)}
+        return payload, self._dequantize(codes, norm, x.dtype)
+
+    def _dequantize(self, codes: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """norm * (+-level) / s from the codes (in place on them), divided as the variant says."""
+        s, d = self.params.levels, codes.shape[-1]
         signs = (codes & 1).mul_(-2).add_(1)
         out = codes.bitwise_right_shift_(1).mul_(signs).to(norm.dtype).mul_(norm).div_(s)  # norm * (+-level) / s
         if self.params.variant == "contractive":
@@ -366,18 +411,30 @@ class Natural(VectorCodec):
         two below |x| is E, and it rounds up to the one above with chance F 2^-m = |x| / 2^(E - bias) - 1. A
         subnormal (E = 0) goes to 0 or the smallest normal (code 1) with chance F 2^-m = |x| / smallest normal.
         Read from the bits, with no frexp or where (each several times slower on CPU than the integer ops)."""
+        return {"codes": bitpack.pack(self._words(x, key), self.exponent_bits(x.dtype) + 1)}
+
+    def _words(self, x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Each entry's sign << exponent bits | exponent code, unpacked."""
         low, high = _exponent_range(x.dtype)
         bits = self.exponent_bits(x.dtype)
         c, codes = compute_dtype(x.dtype), bitpack.int_dtype(bits + 1)
         biased, fraction = _exponent_and_fraction(x)
         up = keyed_random.fast_uniform(key, x.shape, c) < fraction.to(c).mul_(2.0**-_fraction_bits(x.dtype))
         code = up.to(codes).add_(biased.to(codes)).clamp_max_(high - low + 1)  # in place on what depends on key and x
-        return {"codes": bitpack.pack(code.bitwise_or_((x < 0).to(codes).bitwise_left_shift_(bits)), bits + 1)}
+        return code.bitwise_or_((x < 0).to(codes).bitwise_left_shift_(bits))
 
     def decode_vector(self, payload: Payload, key: torch.Tensor | None, d: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._values(bitpack.unpack(payload["codes"], self.exponent_bits(dtype) + 1, d), dtype)
+
+    def round_trip_vector(self, x: torch.Tensor, key: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        """The values read from the words before packing, where the receiver unpacks them."""
+        words = self._words(x, key)
+        return {"codes": bitpack.pack(words, self.exponent_bits(x.dtype) + 1)}, self._values(words, x.dtype)
+
+    def _values(self, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The signed powers of two the words stand for, in `dtype`."""
         low, _ = _exponent_range(dtype)
         bits = self.exponent_bits(dtype)
-        words = bitpack.unpack(payload["codes"], bits + 1, d)
         return _signed_power_of_two(words & ((1 << bits) - 1), words >> bits, low, compute_dtype(dtype)).to(dtype)
 
     def vector_bytes(self, d: int, dtype: torch.dtype) -> int:
@@ -479,6 +536,11 @@ class PowerSGD:
             return (sent["p"].to(c) @ sent["q"].to(c).T).reshape(t.shape).to(t.dtype)
 
         return tree_map(rebuild, template, payload), shared
+
+    def round_trip(self, message: Pytree, state: Pytree, key: torch.Tensor, *,
+                   first: bool = False) -> tuple[Payload, Pytree, Pytree]:
+        payload, new_state = self.encode(message, state, key, first=first)
+        return payload, self.decode(payload, message, {})[0], new_state
 
     def payload_bytes(self, template: Pytree, *, first: bool = False) -> int:
         """r (n + m) values of the matrix's dtype per compressed matrix, every other tensor's own bytes."""

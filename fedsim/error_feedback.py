@@ -38,10 +38,15 @@ class ErrorFeedback:
 
     def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
                                                                                                          Pytree]:
+        payload, _, new_state = self.round_trip(message, state, key, first=first)
+        return payload, new_state
+
+    def round_trip(self, message: Pytree, state: Pytree, key: torch.Tensor, *,
+                   first: bool = False) -> tuple[Payload, Pytree, Pytree]:
+        """The receiver decodes what the inner codec sent, which the sender needs for its residual anyway."""
         corrected = tree_map(torch.add, message, state["residual"])
-        payload, inner_state = self.inner.encode(corrected, state["inner"], key, first=first)
-        sent, _ = self.inner.decode(payload, corrected, self.inner.shared(state["inner"]))
-        return payload, {"residual": tree_sub(corrected, sent), "inner": inner_state}
+        payload, sent, inner_state = self.inner.round_trip(corrected, state["inner"], key, first=first)
+        return payload, sent, {"residual": tree_sub(corrected, sent), "inner": inner_state}
 
     def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
         return self.inner.decode(payload, template, shared)
@@ -99,16 +104,28 @@ class MirroredFeedback(ABC):
         """The sender's own state after a full first message (`message`: the sender's own copy of it)."""
         return state["own"]
 
-    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
-                                                                                                         Pytree]:
+    def _send(self, message: Pytree, state: Pytree, key: torch.Tensor,
+              first: bool) -> tuple[Payload, Pytree | None, Pytree]:
+        """(payload, the decoded correction or None for a full first message, the sender's new state)."""
         if self.opens_full(first):  # the state keeps a copy: callers may write into `message` afterwards
             kept = tree_map(torch.clone, message)
-            return {"opening": message}, {"h": kept, "inner": state["inner"], "own": self.opened_own(kept, state)}
+            return {"opening": message}, None, {"h": kept, "inner": state["inner"],
+                                                "own": self.opened_own(kept, state)}
         target, own = self.prepare(message, state, first)
-        payload, inner_state = self.inner.encode(target, state["inner"], key, first=first)
-        sent, _ = self.inner.decode(payload, target, self.inner.shared(state["inner"]))
-        return {"update": payload}, {"h": tree_map(torch.add, state["h"], sent), "inner": inner_state,
-                                     "own": self.settle(own, sent)}
+        payload, sent, inner_state = self.inner.round_trip(target, state["inner"], key, first=first)
+        return {"update": payload}, sent, {"h": tree_map(torch.add, state["h"], sent), "inner": inner_state,
+                                           "own": self.settle(own, sent)}
+
+    def encode(self, message: Pytree, state: Pytree, key: torch.Tensor, *, first: bool = False) -> tuple[Payload,
+                                                                                                         Pytree]:
+        payload, _, new_state = self._send(message, state, key, first)
+        return payload, new_state
+
+    def round_trip(self, message: Pytree, state: Pytree, key: torch.Tensor, *,
+                   first: bool = False) -> tuple[Payload, Pytree, Pytree]:
+        """The receiver's message h_i + correction, added apart from the sender's new h_i (no storage shared)."""
+        payload, sent, new_state = self._send(message, state, key, first)
+        return payload, message if sent is None else tree_map(torch.add, state["h"], sent), new_state
 
     def decode(self, payload: Payload, template: Pytree, shared: Pytree) -> tuple[Pytree, Pytree]:
         if "opening" in payload:

@@ -152,9 +152,8 @@ class PublicCopies:
                                                                                                           int]:
         """One compressed gossip step of the owned nodes' `rows`: their new rows, and one node's payload bytes."""
         codec, first = self.codec, self.first
-        payload, new_states = vmap(lambda m, s, k: codec.encode(m, s, k, first=first))(rows, self.states,
-                                                                                         self.keys(t, q))
-        public, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, self.template, codec.shared(self.states))
+        payload, public, new_states = vmap(lambda m, s, k: codec.round_trip(m, s, k, first=first))(
+            rows, self.states, self.keys(t, q))
         self.states, self.first = new_states, False
         if self.halo_mirrors is None:
             mixed = neighbourhood.gossip(public, W)

@@ -224,9 +224,8 @@ class VectorizedRuntime(PlacedRuntime):
             states = [fresh if stored[i] is None else stored[i] for i in rows]
             stacked = tree_map(lambda *vs: torch.stack(vs).to(device), *states) if stateful else {}
             part = _rows(messages, rows, len(jobs))
-            payload, new_states = vmap(lambda m, s, k, f=first: codec.encode(m, s, k, first=f))(
+            _, decoded, new_states = vmap(lambda m, s, k, f=first: codec.round_trip(m, s, k, first=f))(
                 part, stacked, keys[torch.from_numpy(rows).to(keys.device)] if len(rows) < len(jobs) else keys)
-            decoded, _ = vmap(codec.decode, in_dims=(0, None, 0))(payload, template, codec.shared(stacked))
             parts.append((rows, decoded, tree_to(new_states, "cpu")))
         sizes = {first: codec.payload_bytes(template, first=first) for first, _ in groups}
         nbytes = [sizes[bool(first)] for first in firsts]
