@@ -10,7 +10,7 @@ gradient evaluations of a minibatch) so the clock charges it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from pydantic import Field
@@ -66,6 +66,11 @@ class LocalTrainingParams(Params):
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1, le=10**7, description="minibatch steps per job instead of "
                                                                       "local_epochs passes over the data")
+    sampling: Literal["shuffle", "poisson"] = Field(
+        "shuffle", description="shuffle: each epoch a fresh permutation cut into batches of batch_size (FedProx's "
+                               "batch_data); poisson: each step takes every one of a client's n samples with "
+                               "probability batch_size / n and divides the sum of their losses by batch_size (the "
+                               "unbiased estimate of the mean loss, and the subsampling DP accountants assume)")
 
 
 class ClientRule(Protocol):

@@ -1,6 +1,7 @@
 """DP-SGD (Abadi et al., CCS 2016, Algorithm 1) as a wrapper around any client rule: every gradient the rule asks
-its oracle for is replaced by the mean of per-sample gradients clipped to norm C plus Gaussian noise N(0, s^2 C^2 I)
-divided by the batch size. The mechanism only; accounting (epsilon, delta) and Poisson subsampling are not here."""
+its oracle for is replaced by the sum of per-sample gradients clipped to norm C plus Gaussian noise N(0, s^2 C^2 I),
+divided by the expected batch size. Batches are Poisson samples (`algorithm.sampling: poisson`, refused otherwise),
+as the accountant assumes; the accounting itself (epsilon, delta) is the run's (`fedsim.privacy`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from pydantic import Field
 
 from fedsim.clients import Batch, ClientRule, JobInfo, LocalTrainingParams, Oracle, StepState
+from fedsim.errors import ScenarioError
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.privacy import PRIVACY
 from fedsim.registry import Params
@@ -68,13 +70,14 @@ class PrivateOracle:
     every step, it counts the rule's gradient calls in Python (the same trace in every runtime and under vmap) so
     that each call draws its own noise stream."""
 
-    def __init__(self, oracle: Oracle, params: DPSGDParams) -> None:
-        self.oracle, self.params, self.calls = oracle, params, 0
+    def __init__(self, oracle: Oracle, params: DPSGDParams, expected_batch: float) -> None:
+        self.oracle, self.params, self.expected_batch, self.calls = oracle, params, expected_batch, 0
 
     def private(self, grads: Pytree, params: Pytree, batch: Batch) -> Pytree:
-        """g + (sum_i w_i (c_i - 1) g_i + sigma C z) / sum_i w_i for the oracle's gradient g: mathematically
-        sum_i w_i c_i g_i / sum_i w_i + sigma C z / sum_i w_i, and exactly g when no clipping binds and sigma = 0.
-        Each g_i is its sample's whole loss gradient, the task's penalty (ridge) included, so that is clipped too."""
+        """g + (sum_i w_i (c_i - 1) g_i + sigma C z) / L for the oracle's gradient g = sum_i w_i g_i / L of a Poisson
+        sample of expected size L (Abadi et al.'s lot): mathematically (sum_i w_i c_i g_i + sigma C z) / L, and exactly
+        g when no clipping binds and sigma = 0. Each g_i is its sample's whole loss gradient, the task's penalty
+        (ridge) included, so that is clipped too."""
         clip, sigma = self.params.clip, self.params.noise_multiplier
         per_sample = self.oracle.per_sample_grads(params, batch)
         correction = clipping_correction(per_sample, clip_factors(per_sample, clip, self.params.clipping), batch.w)
@@ -82,10 +85,7 @@ class PrivateOracle:
             noise = self.oracle.normal(batch, like=params, stream=NOISE_STREAMS + self.calls)
             correction = tree_map(lambda c, z: c + (sigma * clip) * z, correction, noise)
         self.calls += 1
-        # The batch's actual size (the weighted loss's clamp keeps an all-padding step finite); DP-SGD's accounting
-        # divides by the expected size of a Poisson-subsampled batch, which comes with the privacy accountant.
-        size = batch.w.sum().clamp_min(1.0)
-        return tree_map(lambda g, c: g + c / size, grads, correction)
+        return tree_map(lambda g, c: g + c / self.expected_batch, grads, correction)
 
     def grad(self, params: Pytree, batch: Batch) -> Pytree:
         return self.private(self.oracle.grad(params, batch), params, batch)
@@ -135,7 +135,7 @@ class DPSGD:
         return self.rule.init(server_message, client_state, info)
 
     def step(self, state: StepState, batch: Batch, oracle: Oracle) -> StepState:
-        return self.rule.step(state, batch, PrivateOracle(oracle, self.params))
+        return self.rule.step(state, batch, PrivateOracle(oracle, self.params, float(self.rule.hp.batch_size)))
 
     def final(self, state: StepState) -> tuple[Pytree, Pytree | None]:
         return self.rule.final(state)
@@ -150,5 +150,9 @@ class DPSGD:
 
 @PRIVACY.register("dpsgd", params=DPSGDParams, wraps="client")
 def dpsgd(params: DPSGDParams, rule: ClientRule) -> DPSGD:
-    """DP-SGD: clip each sample's gradient to C and add N(0, sigma^2 C^2) noise, around any client rule."""
+    """DP-SGD: clip each sample's gradient to C and add N(0, sigma^2 C^2) noise, around any client rule whose
+    batches are Poisson samples."""
+    if rule.hp.sampling != "poisson":
+        raise ScenarioError(f"algorithm.sampling: dpsgd needs Poisson-sampled batches (sampling: poisson), which its "
+                            f"accountant assumes; {rule.hp.sampling!r} batches are refused")
     return DPSGD(params, rule)

@@ -4,7 +4,8 @@ Every oracle differentiates the task's weighted mean minibatch loss (`fedsim.tas
 in how, so a rule gets the same numbers from each (to float rounding) and never knows which it got:
 - `AutogradOracle`: `torch.autograd.grad` on the mean loss, for batches without padding (about 3x less per-step
   overhead than torch.func on small models): the sequential runtime and the vectorized runtime's unbatched tail.
-- `FuncOracle`: `torch.func.grad`, which runs under vmap: the vectorized runtime, on the weighted loss for padded
+- `FuncOracle`: `torch.func.grad`, which runs under vmap: the vectorized runtime, and every runtime's Poisson-sampled
+  steps (`local_oracle`, whose loss is the batch's sum over its expected size), on the weighted loss for padded
   batches or the plain mean of per-sample losses where every sample of the step counts (fewer ops).
 Random draws are counter-based (`fedsim.keyed_random`), keyed by the job's key, the step and a stream, so a job
 draws the same numbers in every runtime, batched or not.
@@ -23,7 +24,7 @@ from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.tasks import Objective
 
 if TYPE_CHECKING:  # clients/ imports this module (rules wrapping the oracle), so no runtime import back
-    from fedsim.clients import Batch
+    from fedsim.clients import Batch, LocalTrainingParams
 
 STREAMS_PER_STEP = 1 << 16
 """Random streams a rule may use per step (the `stream` argument of `normal` and `uniform`)."""
@@ -74,15 +75,15 @@ class AutogradOracle(KeyedDraws):
 
 
 class FuncOracle(KeyedDraws):
-    """Gradients by `torch.func`, usable under vmap: of the weighted loss (`weighted`), or of the plain mean for
-    steps where every weight is 1."""
+    """Gradients by `torch.func`, usable under vmap: of the weighted loss (`weighted`; over `denominator` when given,
+    for Poisson-sampled batches), or of the plain mean for steps where every weight is 1."""
 
-    def __init__(self, objective: Objective, weighted: bool) -> None:
+    def __init__(self, objective: Objective, weighted: bool, denominator: float | None = None) -> None:
         self.objective, self.weighted = objective, weighted
 
         def loss(params: Pytree, batch: Batch) -> torch.Tensor:
             if weighted:
-                return objective.weighted_loss(params, batch.x, batch.y, batch.w)
+                return objective.weighted_loss(params, batch.x, batch.y, batch.w, denominator)
             return objective.per_sample_mean_loss(params, batch.x, batch.y)
 
         self._grad, self._value_and_grad = func_grad(loss), grad_and_value(loss)
@@ -93,3 +94,11 @@ class FuncOracle(KeyedDraws):
 
     def grad(self, params: Pytree, batch: Batch) -> Pytree:
         return self._grad(params, batch)
+
+
+def local_oracle(objective: Objective, hp: LocalTrainingParams) -> AutogradOracle | FuncOracle:
+    """The oracle of one client's unbatched local steps: autograd on the batch mean for shuffled batches, and for
+    Poisson-sampled ones (padded, possibly empty) the weighted sum over the expected batch size."""
+    if hp.sampling == "poisson":
+        return FuncOracle(objective, weighted=True, denominator=float(hp.batch_size))
+    return AutogradOracle(objective)

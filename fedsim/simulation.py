@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from fedsim.clients import ClientRule
+import numpy as np
+
+from fedsim.clients import ClientRule, LocalTrainingParams
 from fedsim.codecs import Codec, build_codec
 from fedsim.data import build_federated_data
 from fedsim.data.base import ClientDataSource
@@ -82,6 +84,17 @@ def check_downlink_mirror(downlink: Codec, template: Pytree, scenario: ResolvedS
                             f"none, or every client every round")
 
 
+def check_poisson_sampling(hp: LocalTrainingParams, train_sizes: np.ndarray) -> None:
+    """Poisson sampling takes each of a client's n samples with probability batch_size / n: refuse clients with fewer
+    than batch_size samples (a probability above 1) in one line naming the field."""
+    if hp.sampling != "poisson" or not len(train_sizes) or int(np.min(train_sizes)) >= hp.batch_size:
+        return
+    client = int(np.argmin(train_sizes))
+    raise ScenarioError(f"algorithm.batch_size: Poisson sampling takes each sample with probability batch_size / n, "
+                        f"but client {client} holds {int(train_sizes[client])} training samples, fewer than "
+                        f"batch_size {hp.batch_size}; lower batch_size or give every client more data")
+
+
 def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None,
                      transport: NodeTransport | None = None) -> Simulation:
     """Instantiate every component, drawing each one's randomness from its own seed stream; `data` may be
@@ -103,6 +116,7 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
                         derive_seed(spec.seed, Stream.MODEL))
     objective = Objective(model, c["task"].entry.obj(c["task"].params))
     rule = c["algorithm"].entry.obj(c["algorithm"].params)
+    check_poisson_sampling(rule.hp, data.train_sizes)
     if "privacy" in c:
         rule = c["privacy"].entry.obj(c["privacy"].params, rule)
     server = c["server"].entry.obj(c["server"].params)

@@ -112,10 +112,13 @@ class Objective:
         float rounding, and the faster form under vmap (see `Classification.per_sample_loss`)."""
         return self._penalized(self.task.per_sample_loss(self.model.forward(params, x), y).mean(), params)
 
-    def weighted_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """sum_i w_i loss_i / sum_i w_i (padding rows have weight 0) plus the task's penalty."""
+    def weighted_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                      denominator: float | None = None) -> torch.Tensor:
+        """sum_i w_i loss_i / sum_i w_i (padding rows have weight 0), or over `denominator` when given (a Poisson
+        sample's expected size), plus the task's penalty."""
         per_sample = self.task.per_sample_loss(self.model.forward(params, x), y)
-        return self._penalized((per_sample * w).sum() / w.sum().clamp_min(1.0), params)
+        total = (per_sample * w).sum()
+        return self._penalized(total / (w.sum().clamp_min(1.0) if denominator is None else denominator), params)
 
     def sample_loss(self, params: Pytree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One sample's loss (x, y without a batch axis) plus the penalty: what per-sample gradients differentiate."""

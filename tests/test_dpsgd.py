@@ -1,5 +1,6 @@
 """DP-SGD around a client rule: exactly the wrapped rule when nothing binds, per-sample clipping to C, Gaussian noise
-of std sigma C / B drawn the same in every runtime, padding rows that count for nothing, and one-line errors."""
+of std sigma C / L (L the expected batch size of Poisson sampling) drawn the same in every runtime, padding rows that
+count for nothing, and one-line errors (fixed-size batches refused)."""
 
 from __future__ import annotations
 
@@ -50,10 +51,13 @@ def batch(n: int, seed: int, step: int = 0, padding: int = 0, key_seed: int = 7)
 
 
 def private(objective: Objective, b: Batch, clip: float, sigma: float, clipping: str = "flat",
-            weighted: bool = True) -> dict[str, torch.Tensor]:
-    oracle = FuncOracle(objective, weighted=weighted)
+            expected: float | None = None) -> dict[str, torch.Tensor]:
+    """The private gradient of a Poisson batch of expected size `expected` (by default its own number of real rows,
+    so the result is a mean over them)."""
+    expected = float(b.w.sum()) if expected is None else expected
+    oracle = FuncOracle(objective, weighted=True, denominator=expected)
     params = DPSGDParams(clip=clip, noise_multiplier=sigma, clipping=clipping)
-    return PrivateOracle(oracle, params).grad(objective.model.init_params, b)
+    return PrivateOracle(oracle, params, expected).grad(objective.model.init_params, b)
 
 
 def clipped_mean_by_hand(objective: Objective, b: Batch, clip: float, clipping: str) -> dict[str, torch.Tensor]:
@@ -83,12 +87,13 @@ def without_wall_time(result) -> list[dict]:
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-@pytest.mark.parametrize("oracle_kind", ["autograd", "func-weighted-padded", "func-mean"])
+@pytest.mark.parametrize("oracle_kind", ["autograd", "func-poisson-padded", "func-mean"])
 def test_without_binding_clip_or_noise_steps_are_exactly_the_wrapped_rules(objective, oracle_kind, clipping):
-    oracle = {"autograd": AutogradOracle(objective), "func-weighted-padded": FuncOracle(objective, weighted=True),
+    oracle = {"autograd": AutogradOracle(objective),
+              "func-poisson-padded": FuncOracle(objective, weighted=True, denominator=10.0),
               "func-mean": FuncOracle(objective, weighted=False)}[oracle_kind]
-    padding = 3 if oracle_kind == "func-weighted-padded" else 0
-    plain = LocalSGD(LocalTrainingParams(lr=0.3))
+    padding = 3 if oracle_kind == "func-poisson-padded" else 0
+    plain = LocalSGD(LocalTrainingParams(lr=0.3, sampling="poisson"))
     wrapped = dpsgd(DPSGDParams(clip=1e6, noise_multiplier=0.0, clipping=clipping), plain)
     message = {"params": objective.model.init_params}
     a, b = plain.init(message, None, {}), wrapped.init(message, None, {})
@@ -104,7 +109,7 @@ def test_without_binding_clip_or_noise_steps_are_exactly_the_wrapped_rules(objec
 @pytest.mark.parametrize("runtime", [{"name": "sequential"}, {"name": "vectorized", "min_batch": 1}],
                          ids=["sequential", "vectorized"])
 def test_a_run_without_binding_clip_or_noise_equals_the_run_without_privacy(tiny, runtime):
-    spec = {**tiny, "rounds": 2, "runtime": runtime}
+    spec = {**tiny, "rounds": 2, "runtime": runtime, "algorithm": {**tiny["algorithm"], "sampling": "poisson"}}
     plain = fedsim.run(spec, write=False)
     wrapped = fedsim.run({**spec, "privacy": {"name": "dpsgd", "clip": 1e6, "noise_multiplier": 0.0}}, write=False)
     assert without_wall_time(wrapped) == without_wall_time(plain)
@@ -157,12 +162,13 @@ def test_the_noise_has_std_sigma_c_over_b_per_coordinate(objective):
 
 
 def test_each_gradient_call_of_a_step_draws_its_own_noise_and_repeats_with_the_key(objective):
-    oracle, b, params = FuncOracle(objective, weighted=True), batch(8, seed=7), objective.model.init_params
-    first = PrivateOracle(oracle, DPSGDParams())
+    oracle, b, params = FuncOracle(objective, weighted=True, denominator=8.0), batch(8, seed=7), \
+        objective.model.init_params
+    first = PrivateOracle(oracle, DPSGDParams(), 8.0)
     g1, g2 = first.grad(params, b), first.grad(params, b)
-    again = PrivateOracle(oracle, DPSGDParams()).grad(params, b)
-    other_key = PrivateOracle(oracle, DPSGDParams()).grad(params, batch(8, seed=7, key_seed=8))
-    other_step = PrivateOracle(oracle, DPSGDParams()).grad(params, batch(8, seed=7, step=1))
+    again = PrivateOracle(oracle, DPSGDParams(), 8.0).grad(params, b)
+    other_key = PrivateOracle(oracle, DPSGDParams(), 8.0).grad(params, batch(8, seed=7, key_seed=8))
+    other_step = PrivateOracle(oracle, DPSGDParams(), 8.0).grad(params, batch(8, seed=7, step=1))
     assert all(torch.equal(g1[k], again[k]) for k in g1)
     for g in (g2, other_key, other_step):
         assert all(not torch.allclose(g1[k], g[k]) for k in g1)
@@ -170,16 +176,16 @@ def test_each_gradient_call_of_a_step_draws_its_own_noise_and_repeats_with_the_k
 
 def test_value_and_grad_gives_the_plain_loss_with_the_private_gradient(objective):
     oracle, b, params = AutogradOracle(objective), batch(8, seed=8), objective.model.init_params
-    value, grads = PrivateOracle(oracle, DPSGDParams(clip=0.2)).value_and_grad(params, b)
+    value, grads = PrivateOracle(oracle, DPSGDParams(clip=0.2), 8.0).value_and_grad(params, b)
     assert torch.equal(value, oracle.value_and_grad(params, b)[0])
-    expected = PrivateOracle(oracle, DPSGDParams(clip=0.2)).grad(params, b)
+    expected = PrivateOracle(oracle, DPSGDParams(clip=0.2), 8.0).grad(params, b)
     assert all(torch.equal(grads[k], expected[k]) for k in grads)
     assert not torch.allclose(grads["1.weight"], oracle.grad(params, b)["1.weight"])
 
 
 def test_random_draws_pass_through_and_dpsgds_noise_streams_are_reserved(objective):
     oracle, b, params = FuncOracle(objective, weighted=True), batch(4, seed=9), objective.model.init_params
-    wrapped = PrivateOracle(oracle, DPSGDParams())
+    wrapped = PrivateOracle(oracle, DPSGDParams(), 4.0)
     assert torch.equal(wrapped.normal(b, params, 3)["1.bias"], oracle.normal(b, params, 3)["1.bias"])
     assert torch.equal(wrapped.uniform(b, params, 2)["1.bias"], oracle.uniform(b, params, 2)["1.bias"])
     assert torch.equal(wrapped.per_sample_grads(params, b)["1.weight"], oracle.per_sample_grads(params, b)["1.weight"])
@@ -208,10 +214,10 @@ def test_a_non_finite_padding_row_is_selected_away():
 
 def test_runtimes_draw_the_same_noise_and_the_noise_changes_the_run(tiny):
     spec = {**tiny, "rounds": 2, "partition": {"name": "quantity", "sigma": 1.0},
-            "algorithm": {**tiny["algorithm"], "batch_size": 7}}
+            "algorithm": {**tiny["algorithm"], "batch_size": 7, "sampling": "poisson"}}
     privacy = {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.0}
     sequential = fedsim.run({**spec, "privacy": privacy, "runtime": {"name": "sequential"}}, write=False)
-    # min_batch 1: every step runs vmapped (FuncOracle, padded short batches), not one client at a time.
+    # min_batch 1: every step runs vmapped (FuncOracle, padded batches), not one client at a time.
     vectorized = fedsim.run({**spec, "privacy": privacy, "runtime": {"name": "vectorized", "min_batch": 1}},
                             write=False)
     for a, b in zip(sequential.metrics.rows, vectorized.metrics.rows, strict=True):
@@ -225,7 +231,7 @@ def test_runtimes_draw_the_same_noise_and_the_noise_changes_the_run(tiny):
 
 
 def test_the_wrapper_delegates_everything_but_the_oracle():
-    rule = Scaffold(LocalTrainingParams(lr=0.2, batch_size=5))
+    rule = Scaffold(LocalTrainingParams(lr=0.2, batch_size=5, sampling="poisson"))
     wrapped = dpsgd(DPSGDParams(), rule)
     assert isinstance(wrapped, DPSGD) and wrapped.rule is rule
     assert wrapped.hp is rule.hp and wrapped.step_cost == rule.step_cost
@@ -250,3 +256,9 @@ def test_bad_parameters_are_one_line_scenario_errors_naming_the_field(tiny, priv
         load_scenarios({**tiny, "privacy": {"name": "dpsgd", **privacy}})
     message = str(exc.value)
     assert message.startswith(f"{field}:") and "\n" not in message
+
+
+def test_fixed_size_batches_are_refused_naming_the_sampling_field(tiny):
+    with pytest.raises(ScenarioError, match=r"^algorithm\.sampling: dpsgd needs Poisson-sampled batches") as exc:
+        fedsim.run({**tiny, "privacy": {"name": "dpsgd"}}, write=False)
+    assert "\n" not in str(exc.value)

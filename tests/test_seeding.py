@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsim.runtime import Job
-from fedsim.runtime.context import local_generators
+from fedsim.runtime.context import job_seeds
 from fedsim.seeding import Stream, derive_seed, derive_seeds, torch_generator, torch_generators
 
 
@@ -37,10 +37,10 @@ def test_torch_generators_draw_what_torch_generator_draws():
         assert torch.equal(torch.randperm(50, generator=generator), expected)
 
 
-def test_local_generators_follow_each_jobs_id_and_client():
+def test_local_seeds_follow_each_jobs_id_and_client():
     jobs = [Job(0, 3, 1), Job(2, 8, 1), Job(0, 5, 1)]
-    for job, generator in zip(jobs, local_generators(11, jobs), strict=True):
-        assert generator.initial_seed() == derive_seed(11, Stream.LOCAL, job.id, job.client)
+    for job, seed in zip(jobs, job_seeds(11, Stream.LOCAL, jobs), strict=True):
+        assert seed == derive_seed(11, Stream.LOCAL, job.id, job.client)
 
 
 def test_keys_beyond_32_bits_in_the_batched_position_are_refused():

@@ -19,13 +19,13 @@ from fedsim.codecs import build_codec
 from fedsim.errors import FedsimError
 from fedsim.flower.build import ScenarioSource, built
 from fedsim.flower.records import get_tree, put_tree
-from fedsim.oracle import AutogradOracle
+from fedsim.oracle import AutogradOracle, local_oracle
 from fedsim.params import Pytree
 from fedsim.personal import personal_test_sums
 from fedsim.runtime import Job
 from fedsim.runtime.base import torch_threads
-from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
-from fedsim.runtime.local import client_batches, job_info, job_keys, kept_state, run_client
+from fedsim.runtime.context import RuntimeContext, client_tensors, job_seeds
+from fedsim.runtime.local import job_batches, job_info, job_keys, kept_state, run_client
 from fedsim.seeding import Stream
 from fedsim.simulation import Simulation
 
@@ -100,9 +100,9 @@ def run_job(sim: Simulation, job: Job, start: Pytree, client_state: Pytree | Non
     uplink = build_codec(sim.scenario.spec.compression.uplink, "compression.uplink")
     x, y = client_tensors(RuntimeContext(rule, sim.objective, sim.data, seed), job.client, torch.device("cpu"))
     key, codec_key = job_keys(seed, [job])[0], job_keys(seed, [job], Stream.CODEC)[0]
-    batches = client_batches(x, y, rule.hp.batch_size, job.steps, local_generators(seed, [job])[0], key)
+    batches = job_batches(x, y, rule.hp, job.steps, job_seeds(seed, Stream.LOCAL, [job])[0], key)
     state = rule.initial_state(start) if client_state is None else client_state
-    message, new_state, processed = run_client(rule, AutogradOracle(sim.objective), start, state,
+    message, new_state, processed = run_client(rule, local_oracle(sim.objective, rule.hp), start, state,
                                                job_info(len(y), job.steps), batches)
     first = codec_state is None
     payload, new_codec = uplink.encode(message, uplink.init(message) if first else codec_state, codec_key,

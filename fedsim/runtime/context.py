@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedsim import keyed_random
 from fedsim.clients import ClientRule
 from fedsim.codecs import Codec, Identity
 from fedsim.data.base import ClientDataSource, FederatedData
@@ -110,11 +111,6 @@ def job_seeds(seed: int, stream: Stream, jobs: Sequence[Job]) -> list[int]:
     return derive_seeds(seed, stream, columns.ids, last=columns.clients)
 
 
-def local_generators(seed: int, jobs: Sequence[Job]) -> list[torch.Generator]:
-    """Each job's minibatch generator, `torch_generator(seed, LOCAL, job.id, client)`."""
-    return [torch.Generator().manual_seed(s) for s in job_seeds(seed, Stream.LOCAL, jobs)]
-
-
 def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:
     """The same minibatches as `local_batches`, as one (steps, batch_size) index tensor padded with -1, for
     runtimes that run many clients' steps at once; draws the same permutations from the generator."""
@@ -135,9 +131,10 @@ BATCHED_MIN_JOBS = 256
 
 
 def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch_size: int) -> torch.Tensor:
-    """Every job's `padded_schedule` from its own generator (`local_generators`), as one (steps, jobs, batch_size)
-    tensor, -1 also after a job's last step. Jobs that need only the first few positions of one permutation have
-    them computed for all at once (`leading_positions`, the same numbers); the others draw their own."""
+    """Every job's `padded_schedule` from its own generator (seeded by `job_seeds(seed, LOCAL, jobs)`), as one
+    (steps, jobs, batch_size) tensor, -1 also after a job's last step. Jobs that need only the first few positions
+    of one permutation have them computed for all at once (`leading_positions`, the same numbers); the others draw
+    their own."""
     n = len(jobs)
     steps = Jobs.of(jobs).steps
     size = np.asarray(sizes, dtype=np.int64).reshape(n)
@@ -156,6 +153,32 @@ def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch
         drawn = padded_schedule(int(size[j]), batch_size, int(steps[j]), torch.Generator().manual_seed(int(seeds[j])))
         out[j, : drawn.numel()] = drawn.reshape(-1).numpy()
     return torch.from_numpy(out).view(n, most, batch_size).transpose(0, 1)
+
+
+def poisson_schedule(local_seed: int, num_samples: int, batch_size: int, steps: int) -> torch.Tensor:
+    """A job's Poisson-sampled minibatches as one (steps, width) index tensor padded with -1: step s takes sample j
+    when draw (s, j) of `fast_uniform(key_from_seed(local_seed), (steps, n), float64)` is below q = batch_size / n,
+    independently of every other (the subsampling DP accountants assume); width is the largest batch drawn, at least
+    1 (so an empty step is one padding row). The job's LOCAL-stream seed keys it, so every runtime draws the same."""
+    q = batch_size / num_samples
+    taken = keyed_random.fast_uniform(keyed_random.key_from_seed(local_seed), (steps, num_samples), torch.float64) < q
+    counts = taken.sum(dim=1, keepdim=True)
+    width = max(1, int(counts.max()) if steps else 1)
+    order = torch.argsort((~taken).to(torch.int8), dim=1, stable=True)[:, :width]
+    return torch.where(torch.arange(width) < counts, order, -1)
+
+
+def padded_poisson_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch_size: int) -> torch.Tensor:
+    """Every job's `poisson_schedule`, as one (steps, jobs, width) tensor padded with -1 (also after a job's last
+    step), width the largest batch of any job's step."""
+    steps = Jobs.of(jobs).steps
+    schedules = [poisson_schedule(s, int(n), batch_size, int(t))
+                 for s, n, t in zip(job_seeds(seed, Stream.LOCAL, jobs), sizes, steps.tolist(), strict=True)]
+    width = max((s.shape[1] for s in schedules), default=1)
+    out = torch.full((int(steps.max(initial=0)), len(jobs), width), -1, dtype=torch.long)
+    for j, schedule in enumerate(schedules):
+        out[: schedule.shape[0], j, : schedule.shape[1]] = schedule
+    return out
 
 
 _MT_SHIFT = 397

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fedsim.clients import Batch, ClientRule, JobInfo, Oracle, StepState
+from fedsim.clients import Batch, ClientRule, JobInfo, LocalTrainingParams, Oracle, StepState
 from fedsim.codecs import Codec, transmit
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job
-from fedsim.runtime.context import MASK32, job_seeds, local_batches
+from fedsim.runtime.context import MASK32, job_seeds, local_batches, poisson_schedule
 from fedsim.seeding import Stream
 
 
@@ -57,14 +57,31 @@ def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int
         yield Batch(x[idx], y[idx], w, key, index[s])
 
 
+def job_batches(x: torch.Tensor, y: torch.Tensor, hp: LocalTrainingParams, steps: int, local_seed: int,
+                key: torch.Tensor) -> Iterator[Batch]:
+    """A job's `steps` minibatches as its rule's `sampling` draws them from the job's LOCAL-stream seed: shuffled
+    epochs (`client_batches`), or Poisson samples (`poisson_schedule`) padded to the job's largest batch with rows of
+    weight 0, so an empty step is a batch of padding."""
+    if hp.sampling == "shuffle":
+        yield from client_batches(x, y, hp.batch_size, steps, torch.Generator().manual_seed(local_seed), key)
+        return
+    schedule = poisson_schedule(local_seed, len(y), hp.batch_size, steps).to(x.device)
+    key, index = key.to(x.device), step_indices(steps, x.device)
+    for s, rows in enumerate(schedule):
+        kept = rows >= 0
+        rows = rows.clamp_min(0)
+        yield Batch(x[rows], y[rows], kept.to(x.dtype if x.is_floating_point() else torch.float32), key, index[s])
+
+
 def local_steps(rule: ClientRule, state: StepState, batches: Iterable[Batch], oracle: Oracle) -> tuple[StepState,
                                                                                                        int]:
-    """Run the rule's step over the batches; returns the final step state and the samples processed."""
-    processed = 0
+    """Run the rule's step over the batches; returns the final step state and the samples processed (padding rows,
+    of weight 0, excluded)."""
+    kept = []
     for batch in batches:
         state = rule.step(state, batch, oracle)
-        processed += len(batch.y)
-    return state, processed
+        kept.append(batch.w.count_nonzero())
+    return state, int(torch.stack(kept).sum()) if kept else 0
 
 
 def run_client(rule: ClientRule, oracle: Oracle, server_message: Pytree, client_state: Pytree | None,

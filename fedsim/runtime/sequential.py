@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.oracle import AutogradOracle
+from fedsim.oracle import local_oracle
 from fedsim.params import Pytree, tree_leaves, tree_to
 from fedsim.runtime import RUNTIMES, Job, JobResult
 from fedsim.runtime.base import PlacedRuntime, RuntimeParams
-from fedsim.runtime.context import RuntimeContext, client_tensors, local_generators
-from fedsim.runtime.local import client_batches, job_info, job_keys, run_client, send
+from fedsim.runtime.context import RuntimeContext, client_tensors, job_seeds
+from fedsim.runtime.local import job_batches, job_info, job_keys, run_client, send
 from fedsim.seeding import Stream
 
 
@@ -21,23 +21,23 @@ class SequentialRuntime(PlacedRuntime):
 
     def __init__(self, params: RuntimeParams, context: RuntimeContext) -> None:
         super().__init__(params, context)
-        self.oracles = [AutogradOracle(objective) for objective in self.objectives]
+        self.oracles = [local_oracle(objective, context.rule.hp) for objective in self.objectives]
 
     def run_on(self, slot: int, jobs: Sequence[Job], stored: list[Pytree | None],
                starts: Sequence[Pytree]) -> list[Sequence[JobResult]]:
         """One piece: the jobs' results one after another (a stacked start's rows taken one at a time)."""
         seed = self.ctx.seed
         keys, codec_keys = job_keys(seed, jobs), job_keys(seed, jobs, Stream.CODEC)
-        return [[self._run(slot, job, state, starts[i], keys[i], codec_keys[i], generator)
-                 for i, (job, state, generator) in enumerate(zip(jobs, stored, local_generators(seed, jobs),
-                                                                 strict=True))]]
+        return [[self._run(slot, job, state, starts[i], keys[i], codec_keys[i], local_seed)
+                 for i, (job, state, local_seed) in enumerate(zip(jobs, stored, job_seeds(seed, Stream.LOCAL, jobs),
+                                                                  strict=True))]]
 
     def _run(self, slot: int, job: Job, stored: Pytree | None, start: Pytree, key: torch.Tensor,
-             codec_key: torch.Tensor, generator: torch.Generator) -> JobResult:
+             codec_key: torch.Tensor, local_seed: int) -> JobResult:
         rule, device = self.ctx.rule, self.devices[slot]
         client_state = rule.initial_state(start) if stored is None else stored
         x, y = client_tensors(self.ctx, job.client, device)
-        batches = client_batches(x, y, rule.hp.batch_size, job.steps, generator, key)
+        batches = job_batches(x, y, rule.hp, job.steps, local_seed, key)
         message, new_state, processed = run_client(rule, self.oracles[slot], start, client_state,
                                                    job_info(len(y), job.steps), batches)
         message, nbytes, codec_state = send(self.ctx.uplink, message, self._codec_state(job.client, message),

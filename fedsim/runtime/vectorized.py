@@ -29,12 +29,18 @@ from fedsim.clients import Batch, ClientRule
 from fedsim.data.base import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import Model
-from fedsim.oracle import AutogradOracle, FuncOracle
+from fedsim.oracle import FuncOracle, local_oracle
 from fedsim.params import Pytree, tree_leaves, tree_map, tree_nbytes, tree_to
 from fedsim.resources import check_fits
 from fedsim.runtime import RUNTIMES, Job, JobResult, Jobs, Stacked, StackedResults
 from fedsim.runtime.base import PlacedRuntime, RuntimeParams
-from fedsim.runtime.context import RuntimeContext, client_tensors, device_data, padded_schedules
+from fedsim.runtime.context import (
+    RuntimeContext,
+    client_tensors,
+    device_data,
+    padded_poisson_schedules,
+    padded_schedules,
+)
 from fedsim.runtime.local import job_info, job_keys, local_steps, step_indices
 from fedsim.seeding import Stream
 from fedsim.sizes import parse_bytes
@@ -68,10 +74,12 @@ MaskedStep = Callable[[Pytree, Batch, torch.Tensor], Pytree]
 
 def batched_steps(rule: ClientRule, objective: Objective) -> tuple[Step, Step]:
     """The rule's step vmapped over a leading client axis, for full minibatches (the plain mean loss) and for
-    padded ones (the weighted loss). The step number is the same for every client of a step, so it stays
-    unbatched (one input fewer for vmap to wrap)."""
+    padded ones (the weighted loss); Poisson-sampled batches take the sum over the expected size in both. The step
+    number is the same for every client of a step, so it stays unbatched (one input fewer for vmap to wrap)."""
     vmapped = vmap(rule.step, in_dims=(0, Batch(0, 0, 0, 0, None), None))
-    full_oracle, padded_oracle = FuncOracle(objective, weighted=False), FuncOracle(objective, weighted=True)
+    padded_oracle = local_oracle(objective, rule.hp) if rule.hp.sampling == "poisson" else \
+        FuncOracle(objective, weighted=True)
+    full_oracle = padded_oracle if rule.hp.sampling == "poisson" else FuncOracle(objective, weighted=False)
 
     def full(state: Pytree, batch: Batch) -> Pytree:
         return vmapped(state, batch, full_oracle)
@@ -134,7 +142,7 @@ class VectorizedRuntime(PlacedRuntime):
         self.compiled_steps = [compiled_steps(full, padded) for full, padded in
                                zip(self.full_steps, self.padded_steps, strict=True)] if params.compile else []
         self.sizes_compiled: list[set[int]] = [set() for _ in self.objectives]
-        self.alone_oracles = [AutogradOracle(objective) for objective in self.objectives]
+        self.alone_oracles = [local_oracle(objective, context.rule.hp) for objective in self.objectives]
         # A batch larger than every client's data is each client's full data: the same minibatches, less padding.
         largest = max(1, int(context.data.train_sizes.max()))
         self.batch_size = min(context.rule.hp.batch_size, largest)
@@ -320,8 +328,10 @@ class VectorizedRuntime(PlacedRuntime):
         """The chunk's last few clients step on one after another, unbatched, with the sequential runtime's
         autograd oracle (`local_steps`): a vmapped step has a fixed cost of several plain ones, so with heavy-tailed
         work (e.g. FedProx's Synthetic data) a few busy clients would otherwise run many nearly empty vmapped
-        steps. Their minibatches drop the padding rows, so every weight is 1."""
+        steps. Their minibatches drop the padding rows, so every weight is 1; Poisson-sampled ones keep them (weight
+        0), as a step may take no sample."""
         rule, oracle = self.ctx.rule, self.alone_oracles[slot]
+        poisson = rule.hp.sampling == "poisson"
         valid = weight > 0
         full = valid.all(dim=2).cpu().tolist()
         ones = torch.ones(weight.shape[2], device=x.device)
@@ -330,7 +340,9 @@ class VectorizedRuntime(PlacedRuntime):
             def batches(c: int = c, steps: int = steps) -> Iterator[Batch]:
                 step_index, key = step_indices(first_step + steps, x.device), keys[c]
                 for s in range(steps):
-                    if full[s][c]:
+                    if poisson:
+                        rows, w = index[s, c], weight[s, c]
+                    elif full[s][c]:
                         rows, w = index[s, c], ones
                     else:
                         rows = index[s, c][valid[s, c]]
@@ -364,7 +376,10 @@ class VectorizedRuntime(PlacedRuntime):
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per step: (clients, batch) rows into the chunk's data, sample weights, and which clients step."""
         # (steps, clients, batch), -1 where a client has no sample: padding in short batches and after its last step.
-        local = padded_schedules(self.ctx.seed, jobs, sizes, self.batch_size)
+        if self.ctx.rule.hp.sampling == "poisson":
+            local = padded_poisson_schedules(self.ctx.seed, jobs, sizes, self.ctx.rule.hp.batch_size)
+        else:
+            local = padded_schedules(self.ctx.seed, jobs, sizes, self.batch_size)
         valid = local >= 0
         first = torch.from_numpy(starts)[None, :, None]
         index = torch.where(valid, local + first, first)
