@@ -58,10 +58,9 @@ class Oracle(Protocol):
         ...
 
 
-class LocalTrainingParams(Params):
-    """Hyperparameters every local-training rule shares; the runtime reads them to build the batch schedule."""
+class BatchingParams(Params):
+    """How a job's minibatches are drawn: what the runtime reads to build the batch schedule, shared by every rule."""
 
-    lr: float = Field(0.01, gt=0)
     batch_size: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1, le=10**7, description="minibatch steps per job instead of "
@@ -73,10 +72,16 @@ class LocalTrainingParams(Params):
                                "unbiased estimate of the mean loss, and the subsampling DP accountants assume)")
 
 
+class LocalTrainingParams(BatchingParams):
+    """Hyperparameters every local-training rule shares: the batch schedule and the learning rate."""
+
+    lr: float = Field(0.01, gt=0)
+
+
 class ClientRule(Protocol):
     """The pure functions an algorithm's client side consists of, with its hyperparameters bound."""
 
-    hp: LocalTrainingParams
+    hp: BatchingParams
     step_cost: int
     """Minibatch gradient evaluations per step (SGD 1, SAM 2, pFedMe K + 1): the clock charges work by it."""
 
@@ -90,6 +95,40 @@ class ClientRule(Protocol):
     def step(self, state: StepState, batch: Batch, oracle: Oracle) -> StepState: ...
 
     def final(self, state: StepState) -> tuple[Pytree, Pytree | None]: ...
+
+
+class RuleWrapper:
+    """Base of client rules around another rule (privacy mechanisms): hyperparameters, cost, state, steps and
+    messages are the wrapped rule's unless a subclass changes them, and so is what the rule has beyond the training
+    contract (a `personalize`: a client scoring its own personal model releases nothing)."""
+
+    def __init__(self, rule: ClientRule) -> None:
+        self.rule = rule
+
+    @property
+    def hp(self) -> BatchingParams:
+        return self.rule.hp
+
+    @property
+    def step_cost(self) -> int:
+        return self.rule.step_cost
+
+    def initial_state(self, server_message: Pytree) -> Pytree | None:
+        return self.rule.initial_state(server_message)
+
+    def init(self, server_message: Pytree, client_state: Pytree | None, info: JobInfo) -> StepState:
+        return self.rule.init(server_message, client_state, info)
+
+    def step(self, state: StepState, batch: Batch, oracle: Oracle) -> StepState:
+        return self.rule.step(state, batch, oracle)
+
+    def final(self, state: StepState) -> tuple[Pytree, Pytree | None]:
+        return self.rule.final(state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "rule":
+            raise AttributeError(name)
+        return getattr(self.rule, name)
 
 
 ALGORITHMS: Registry = Registry("algorithm")

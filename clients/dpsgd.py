@@ -5,16 +5,17 @@ as the accountant assumes; the accounting itself (epsilon, delta) is the run's (
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
-from fedsim.clients import Batch, ClientRule, JobInfo, LocalTrainingParams, Oracle, StepState
-from fedsim.errors import ScenarioError
+from fedsim.clients import Batch, ClientRule, Oracle, RuleWrapper, StepState
 from fedsim.params import Pytree, tree_leaves, tree_map
-from fedsim.privacy import PRIVACY
-from fedsim.registry import Params
+from fedsim.privacy import PRIVACY, AccountingParams, Population
+
+if TYPE_CHECKING:  # servers/ import the clients package: no runtime import back
+    from fedsim.servers import ServerRule
 
 NOISE_STREAMS = 1 << 15
 """The oracle's random streams from here up (to `fedsim.oracle.STREAMS_PER_STEP`, 2^16; not imported, as the oracle
@@ -22,8 +23,8 @@ module imports this package) are DP-SGD's noise, stream NOISE_STREAMS + k for th
 rule keeps the streams below for its own draws, so its randomness never correlates with the noise."""
 
 
-class DPSGDParams(Params):
-    """The mechanism's parameters; how many steps and clients that makes private is for the accountant to say."""
+class DPSGDParams(AccountingParams):
+    """The mechanism's parameters and how its run is accounted (`AccountingParams`)."""
 
     clip: float = Field(1.0, gt=0, description="C: the bound on each sample's gradient norm")
     noise_multiplier: float = Field(1.0, ge=0, description="sigma: the noise's std is sigma * C (before dividing by "
@@ -112,47 +113,21 @@ def _rule_stream(stream: int) -> int:
     return stream
 
 
-class DPSGD:
-    """A client rule whose steps see a `PrivateOracle`; hyperparameters, cost, state and messages are the wrapped
-    rule's."""
+class DPSGD(RuleWrapper):
+    """A client rule whose steps see a `PrivateOracle`; everything else is the wrapped rule's (per-sample gradients
+    of a minibatch cost about one minibatch gradient, so the step cost too)."""
 
     def __init__(self, params: DPSGDParams, rule: ClientRule) -> None:
-        self.params, self.rule = params, rule
-
-    @property
-    def hp(self) -> LocalTrainingParams:
-        return self.rule.hp
-
-    @property
-    def step_cost(self) -> int:
-        """The wrapped rule's: per-sample gradients of a minibatch cost about one minibatch gradient."""
-        return self.rule.step_cost
-
-    def initial_state(self, server_message: Pytree) -> Pytree | None:
-        return self.rule.initial_state(server_message)
-
-    def init(self, server_message: Pytree, client_state: Pytree | None, info: JobInfo) -> StepState:
-        return self.rule.init(server_message, client_state, info)
+        super().__init__(rule)
+        self.params = params
 
     def step(self, state: StepState, batch: Batch, oracle: Oracle) -> StepState:
         return self.rule.step(state, batch, PrivateOracle(oracle, self.params, float(self.rule.hp.batch_size)))
 
-    def final(self, state: StepState) -> tuple[Pytree, Pytree | None]:
-        return self.rule.final(state)
 
-    def __getattr__(self, name: str) -> Any:
-        """What the wrapped rule has beyond the training contract (a `personalize`), unchanged: the mechanism
-        privatizes training steps; a client scoring its own personal model releases nothing."""
-        if name == "rule":
-            raise AttributeError(name)
-        return getattr(self.rule, name)
-
-
-@PRIVACY.register("dpsgd", params=DPSGDParams, wraps="client")
-def dpsgd(params: DPSGDParams, rule: ClientRule) -> DPSGD:
+@PRIVACY.register("dpsgd", params=DPSGDParams, wraps="client", unit="sample")
+def dpsgd(params: DPSGDParams, rule: ClientRule, server: ServerRule, population: Population) -> tuple[DPSGD,
+                                                                                                   ServerRule]:
     """DP-SGD: clip each sample's gradient to C and add N(0, sigma^2 C^2) noise, around any client rule whose
-    batches are Poisson samples."""
-    if rule.hp.sampling != "poisson":
-        raise ScenarioError(f"algorithm.sampling: dpsgd needs Poisson-sampled batches (sampling: poisson), which its "
-                            f"accountant assumes; {rule.hp.sampling!r} batches are refused")
-    return DPSGD(params, rule)
+    batches are Poisson samples (`fedsim.privacy.check_privacy` refuses others)."""
+    return DPSGD(params, rule), server

@@ -13,15 +13,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedsim.clients import ALGORITHMS, Batch, JobInfo, Oracle, StepState
+from fedsim.clients import ALGORITHMS, Batch, BatchingParams, JobInfo, Oracle, StepState
 from fedsim.params import Pytree, tree_map, tree_zeros_like
-from fedsim.registry import Params
 
 
-class GradientParams(Params):
+class GradientParams(BatchingParams):
     """How many minibatches, of what size, a gradient averages over (no learning rate: the rule takes no step)."""
 
-    batch_size: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1, description="passes over the node's data per gradient (1: the full "
                                                    "gradient)")
     local_steps: int | None = Field(None, ge=1, le=10**7, description="minibatches per gradient instead of "

@@ -172,6 +172,24 @@ def check(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] |
     return scenarios, notices, out_path
 
 
+def privacy_plan(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                 variants: Sequence[str] | None = None) -> list[tuple[str, str, dict[str, float]]]:
+    """What each private variant's whole run would spend, without running it: (variant, mechanism, the noise
+    multiplier (calibrated when the scenario gives a target epsilon), sampling rate, planned steps, delta and
+    epsilon per accountant). A scenario with no private variant is an error naming the `privacy` field."""
+    scenarios, _ = load_scenarios(source, overrides, variants)
+    private = [s for s in scenarios if "privacy" in s.components]
+    if not private:
+        raise ScenarioError("privacy: no variant of this scenario has a privacy section, so there is nothing to "
+                            "account")
+    plans = []
+    for s in private:
+        with naming_variant(s.declared_name):
+            spend = build_simulation(s).privacy
+        plans.append((s.variant, s.components["privacy"].name, spend.plan()))
+    return plans
+
+
 def build_all(scenarios: Sequence[ResolvedScenario]) -> list[Simulation]:
     """Build every variant's simulation up front (so a bad data directory fails before any training); variants
     with the same data and partition share one copy of the data (under MPI, only those that share clients out to

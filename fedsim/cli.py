@@ -1,5 +1,5 @@
-"""The `fedsim` command: `fedsim run SCENARIO [--set k=v ...]`, `fedsim check SCENARIO`, `fedsim list` and
-`fedsim flower-app SCENARIO --out APP_DIR`.
+"""The `fedsim` command: `fedsim run SCENARIO [--set k=v ...]`, `fedsim check SCENARIO`, `fedsim privacy SCENARIO`,
+`fedsim list` and `fedsim flower-app SCENARIO --out APP_DIR`.
 
 User mistakes (command-line usage included) end with one line on stderr (`fedsim: error: ...`, at most
 MAX_ERROR_CHARS long) and exit status 2, never a traceback.
@@ -43,7 +43,7 @@ def _add_scenario_arguments(command: argparse.ArgumentParser, optional: bool = F
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsim", description="Simulate federated and decentralized learning.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,check,list,flower-app,peer}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,check,privacy,list,flower-app,peer}")
     run = sub.add_parser("run", help="run a scenario file: train, print a result table, write a run directory")
     _add_scenario_arguments(run, optional=True)
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last good checkpoint")
@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a scenario without running it (every variant, data files, "
                                          "memory, output location) and print it resolved")
     _add_scenario_arguments(check)
+    privacy = sub.add_parser("privacy", help="what each private variant's run would spend (epsilon per accountant), "
+                                             "and the noise a target epsilon calibrates, without running it")
+    privacy.add_argument("scenario", help="path to a scenario YAML file")
+    privacy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a field, e.g. --set privacy.target_epsilon=2 (repeatable)")
+    privacy.add_argument("--variant", dest="variants", action="append", metavar="NAME",
+                         help="only this variant of the scenario (repeatable)")
     ls = sub.add_parser("list", help="list registered algorithms, data sets, partitioners, models, ...")
     ls.add_argument("kind", nargs="?", help="only this kind (e.g. algorithm)")
     flower = sub.add_parser("flower-app", help="write a Flower app directory (ServerApp and ClientApp) that `flwr run` "
@@ -117,6 +124,23 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    from fedsim.api import privacy_plan
+    from fedsim.scenario import parse_overrides
+
+    plans = privacy_plan(args.scenario, parse_overrides(args.overrides), args.variants)
+    columns = ["noise_multiplier", "sampling_rate", "releases", "delta"]
+    epsilons = sorted({k for _, _, plan in plans for k in plan if k.startswith("epsilon_")})
+    print(" ".join(f"{c:>16}" for c in ["variant", "mechanism", *columns, *epsilons]))
+    for variant, mechanism, plan in plans:
+        cells = [f"{variant:>16}", f"{mechanism:>16}", *(f"{plan[c]:>16.6g}" for c in columns),
+                 *(f"{plan[e]:>16.4f}" if e in plan else f"{'-':>16}" for e in epsilons)]
+        print(" ".join(cells))
+    print("releases: the local steps of the busiest client (a full job every round; sample-level mechanisms) or the "
+          "rounds (user-level ones); epsilon: what they cost at delta, by each accountant", file=sys.stderr)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from fedsim.scenario import PLUGINS
 
@@ -160,7 +184,7 @@ def _peer(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "check": _check, "list": _list, "flower-app": _flower_app, "peer": _peer}
+COMMANDS = {"run": _run, "check": _check, "privacy": _privacy, "list": _list, "flower-app": _flower_app, "peer": _peer}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.tasks import Objective
 
 if TYPE_CHECKING:  # clients/ imports this module (rules wrapping the oracle), so no runtime import back
-    from fedsim.clients import Batch, LocalTrainingParams
+    from fedsim.clients import Batch, BatchingParams
 
 STREAMS_PER_STEP = 1 << 16
 """Random streams a rule may use per step (the `stream` argument of `normal` and `uniform`)."""
@@ -96,7 +96,7 @@ class FuncOracle(KeyedDraws):
         return self._grad(params, batch)
 
 
-def local_oracle(objective: Objective, hp: LocalTrainingParams) -> AutogradOracle | FuncOracle:
+def local_oracle(objective: Objective, hp: BatchingParams) -> AutogradOracle | FuncOracle:
     """The oracle of one client's unbatched local steps: autograd on the batch mean for shuffled batches, and for
     Poisson-sampled ones (padded, possibly empty) the weighted sum over the expected batch size."""
     if hp.sampling == "poisson":

@@ -74,10 +74,12 @@ class ProtocolBase:
         raise NotImplementedError
 
     def budget_spent(self, steps: int, now: float) -> bool:
-        """Whether `steps` server steps or `now` simulated seconds use up the budget."""
-        spec = self.spec
+        """Whether `steps` server steps or `now` simulated seconds use up the budget, or one more server step could
+        spend more than the privacy budget."""
+        spec, privacy = self.spec, self.sim.privacy
         return (spec.rounds is not None and steps >= spec.rounds) or \
-            (spec.time_budget is not None and now >= spec.time_budget)
+            (spec.time_budget is not None and now >= spec.time_budget) or \
+            (privacy is not None and privacy.next_step_exceeds_budget())
 
     def evaluate_if_due(self, steps: int, now: float) -> Row | None:
         """Evaluate the global model every `evaluation.every` server steps and when the budget is spent, with the
@@ -85,9 +87,10 @@ class ProtocolBase:
         their figures."""
         if self.evaluation_due(steps, now):
             personal = self.sim.personal(self.sim.server.broadcast(self.state)) if self.sim.personal else {}
+            privacy = {} if self.sim.privacy is None else self.sim.privacy.metrics()
             return self.recorder.evaluate(steps, now, self.state["params"], self.traffic,
                                           {"client_updates": self.client_updates, **self.extra_metrics(),
-                                           **personal})
+                                           **personal, **privacy})
         return None
 
     def evaluation_due(self, steps: int, now: float) -> bool:
@@ -101,7 +104,9 @@ class ProtocolBase:
 
     def commit(self, result: JobResult) -> None:
         """File an arrived result's new client state and uplink codec state (results held by another MPI rank are
-        that rank's; every rank notes that the client has uploaded)."""
+        that rank's; every rank notes that the client has uploaded and counts what its job spent of privacy)."""
+        if self.sim.privacy is not None:
+            self.sim.privacy.commit(result.client, result.job.steps)
         if self.tracks_uploads:
             self.uploaded.add(result.client)
         if result.here:
@@ -113,6 +118,9 @@ class ProtocolBase:
         are skipped whole (committing them would change nothing), so their rows are never split per job."""
         stateless = isinstance(results, StackedResults) and not results.has_states
         if stateless and not len(self.sim.states) and not len(self.sim.codec_states) and not self.tracks_uploads:
+            if self.sim.privacy is not None:
+                for job in results.jobs:
+                    self.sim.privacy.commit(job.client, job.steps)
             return
         for result in results:
             self.commit(result)
@@ -152,6 +160,8 @@ class ProtocolBase:
         a non-finite model stops the run."""
         self.state = self.sim.server.update(self.state, self.aggregate(results, steps))
         self.client_updates += len(results)
+        if self.sim.privacy is not None:
+            self.sim.privacy.server_step()
         self.recorder.timeline.server_step(now)
         if not tree_is_finite(self.state["params"]):
             raise DivergenceError(

@@ -6,6 +6,7 @@ frequency (topology.png)."""
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,9 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Accuracy and training loss against rounds (top), simulated seconds (middle) and client updates (bottom, when
-    every row counts them), one line per variant; with personal models, their accuracy (pooled over the scored
+    """Accuracy and training loss against rounds (top), simulated seconds, client updates (when every row counts
+    them) and epsilon (when every row of a private run reports it: the first accountant's, at the rows' delta), one
+    line per variant; with personal models, their accuracy (pooled over the scored
     clients' test samples, as the global model's) dashed next to the global model's and, in a third column, the
     distribution of per-client personal accuracy at each variant's last evaluation."""
     plt = _pyplot()
@@ -107,6 +109,9 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> None:
     x_axes = [("round", "round"), ("sim_time", "simulated time (s)")]
     if all("client_updates" in r for r in rows):
         x_axes.append(("client_updates", "client updates"))
+    epsilon = next((k for k in rows[0] if k.startswith("epsilon_")), None) if rows else None
+    if epsilon is not None and all(math.isfinite(r.get(epsilon, math.inf)) for r in rows):
+        x_axes.append((epsilon, f"epsilon ({epsilon.removeprefix('epsilon_')}, delta {rows[0]['delta']:g})"))
     fig, axes = plt.subplots(len(x_axes), 3 if personal else 2, figsize=(16 if personal else 11, 3.75 * len(x_axes)),
                              squeeze=False)
     variants = list(dict.fromkeys(r["variant"] for r in rows))

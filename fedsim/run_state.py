@@ -40,7 +40,8 @@ class RunState:
         sim = self.sim
         return {"protocol": self.protocol.state_dict(), "clock": self.clock.state_dict(),
                 "recorder": self.recorder.state_dict(), "client_states": sim.states.state_dict(),
-                "codec_states": sim.codec_states.state_dict(), "runtime": sim.runtime.state_dict()}
+                "codec_states": sim.codec_states.state_dict(), "runtime": sim.runtime.state_dict(),
+                "privacy": {} if sim.privacy is None else sim.privacy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sim = self.sim
@@ -50,6 +51,8 @@ class RunState:
         sim.states.load_state_dict(state["client_states"])
         sim.codec_states.load_state_dict(state["codec_states"])
         sim.runtime.load_state_dict(state["runtime"])
+        if sim.privacy is not None:
+            sim.privacy.load_state_dict(state["privacy"])
 
 
 class SignalFlag:

@@ -59,13 +59,19 @@ def active_count(clients_per_round: int, straggler_fraction: float) -> int:
 
 def plan_round(seed: int, round_index: int, train_sizes: np.ndarray, clients_per_round: int,
                straggler_fraction: float, local_epochs: int, batch_size: int,
-               local_steps: int | None = None, candidates: np.ndarray | None = None) -> RoundPlan:
+               local_steps: int | None = None, candidates: np.ndarray | None = None,
+               poisson: bool = False) -> RoundPlan:
     """Draw one round's clients and work; depends only on the seed, the round, the data sizes and the clients
     that can be drawn (`candidates`: those available; every client by default; fewer than `clients_per_round`
-    candidates are all drawn). A straggler finishes a random number of whole epochs (of steps, with
-    `local_steps`) short of a full job."""
+    candidates are all drawn). With `poisson`, each candidate is drawn independently with probability
+    clients_per_round / num_clients (in client order; possibly none). A straggler finishes a random number of whole
+    epochs (of steps, with `local_steps`) short of a full job."""
     rng = numpy_rng(seed, Stream.SELECTION, round_index)
-    if candidates is None:
+    pool = np.arange(len(train_sizes)) if candidates is None else np.asarray(candidates)
+    if poisson:
+        clients = pool[rng.random(len(pool)) < clients_per_round / len(train_sizes)]
+        clients_per_round = len(clients)
+    elif candidates is None:
         clients = rng.choice(len(train_sizes), clients_per_round, replace=False)
     else:
         clients_per_round = min(clients_per_round, len(candidates))

@@ -29,7 +29,7 @@ from fedsim.data.base import DATASETS, PARTITIONERS
 from fedsim.error_feedback import ERROR_FEEDBACK
 from fedsim.errors import FedsimError, ScenarioError
 from fedsim.models import MODELS
-from fedsim.privacy import PRIVACY
+from fedsim.privacy import PRIVACY, check_privacy
 from fedsim.registry import Entry, Params, Registry, validate_params
 from fedsim.runtime import RUNTIMES
 from fedsim.sampling import active_count
@@ -416,6 +416,8 @@ def _check_consistency(spec: ScenarioSchema, components: dict[str, Component]) -
             f"not; allowed: {', '.join(fitting)}"
         )
     _check_message_keys(components)
+    if "privacy" in components:
+        check_privacy(components, spec)
     for kind in ("protocol", "algorithm", "systems"):  # own cross-field checks (a protocol's settings, a trace)
         check = components[kind].entry.meta.get("check")
         if check is not None:

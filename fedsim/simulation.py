@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.clients import ClientRule, LocalTrainingParams
+from fedsim.clients import BatchingParams, ClientRule
 from fedsim.codecs import Codec, build_codec
 from fedsim.data import build_federated_data
 from fedsim.data.base import ClientDataSource
@@ -17,12 +17,15 @@ from fedsim.evaluation import Evaluator, no_reduce
 from fedsim.models import Model, build_model
 from fedsim.params import Pytree, tree_leaves
 from fedsim.personal import PersonalEvaluator, has_personal_model
+from fedsim.privacy import Population, PrivacySpend, build_spend, client_rate
+from fedsim.registry import Params
 from fedsim.runtime import RUNTIMES, Runtime, mpi
 from fedsim.runtime.base import RuntimeParams
 from fedsim.runtime.context import ClientStateStore, RuntimeContext, StateStore
 from fedsim.runtime.node_transport import LocalTransport, NodeTransport
 from fedsim.runtime.state_store import SpillingStateStore
-from fedsim.scenario import ResolvedScenario
+from fedsim.sampling import full_steps
+from fedsim.scenario import Component, ResolvedScenario
 from fedsim.seeding import Stream, derive_seed, numpy_rng
 from fedsim.servers import ServerRule
 from fedsim.systems import ClientSystems
@@ -47,6 +50,8 @@ class Simulation:
     """Gossip protocols' nodes over processes (None for client/server protocols)."""
     personal: PersonalEvaluator | None = None
     """Scores clients' personal models, for rules that keep one (`rule.personalize`)."""
+    privacy: PrivacySpend | None = None
+    """What a private run has spent (epsilon per accountant), for runs with a `privacy` section."""
 
     @property
     def model(self) -> Model:
@@ -84,7 +89,7 @@ def check_downlink_mirror(downlink: Codec, template: Pytree, scenario: ResolvedS
                             f"none, or every client every round")
 
 
-def check_poisson_sampling(hp: LocalTrainingParams, train_sizes: np.ndarray) -> None:
+def check_poisson_sampling(hp: BatchingParams, train_sizes: np.ndarray) -> None:
     """Poisson sampling takes each of a client's n samples with probability batch_size / n: refuse clients with fewer
     than batch_size samples (a probability above 1) in one line naming the field."""
     if hp.sampling != "poisson" or not len(train_sizes) or int(np.min(train_sizes)) >= hp.batch_size:
@@ -93,6 +98,25 @@ def check_poisson_sampling(hp: LocalTrainingParams, train_sizes: np.ndarray) -> 
     raise ScenarioError(f"algorithm.batch_size: Poisson sampling takes each sample with probability batch_size / n, "
                         f"but client {client} holds {int(train_sizes[client])} training samples, fewer than "
                         f"batch_size {hp.batch_size}; lower batch_size or give every client more data")
+
+
+def private_spend(component: Component, hp: BatchingParams, population: Population,
+                  rounds: int | None) -> tuple[PrivacySpend, Params, str | None]:
+    """A private run's spend, the mechanism's parameters with the noise multiplier it runs with (calibrated to
+    `target_epsilon` when asked), and a notice of the calibration. A sample-level mechanism releases at every local
+    step, each a Poisson sample of rate batch_size / n of a client's data (the smallest client's rate bounds every
+    client's), and calibration plans for a client that takes a full job every round (an upper bound: with fewer
+    clients per round, epsilon comes out lower); a user-level one releases once per round, at the rate the protocol
+    samples clients with (`check_privacy` has made sure it has one)."""
+    sizes = population.train_sizes
+    if component.entry.meta["unit"] == "sample":
+        rate = hp.batch_size / int(np.min(sizes))
+        step_bound = int(full_steps(sizes, hp.local_epochs, hp.batch_size, hp.local_steps).max(initial=0))
+    else:
+        rate, step_bound = population.client_rate, 1
+    spend, sigma, notice = build_spend(component.params, component.entry.meta["unit"], rate, step_bound,
+                                       (rounds or 0) * step_bound, len(sizes))
+    return spend, component.params.model_copy(update={"noise_multiplier": sigma}), notice
 
 
 def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None = None,
@@ -117,10 +141,15 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     objective = Objective(model, c["task"].entry.obj(c["task"].params))
     rule = c["algorithm"].entry.obj(c["algorithm"].params)
     check_poisson_sampling(rule.hp, data.train_sizes)
-    if "privacy" in c:
-        rule = c["privacy"].entry.obj(c["privacy"].params, rule)
+    privacy, notices = None, []
     server = c["server"].entry.obj(c["server"].params)
-    runtime_entry, runtime_params, notices = c["runtime"].entry, c["runtime"].params, []
+    if "privacy" in c:
+        rate = client_rate(c["protocol"], spec.clients_per_round, spec.num_clients)
+        population = Population(np.asarray(data.train_sizes), rate)
+        privacy, params, notice = private_spend(c["privacy"], rule.hp, population, spec.rounds)
+        notices += [notice] if notice else []
+        rule, server = c["privacy"].entry.obj(params, rule, server, population)
+    runtime_entry, runtime_params = c["runtime"].entry, c["runtime"].params
     if runtime_entry.meta.get("vectorized") and not c["algorithm"].entry.meta.get("vectorizable", True):
         notices.append(f"algorithm {c['algorithm'].name} cannot run vectorized; running it sequentially")
         runtime_entry = RUNTIMES.get("sequential")
@@ -155,4 +184,4 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     downlink.check(model.init_params, "compression.downlink")
     check_downlink_mirror(downlink, server.broadcast(server.init(model.init_params)), scenario)
     return Simulation(scenario, data, objective, rule, server, runtime, states, codec_states, downlink, systems,
-                      evaluator, notices, transport, personal)
+                      evaluator, notices, transport, personal, privacy)

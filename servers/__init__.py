@@ -48,6 +48,8 @@ class ServerBase:
     """Defaults most server rules share: broadcast the model alone, weight every message key by `hp.weighting`."""
 
     hp: ServerParams
+    steps_without_results = False
+    """Whether a round whose sampling drew no client still takes a server step (with an aggregate of no results)."""
     key_weighting: Mapping[str, str] = {}
     """Message keys weighted otherwise than `hp.weighting` (e.g. SCAFFOLD's control deltas: "uniform")."""
 

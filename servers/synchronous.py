@@ -15,28 +15,45 @@ the round, its work and client state discarded.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from fedsim.async_jobs import job_sizes
 from fedsim.clock import Clock, Event
 from fedsim.protocol import SAMPLE_COUNT_BYTES, ProtocolBase
 from fedsim.recording import Recorder
-from fedsim.registry import NoParams
+from fedsim.registry import Params
 from fedsim.runtime import Job, JobResult
 from fedsim.sampling import RoundPlan, plan_round, steps_by_deadline
 from fedsim.servers import PROTOCOLS
 from fedsim.systems import JobPhases
 
 
-@PROTOCOLS.register("synchronous", params=NoParams, needs=("clients_per_round",), stragglers=("fraction", "deadline"),
-                    availability=True)
+class SynchronousParams(Params):
+    """How a round samples its clients."""
+
+    client_sampling: Literal["fixed", "poisson"] = Field(
+        "fixed", description="fixed: clients_per_round clients without replacement; poisson: each client "
+                             "independently with probability clients_per_round / num_clients (a round may draw none; "
+                             "user-level DP accountants assume it)")
+
+
+def poisson_client_rate(params: SynchronousParams, clients_per_round: int | None, num_clients: int) -> float | None:
+    """The probability each client is drawn with per round under Poisson sampling (None under fixed sampling)."""
+    if params.client_sampling != "poisson" or clients_per_round is None:
+        return None
+    return clients_per_round / num_clients
+
+
+@PROTOCOLS.register("synchronous", params=SynchronousParams, needs=("clients_per_round",),
+                    stragglers=("fraction", "deadline"), availability=True, client_rate=poisson_client_rate)
 class SynchronousRounds(ProtocolBase):
     """Synchronous rounds: sample clients, wait for every kept one, aggregate (`round_start`/`arrival` events;
     jobs are numbered by their round)."""
 
-    def __init__(self, params: NoParams, sim, recorder: Recorder) -> None:
+    def __init__(self, params: SynchronousParams, sim, recorder: Recorder) -> None:
         super().__init__(params, sim, recorder)
         self.drop_stragglers = sim.scenario.straggler_handling == "drop"
         self.deadline = self.spec.stragglers.deadline
@@ -77,7 +94,8 @@ class SynchronousRounds(ProtocolBase):
             return
         hp = sim.rule.hp
         plan = plan_round(spec.seed, t, sim.data.train_sizes, spec.clients_per_round, spec.stragglers.fraction,
-                          hp.local_epochs, hp.batch_size, hp.local_steps, candidates)
+                          hp.local_epochs, hp.batch_size, hp.local_steps, candidates,
+                          self.params.client_sampling == "poisson")
         message, down = self.broadcast(t)
         self.traffic.down += down * len(plan.clients)
         if self.deadline is None:
@@ -97,8 +115,11 @@ class SynchronousRounds(ProtocolBase):
                            bytes_up=result.message_bytes + SAMPLE_COUNT_BYTES, start=clock.now, phases=phases)
         self.recorder.progress.advance(t, row)
         if not results:
-            clock.schedule(max(dropped_until, 0.0 if self.deadline is None else self.deadline), "round_start",
-                           round=t + 1)
+            wait = max(dropped_until, 0.0 if self.deadline is None else self.deadline)
+            if sim.server.steps_without_results:
+                self.apply([], t, clock.now + wait)
+                self.server_steps = t + 1
+            clock.schedule(wait, "round_start", round=t + 1)
 
     def _available(self, now: float) -> np.ndarray | None:
         """The clients available at `now`, or None when every client always is."""

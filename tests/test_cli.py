@@ -69,10 +69,10 @@ def test_module_entry_point_runs():
 
 
 @pytest.mark.parametrize("argv, start", [
-    ([], "fedsim: error: the following arguments are required: {run,check,list,flower-app,peer}"),
+    ([], "fedsim: error: the following arguments are required: {run,check,privacy,list,flower-app,peer}"),
     (["run"], "fedsim: error: run: give a scenario file, or --resume RUN_DIR"),
     (["run", "s.yaml", "--resume", "runs/x"], "fedsim: error: --resume takes the run directory only"),
-    (["frobnicate"], "fedsim: error: argument {run,check,list,flower-app,peer}: invalid choice: 'frobnicate'"),
+    (["frobnicate"], "fedsim: error: argument {run,check,privacy,list,flower-app,peer}: invalid choice: 'frobnicate'"),
     (["run", "s.yaml", "--bogus"], "fedsim: error: unrecognized arguments: --bogus"),
     (["list", "a", "b"], "fedsim: error: unrecognized arguments: b"),
 ])

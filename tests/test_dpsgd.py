@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,9 +28,11 @@ from fedsim.keyed_random import key_from_seed
 from fedsim.models import MODELS, build_model
 from fedsim.oracle import STREAMS_PER_STEP, AutogradOracle, FuncOracle
 from fedsim.params import tree_leaves, tree_map
-from fedsim.privacy import PRIVACY
+from fedsim.privacy import PRIVACY, Population
 from fedsim.registry import NoParams
 from fedsim.scenario import load_scenarios
+from fedsim.servers import ServerParams
+from fedsim.servers.fedavg import FedAvgServer
 from fedsim.tasks import Classification, Objective
 
 FEATURES, CLASSES = 6, 3
@@ -60,6 +63,11 @@ def private(objective: Objective, b: Batch, clip: float, sigma: float, clipping:
     return PrivateOracle(oracle, params, expected).grad(objective.model.init_params, b)
 
 
+def wrap(params: DPSGDParams, rule) -> DPSGD:
+    """The client rule DP-SGD makes of `rule` (it leaves the server rule as it is)."""
+    return dpsgd(params, rule, FedAvgServer(ServerParams()), Population(np.full(3, 10), None))[0]
+
+
 def clipped_mean_by_hand(objective: Objective, b: Batch, clip: float, clipping: str) -> dict[str, torch.Tensor]:
     """mean over the real rows of each sample's autograd gradient scaled to norm at most C (flat) or C / sqrt(L) per
     parameter tensor (per-layer); also checks every clipped gradient is within its bound."""
@@ -83,7 +91,9 @@ def clipped_mean_by_hand(objective: Objective, b: Batch, clip: float, clipping: 
 
 
 def without_wall_time(result) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "variant")} for r in result.metrics.rows]
+    """The rows without wall time, variant and the privacy columns (which a run without privacy lacks)."""
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "variant", "epsilon_rdp", "delta")}
+            for r in result.metrics.rows]
 
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
@@ -94,7 +104,7 @@ def test_without_binding_clip_or_noise_steps_are_exactly_the_wrapped_rules(objec
               "func-mean": FuncOracle(objective, weighted=False)}[oracle_kind]
     padding = 3 if oracle_kind == "func-poisson-padded" else 0
     plain = LocalSGD(LocalTrainingParams(lr=0.3, sampling="poisson"))
-    wrapped = dpsgd(DPSGDParams(clip=1e6, noise_multiplier=0.0, clipping=clipping), plain)
+    wrapped = wrap(DPSGDParams(clip=1e6, noise_multiplier=0.0, clipping=clipping), plain)
     message = {"params": objective.model.init_params}
     a, b = plain.init(message, None, {}), wrapped.init(message, None, {})
     for step in range(5):
@@ -113,6 +123,7 @@ def test_a_run_without_binding_clip_or_noise_equals_the_run_without_privacy(tiny
     plain = fedsim.run(spec, write=False)
     wrapped = fedsim.run({**spec, "privacy": {"name": "dpsgd", "clip": 1e6, "noise_multiplier": 0.0}}, write=False)
     assert without_wall_time(wrapped) == without_wall_time(plain)
+    assert [r["epsilon_rdp"] for r in wrapped.metrics.rows] == [0.0, math.inf, math.inf]  # no noise: no privacy
 
 
 @pytest.mark.parametrize("padding", [0, 4])
@@ -232,7 +243,9 @@ def test_runtimes_draw_the_same_noise_and_the_noise_changes_the_run(tiny):
 
 def test_the_wrapper_delegates_everything_but_the_oracle():
     rule = Scaffold(LocalTrainingParams(lr=0.2, batch_size=5, sampling="poisson"))
-    wrapped = dpsgd(DPSGDParams(), rule)
+    server = FedAvgServer(ServerParams())
+    wrapped, same = dpsgd(DPSGDParams(), rule, server, Population(np.full(3, 10), None))
+    assert same is server
     assert isinstance(wrapped, DPSGD) and wrapped.rule is rule
     assert wrapped.hp is rule.hp and wrapped.step_cost == rule.step_cost
     message = {"params": {"w": torch.ones(3)}, "control": {"w": torch.full((3,), 0.5)}}
@@ -240,7 +253,7 @@ def test_the_wrapper_delegates_everything_but_the_oracle():
     state = wrapped.init(message, None, {})
     assert torch.equal(state["correction"]["w"], rule.init(message, None, {})["correction"]["w"])
     entry = PRIVACY.get("dpsgd")
-    assert entry.obj is dpsgd and entry.params is DPSGDParams and entry.meta == {"wraps": "client"}
+    assert entry.obj is dpsgd and entry.params is DPSGDParams and entry.meta == {"wraps": "client", "unit": "sample"}
 
 
 @pytest.mark.parametrize(("privacy", "field"), [
@@ -259,6 +272,6 @@ def test_bad_parameters_are_one_line_scenario_errors_naming_the_field(tiny, priv
 
 
 def test_fixed_size_batches_are_refused_naming_the_sampling_field(tiny):
-    with pytest.raises(ScenarioError, match=r"^algorithm\.sampling: dpsgd needs Poisson-sampled batches") as exc:
+    with pytest.raises(ScenarioError, match=r"^algorithm\.sampling: privacy dpsgd needs Poisson") as exc:
         fedsim.run({**tiny, "privacy": {"name": "dpsgd"}}, write=False)
     assert "\n" not in str(exc.value)

@@ -140,13 +140,6 @@ def test_a_downlink_codec_that_needs_a_mirror_on_the_nodes_is_refused_on_flower(
         bridged(scenario)
 
 
-def test_dpsgd_through_flower_gives_the_in_process_metrics():
-    scenario = small("fedavg", privacy={"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.0})
-    rows = bridged(scenario)
-    assert_same_metrics(rows, in_process(scenario))
-    assert rows[-1]["loss"] != in_process(small("fedavg"))[-1]["loss"]
-
-
 def test_records_carry_pytrees_bit_for_bit_with_their_structure():
     tree = {"delta": {"linear.weight": torch.randn(3, 4), "deep": {"x": torch.randn(2, dtype=torch.float64)}},
             "half": torch.randn(5).to(torch.bfloat16), "count": torch.tensor(2**40 + 3, dtype=torch.int64),

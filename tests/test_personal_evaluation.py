@@ -134,5 +134,7 @@ def test_the_table_and_plot_show_personal_accuracy(tiny, personal_rules, tmp_pat
 
 
 def test_dpsgd_keeps_the_wrapped_rules_personal_model(tiny, personal_rules):
-    rows = run(tiny, "keeplast", privacy={"name": "dpsgd", "clip": 1.0, "noise_multiplier": 0.5}).metrics.rows
+    rows = fedsim.run({**tiny, "runtime": {"name": "sequential"},
+                       "algorithm": {"name": "keeplast", "lr": 0.05, "batch_size": 20, "sampling": "poisson"},
+                       "privacy": {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 0.5}}, write=False).metrics.rows
     assert rows[-1]["personal_clients"] > 0 and "personal_accuracy" in rows[-1]

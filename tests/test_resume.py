@@ -252,3 +252,23 @@ def test_a_run_that_is_interrupted_raises_with_the_resume_command(tiny, tmp_path
     with pytest.raises(RunInterrupted, match=r"interrupted by SIGINT at server step 0 .* --resume") as info:
         fedsim.run(scenario_for("synchronous", tiny), out=tmp_path / "run")
     assert info.value.exit_code == 130
+
+
+@pytest.mark.parametrize("privacy", [
+    {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.1},
+    {"name": "dpfedavg", "clip": 0.5, "noise_multiplier": 0.8},
+], ids=["dpsgd", "dpfedavg"])
+def test_a_private_runs_spend_resumes_bit_for_bit(tiny, tmp_path, privacy):
+    """The privacy spend (clients' local steps, rounds released) comes back from the checkpoint: the resumed run
+    reports the uninterrupted run's epsilon and noise."""
+    scenario = {**scenario_for("synchronous", tiny), "privacy": {**privacy, "accountants": ["rdp", "pld"]},
+                "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20, "sampling": "poisson"}}
+    if privacy["name"] == "dpfedavg":
+        scenario["protocol"] = {"name": "synchronous", "client_sampling": "poisson"}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    uninterrupted = fedsim.run(scenario, out=tmp_path / "whole")
+    points = kill_twice_then_resume(path, tmp_path / "run", random.Random(privacy["name"]))
+    resumed = rows_of(tmp_path / "run")
+    assert resumed == rows_of(uninterrupted.out_dir), points
+    assert resumed[-1]["epsilon_rdp"] > 0 and resumed[-1]["epsilon_pld"] > 0

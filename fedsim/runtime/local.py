@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fedsim.clients import Batch, ClientRule, JobInfo, LocalTrainingParams, Oracle, StepState
+from fedsim.clients import Batch, BatchingParams, ClientRule, JobInfo, Oracle, StepState
 from fedsim.codecs import Codec, transmit
 from fedsim.params import Pytree, tree_leaves, tree_map
 from fedsim.runtime import Job
@@ -57,7 +57,7 @@ def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int
         yield Batch(x[idx], y[idx], w, key, index[s])
 
 
-def job_batches(x: torch.Tensor, y: torch.Tensor, hp: LocalTrainingParams, steps: int, local_seed: int,
+def job_batches(x: torch.Tensor, y: torch.Tensor, hp: BatchingParams, steps: int, local_seed: int,
                 key: torch.Tensor) -> Iterator[Batch]:
     """A job's `steps` minibatches as its rule's `sampling` draws them from the job's LOCAL-stream seed: shuffled
     epochs (`client_batches`), or Poisson samples (`poisson_schedule`) padded to the job's largest batch with rows of
