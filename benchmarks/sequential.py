@@ -54,11 +54,10 @@ import fedsim
 from fedsim.clock import Clock
 from fedsim.data import FederatedData, build_federated_data
 from fedsim.recording import Recorder
-from fedsim.registry import NoParams
 from fedsim.sampling import plan_round
 from fedsim.scenario import load_scenarios
 from fedsim.seeding import Stream, torch_generator
-from fedsim.servers.synchronous import SynchronousRounds
+from fedsim.servers.synchronous import SynchronousParams, SynchronousRounds
 from fedsim.simulation import Simulation, build_simulation
 
 SEED = 1
@@ -144,7 +143,7 @@ def build(config: Config, rounds: int, test_fraction: float) -> Simulation:
 
 def fedsim_global_model(sim: Simulation) -> list[torch.Tensor]:
     """Run the simulation's rounds through the protocol `fedsim.run` drives, and return the global parameters."""
-    protocol = SynchronousRounds(NoParams(), sim, Recorder("check", sim.evaluator))
+    protocol = SynchronousRounds(SynchronousParams(), sim, Recorder("check", sim.evaluator))
     clock = Clock()
     protocol.start(clock)
     clock.run(protocol)
