@@ -138,9 +138,10 @@ Metadata: `stragglers` ("drop": stragglers' work is discarded, as FedAvg in the 
 work is aggregated), `server` (the default server rule's name, or a function of the validated parameters giving
 it, for an algorithm whose forms need different servers), `check` (a function of (params, scenario, components)
 raising ScenarioError for settings that do not fit together, such as a form paired with another form's server),
-`protocol` (the default protocol's name, "synchronous" when not given) and `vectorizable` (default True; a rule
-whose step cannot run under
-`torch.func.vmap` sets it False and runs sequentially, with a notice).
+`protocol` (the default protocol's name, "synchronous" when not given), `vectorizable` (default True; a rule
+whose step cannot run under `torch.func.vmap` sets it False and runs sequentially, with a notice) and
+`no_dpsgd` (why DP-SGD cannot account the rule, for rules whose step is not one private gradient of the step's
+batch: several gradients a step, per-sample gradients of their own, or steps weighted by the batch's size).
 """
 
 import_submodules(__name__, __path__)

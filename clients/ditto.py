@@ -24,7 +24,8 @@ class DittoParams(LocalTrainingParams):
                                                               "minibatch as the global model's step (the code: 1)")
 
 
-@ALGORITHMS.register("ditto", params=DittoParams, stragglers="drop", server="fedavg")
+@ALGORITHMS.register("ditto", params=DittoParams, stragglers="drop", server="fedavg",
+                     no_dpsgd="each step takes 1 + personal_steps gradients")
 class Ditto(LocalSGD):
     """Ditto's client: each step is FedAvg's SGD step on the global model and `personal_steps` SGD steps
     v <- v - personal_lr (grad F_k(v) + lam (v - w^t)) on the same minibatch, as the authors' code interleaves them

@@ -28,7 +28,8 @@ class FedSAMParams(LocalTrainingParams):
     rho: float = Field(0.05, ge=0, description="SAM's neighbourhood radius (0: plain SGD, FedAvg)")
 
 
-@ALGORITHMS.register("fedsam", params=FedSAMParams, stragglers="drop", server="fedavg")
+@ALGORITHMS.register("fedsam", params=FedSAMParams, stragglers="drop", server="fedavg",
+                     no_dpsgd="each step takes two gradients (the ascent and the descent)")
 class FedSAM(LocalSGD):
     """FedSAM: FedAvg whose local steps are SAM steps (two gradients of one minibatch each); sends its model change."""
 

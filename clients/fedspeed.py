@@ -79,7 +79,8 @@ def check_server(hp: FedSpeedParams, spec: ScenarioSchema, components: dict[str,
         raise ScenarioError(f"server.name: FedSpeed's {hp.form} form needs server {fitting!r}, not {server!r}")
 
 
-@ALGORITHMS.register("fedspeed", params=FedSpeedParams, stragglers="drop", server=default_server, check=check_server)
+@ALGORITHMS.register("fedspeed", params=FedSpeedParams, stragglers="drop", server=default_server, check=check_server,
+                     no_dpsgd="each step takes two gradients (the ascent and the descent)")
 class FedSpeed:
     """FedSpeed: SAM-mixed quasi-gradient steps with a prox pull and the prox-correction term; the paper form sends
     the hat variable x^_i = x_K + h_i as x^_i - x^t, the fl_simulator form x_K - x^t. Its persistent state is h_i

@@ -28,7 +28,8 @@ class GradientParams(BatchingParams):
 
 
 @ALGORITHMS.register("gradient", params=GradientParams, stragglers="drop", server="fedavg", protocol="dadao",
-                     sends=("grad",))
+                     sends=("grad",), no_dpsgd="it weights each step's gradient by the step's batch size, which "
+                                               "Poisson sampling makes private")
 class LocalGradient:
     """Sends {"grad": the sample-weighted mean of its minibatches' gradients at the start}; keeps no state."""
 

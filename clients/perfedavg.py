@@ -67,7 +67,9 @@ def finite_difference_hvp(oracle: Oracle, params: Pytree, batch: Batch, vector: 
     return {k: (plus[k] - minus[k]) / (2 * delta) for k in plus}
 
 
-@ALGORITHMS.register("perfedavg", params=PerFedAvgParams, stragglers="drop", server="fedavg")
+@ALGORITHMS.register("perfedavg", params=PerFedAvgParams, stragglers="drop", server="fedavg",
+                     no_dpsgd="each step takes several gradients, and per-sample gradients of its own for the "
+                              "Hessian term")
 class PerFedAvg(LocalSGD):
     """Per-FedAvg's client: MAML steps on its own data, sending the model change to a FedAvg server. A step costs
     one minibatch gradient (fo: two on halves) or two (hf: two on thirds and a Hessian-vector product, about two

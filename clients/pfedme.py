@@ -28,7 +28,8 @@ class PFedMeParams(LocalTrainingParams):
                              "local_copy, w_loc after local training (what the authors' code evaluates, issue #5)")
 
 
-@ALGORITHMS.register("pfedme", params=PFedMeParams, stragglers="drop", server="pfedme")
+@ALGORITHMS.register("pfedme", params=PFedMeParams, stragglers="drop", server="pfedme",
+                     no_dpsgd="each step takes K + 1 gradients")
 class PFedMe:
     """pFedMe's client: one fedsim local step is one local round (a minibatch, K inner steps on theta, the w_loc
     update), so a step costs K + 1. theta and w_loc start at the received w every job, theta warm-started across

@@ -184,6 +184,9 @@ def privacy_plan(source: str | Path | Mapping[str, Any], overrides: Mapping[str,
                             "account")
     plans = []
     for s in private:
+        if s.spec.rounds is None:
+            raise ScenarioError(f"rounds: fedsim privacy plans a run by its rounds, and variant {s.variant} has only a "
+                                f"time budget")
         with naming_variant(s.declared_name):
             spend = build_simulation(s).privacy
         plans.append((s.variant, s.components["privacy"].name, spend.plan()))

@@ -23,8 +23,8 @@ PRIVACY: Registry = Registry("privacy mechanism")
 """Entries: `fn(params, rule, server, population) -> (rule, server)`, wrapping the client rule, the server rule or
 both (meta `wraps`: "client", "server", "both"); meta `unit` says what one release protects and when it happens:
 "sample" (a record of a client's data, released at each of the client's local steps, DP-SGD) or "user" (a client's
-whole data, released at each server step, DP-FedAvg). Their params extend `AccountingParams` and have
-`noise_multiplier`."""
+whole data, released at each server step, DP-FedAvg); meta `check` (`fn(params, spec, components)`) refuses
+settings of its own. Their params extend `AccountingParams` and have `noise_multiplier`."""
 
 Accountant = Literal["rdp", "pld"]
 
@@ -63,8 +63,26 @@ def check_privacy(components: dict[str, Any], spec: Any) -> None:
     """What a private scenario cannot honour, found before any data is built (so `fedsim check` reports it): both
     noise_multiplier and target_epsilon, a target without rounds to plan for, and a sampler the accountant does not
     assume (a sample-level mechanism needs Poisson batches, a user-level one Poisson client sampling)."""
-    privacy = components["privacy"]
+    privacy, protocol = components["privacy"], components["protocol"]
     params, unit = privacy.params, privacy.entry.meta["unit"]
+    refused = protocol.entry.meta.get("no_privacy") or (
+        "its nodes' spends are counted apart on every process" if protocol.entry.meta.get("peer_to_peer") else None)
+    if refused:
+        raise ScenarioError(f"privacy: protocol {protocol.name!r} cannot account a private run: {refused}")
+    if unit == "sample" and components["algorithm"].entry.meta.get("no_dpsgd"):
+        algorithm = components["algorithm"]
+        raise ScenarioError(f"privacy.name: {privacy.name} accounts one private gradient of a Poisson batch per local "
+                            f"step, which algorithm {algorithm.name!r} is not: {algorithm.entry.meta['no_dpsgd']}")
+    if unit == "sample" and getattr(components["task"].params, "ridge", 0.0):
+        raise ScenarioError(f"task.ridge: privacy {privacy.name} would clip the penalty's gradient with each "
+                            f"sample's, so one sample could move a step by more than the clip; set ridge: 0")
+    check = privacy.entry.meta.get("check")
+    if check is not None:
+        check(params, spec, components)
+    if unit == "user" and spec.compression.uplink is not None:
+        raise ScenarioError(f"compression.uplink: privacy {privacy.name} clips each client's message before the "
+                            f"uplink codec, which can enlarge it again (random-k's d/k scaling, error feedback); "
+                            f"remove the uplink codec")
     if params.target_epsilon is not None and "noise_multiplier" in params.model_fields_set:
         raise ScenarioError("privacy.target_epsilon: give either noise_multiplier or target_epsilon, not both "
                             "(target_epsilon calibrates the noise multiplier)")

@@ -71,8 +71,10 @@ jobs go through `fedsim.async_jobs`, so on real devices it runs on a `RealTimeCl
 models it honours: "fraction", "deadline"), `availability` (True: it honours the systems profile's availability
 and dropouts; others refuse them), `peer_to_peer` (True:
 the protocol runs on a peer-to-peer topology, not the client/server star), `paths` (the message paths a codec can
-go on, of "uplink", "downlink", "gossip"; uplink and downlink by default) and `check` (`fn(params, spec,
+go on, of "uplink", "downlink", "gossip"; uplink and downlink by default), `check` (`fn(params, spec,
 components)`, raising ScenarioError for settings the protocol cannot honour; run by the scenario validator, so
-`fedsim check` reports them before any run)."""
+`fedsim check` reports them before any run), `client_rate` (`fn(params, clients_per_round, num_clients)`: the
+probability each client is drawn with per round when the protocol draws them independently, else None) and
+`no_privacy` (why a private run cannot be accounted under the protocol)."""
 
 import_submodules(__name__, __path__)

@@ -409,7 +409,8 @@ class Simultaneous:
         return begin, phases
 
 
-@PROTOCOLS.register("fedast", params=FedASTParams, needs=("clients_per_round",), check=check_fedast)
+@PROTOCOLS.register("fedast", params=FedASTParams, needs=("clients_per_round",), check=check_fedast,
+                    no_privacy="its tasks train on the same clients' data, and their spends are not composed")
 class FedAST(Simultaneous):
     """Buffered asynchronous training of several models with jobs in flight reallocated by update variance
     (`start` and `arrival` events; see the module docstring)."""
@@ -515,7 +516,8 @@ class FedAST(Simultaneous):
         task.jobs = 0
 
 
-@PROTOCOLS.register("sync_st", params=SyncSTParams, needs=("clients_per_round",), check=check_sync_st)
+@PROTOCOLS.register("sync_st", params=SyncSTParams, needs=("clients_per_round",), check=check_sync_st,
+                    no_privacy="its tasks train on the same clients' data, and their spends are not composed")
 class SyncST(Simultaneous):
     """Synchronous simultaneous training: each round every active task trains on its share of the clients and
     takes one step when its kept jobs have arrived (`start`, `round_start` and `arrival` events)."""

@@ -116,7 +116,7 @@ class SynchronousRounds(ProtocolBase):
         self.recorder.progress.advance(t, row)
         if not results:
             wait = max(dropped_until, 0.0 if self.deadline is None else self.deadline)
-            if sim.server.steps_without_results:
+            if getattr(sim.server, "steps_without_results", False):  # ServerBase's default, for any plugin
                 self.apply([], t, clock.now + wait)
                 self.server_steps = t + 1
             clock.schedule(wait, "round_start", round=t + 1)

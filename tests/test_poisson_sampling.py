@@ -17,7 +17,7 @@ from fedsim.keyed_random import key_from_seed
 from fedsim.models import MODELS, build_model
 from fedsim.oracle import AutogradOracle, local_oracle
 from fedsim.registry import NoParams
-from fedsim.runtime import Job
+from fedsim.runtime import Job, context
 from fedsim.runtime.context import job_seeds, padded_poisson_schedules, poisson_schedule
 from fedsim.runtime.local import job_batches
 from fedsim.seeding import Stream
@@ -108,3 +108,13 @@ def test_a_client_with_fewer_samples_than_the_batch_is_refused_naming_the_field(
     with pytest.raises(ScenarioError, match=r"^algorithm\.batch_size: Poisson sampling takes each sample") as exc:
         fedsim.run(spec, write=False)
     assert "\n" not in str(exc.value)
+
+
+def test_big_clients_are_drawn_in_blocks_of_steps_with_the_same_statistics(monkeypatch):
+    monkeypatch.setattr(context, "POISSON_DRAWS", 100)  # 2 steps a block for 50 samples
+    n, b, steps = 50, 5, 4000
+    rows = context.poisson_schedule(17, n, b, steps)
+    counts = (rows >= 0).sum(1).double()
+    assert abs(float(counts.mean()) - b) < 0.1 and float(counts.var()) == pytest.approx(b * (1 - b / n), rel=0.1)
+    monkeypatch.setattr(context, "POISSON_DRAWS", 1 << 22)
+    assert not torch.equal(rows, context.poisson_schedule(17, n, b, steps))  # the blocks are drawn apart

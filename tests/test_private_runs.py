@@ -164,7 +164,26 @@ def test_the_plot_draws_the_figures_against_epsilon(private, tmp_path, monkeypat
     ({"algorithm": {"name": "fedavg", "batch_size": 20}}, "algorithm.sampling"),
     ({"privacy": {"name": "dpsgd", "noise_multiplier": 1.0, "target_epsilon": 2.0}}, "privacy.target_epsilon"),
     ({"privacy": {"name": "dpfedavg"}}, "protocol.client_sampling"),
-])
+    ({"algorithm": {"name": "fedsam", "batch_size": 20, "sampling": "poisson"}}, "privacy.name"),
+    ({"algorithm": {"name": "pfedme", "batch_size": 20, "sampling": "poisson"}}, "privacy.name"),
+    ({"protocol": {"name": "dsgd"}, "topology": {"name": "ring"}}, "privacy"),
+    ({"data": {"name": "least_squares"}, "task": {"name": "regression", "ridge": 0.1}, "model": {"name": "linear"}},
+     "task.ridge"),
+    ({"protocol": {"name": "synchronous", "client_sampling": "poisson"}, "privacy": {"name": "dpfedavg"},
+      "compression": {"uplink": {"name": "random_k", "ratio": 0.1}}}, "compression.uplink"),
+    ({"protocol": {"name": "synchronous", "client_sampling": "poisson"},
+      "privacy": {"name": "dpfedavg", "adaptive_clip": True},
+      "compression": {"downlink": {"name": "qsgd", "levels": 4}}}, "compression.downlink"),
+], ids=["fixed-batches", "noise-and-target", "fixed-client-sampling", "fedsam-two-gradients", "pfedme-k-gradients",
+        "gossip", "ridge-penalty", "dpfedavg-uplink-codec", "adaptive-clip-downlink-codec"])
 def test_fedsim_check_reports_what_a_private_run_cannot_honour_before_building_anything(private, change, field):
     with pytest.raises(ScenarioError, match=rf"^{field}: "):
         load_scenarios({**private, **change})
+
+
+def test_fedsim_privacy_needs_rounds_to_plan_by(private, tmp_path, capsys):
+    spec = {k: v for k, v in private.items() if k != "rounds"}
+    path = tmp_path / "timed.yaml"
+    path.write_text(yaml.safe_dump({**spec, "time_budget": 50.0}))
+    assert main(["privacy", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("fedsim: error: rounds: fedsim privacy plans a run by its rounds")

@@ -155,15 +155,32 @@ def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch
     return torch.from_numpy(out).view(n, most, batch_size).transpose(0, 1)
 
 
+POISSON_DRAWS = 1 << 22
+"""Uniform draws a Poisson schedule makes at once (32 MiB of float64): steps are drawn in blocks of this many."""
+
+
 def poisson_schedule(local_seed: int, num_samples: int, batch_size: int, steps: int) -> torch.Tensor:
     """A job's Poisson-sampled minibatches as one (steps, width) index tensor padded with -1: step s takes sample j
-    when draw (s, j) of `fast_uniform(key_from_seed(local_seed), (steps, n), float64)` is below q = batch_size / n,
-    independently of every other (the subsampling DP accountants assume); width is the largest batch drawn, at least
-    1 (so an empty step is one padding row). The job's LOCAL-stream seed keys it, so every runtime draws the same."""
-    q = batch_size / num_samples
-    taken = keyed_random.fast_uniform(keyed_random.key_from_seed(local_seed), (steps, num_samples), torch.float64) < q
+    when its uniform draw is below q = batch_size / n, independently of every other (the subsampling DP accountants
+    assume); width is the largest batch drawn, at least 1 (so an empty step is one padding row). Steps are drawn in
+    blocks of k = POISSON_DRAWS // n, block i from `fast_uniform(fold_in(key_from_seed(local_seed), i), (k, n))`:
+    the job's LOCAL-stream seed keys it, so every runtime draws the same, and memory stays bounded for big clients."""
+    q, key = batch_size / num_samples, keyed_random.key_from_seed(local_seed)
+    block = max(1, POISSON_DRAWS // num_samples)
+    picks = [_poisson_block(keyed_random.fold_in(key, i), min(block, steps - start), num_samples, q)
+             for i, start in enumerate(range(0, steps, block))]
+    width = max((p.shape[1] for p in picks), default=1)
+    out = torch.full((steps, width), -1, dtype=torch.long)
+    for i, p in enumerate(picks):
+        out[i * block: i * block + len(p), : p.shape[1]] = p
+    return out
+
+
+def _poisson_block(key: torch.Tensor, steps: int, num_samples: int, q: float) -> torch.Tensor:
+    """One block of steps' picks, (steps, its largest batch or 1), ascending indices then -1."""
+    taken = keyed_random.fast_uniform(key, (steps, num_samples), torch.float64) < q
     counts = taken.sum(dim=1, keepdim=True)
-    width = max(1, int(counts.max()) if steps else 1)
+    width = max(1, int(counts.max()))
     order = torch.argsort((~taken).to(torch.int8), dim=1, stable=True)[:, :width]
     return torch.where(torch.arange(width) < counts, order, -1)
 
