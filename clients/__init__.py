@@ -21,7 +21,8 @@ from fedsim.registry import Params, Registry, import_submodules
 StepState = dict[str, Any]
 JobInfo = dict[str, torch.Tensor]
 """Facts about a job a rule may read in `init`, as 0-d tensors (batched under vmap): `num_samples` (the client's
-training samples) and `steps` (the local steps it will take)."""
+training samples), `steps` (the local steps it will take) and `client` (its index: a rule drawing per-record
+randomness that must repeat across jobs keys it by the client and the record's position, `sampling: ordered`)."""
 
 
 class Batch(NamedTuple):
@@ -65,9 +66,10 @@ class BatchingParams(Params):
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1, le=10**7, description="minibatch steps per job instead of "
                                                                       "local_epochs passes over the data")
-    sampling: Literal["shuffle", "poisson"] = Field(
+    sampling: Literal["shuffle", "ordered", "poisson"] = Field(
         "shuffle", description="shuffle: each epoch a fresh permutation cut into batches of batch_size (FedProx's "
-                               "batch_data); poisson: each step takes every one of a client's n samples with "
+                               "batch_data); ordered: each epoch the data in its stored order, cut alike; poisson: "
+                               "each step takes every one of a client's n samples with "
                                "probability batch_size / n and divides the sum of their losses by batch_size (the "
                                "unbiased estimate of the mean loss, and the subsampling DP accountants assume)")
 

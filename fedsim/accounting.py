@@ -216,9 +216,8 @@ class PrivacyLedger:
         return f"PrivacyLedger({list(self._events)!r})"
 
 
-def _single_epsilon(sigma: float, sampling_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """Epsilon of `steps` releases with (sigma, q), as a fresh ledger would report it."""
-    return _epsilon((SubsampledGaussian(sigma, sampling_rate, steps),), delta, accountant)
+Releases = Callable[[float], tuple[SubsampledGaussian, ...]]
+"""A run's releases as a function of its noise multiplier sigma (a schedule may scale several multipliers by it)."""
 
 
 def _bracket(epsilon_at: Callable[[float], float], target: float, start: float,
@@ -238,13 +237,13 @@ def _bracket(epsilon_at: Callable[[float], float], target: float, start: float,
     return high / factor, high
 
 
-def _calibrate(accountant: str, target: float, delta: float, q: float, steps: int, start: float,
+def _calibrate(accountant: str, target: float, delta: float, releases: Releases, start: float,
                factor: float) -> float:
     """The library's Brent search for the smallest sigma meeting `target`, on a bracket grown from `start`."""
-    low, high = _bracket(lambda s: _single_epsilon(s, q, steps, delta, accountant), target, start, factor)
+    low, high = _bracket(lambda s: _epsilon(releases(s), delta, accountant), target, start, factor)
     with _quiet_library():
         sigma = mechanism_calibration.calibrate_dp_mechanism(
-            _NEW_ACCOUNTANT[accountant], lambda s: _dp_event((SubsampledGaussian(s, q, steps),)), target, delta,
+            _NEW_ACCOUNTANT[accountant], lambda s: _dp_event(releases(s)), target, delta,
             mechanism_calibration.ExplicitBracketInterval(low, high), tol=_CALIBRATION_RELATIVE_TOL * low)
     return float(sigma)
 
@@ -257,25 +256,36 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rat
     for PLD, which needs a little less noise); the result's epsilon is <= target and within 0.5% of it. An
     unreachable target is a one-line ScenarioError naming `{field}.target_epsilon`.
     """
-    target = _real(target_epsilon, f"{field}.target_epsilon")
-    delta = check_delta(delta, f"{field}.delta")
     q = check_sampling_rate(sampling_rate, f"{field}.sampling_rate")
     steps = _check_count(steps, f"{field}.steps")
+    return calibrate_releases(target_epsilon, delta, lambda s: (SubsampledGaussian(s, q, steps),), accountant,
+                              field, f"{steps} steps at sampling rate {q:g}")
+
+
+def calibrate_releases(target_epsilon: float, delta: float, releases: Releases, accountant: str = "rdp",
+                       field: str = "privacy", what: str = "the planned releases") -> float:
+    """The smallest sigma for which `releases(sigma)` cost at most `target_epsilon` at `delta`, as
+    `calibrate_noise_multiplier` finds it for one kind of release; `what` names the releases in errors. The
+    schedule's epsilon must fall as sigma grows (every multiplier in it proportional to sigma)."""
+    target = _real(target_epsilon, f"{field}.target_epsilon")
+    delta = check_delta(delta, f"{field}.delta")
     accountant = _check_accountant(accountant, f"{field}.accountant")
+    for sigma in (MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER):
+        for event in releases(sigma):
+            _validated(event.noise_multiplier, event.sampling_rate, event.count)
 
     if not (math.isfinite(target) and target > 0):
         raise ScenarioError(f"{field}.target_epsilon: must be a finite number > 0, got {target_epsilon!r}")
-    if _single_epsilon(MIN_NOISE_MULTIPLIER, q, steps, delta, "rdp") <= target:
+    if _epsilon(releases(MIN_NOISE_MULTIPLIER), delta, "rdp") <= target:
         raise ScenarioError(f"{field}.target_epsilon: {target_epsilon!r} is met by any noise multiplier from "
-                            f"{MIN_NOISE_MULTIPLIER:g} for {steps} steps at sampling rate {q:g} (delta {delta:g}): "
-                            f"give the noise multiplier itself")
-    reached = _single_epsilon(MAX_NOISE_MULTIPLIER, q, steps, delta, accountant)
+                            f"{MIN_NOISE_MULTIPLIER:g} for {what} (delta {delta:g}): give the noise multiplier itself")
+    reached = _epsilon(releases(MAX_NOISE_MULTIPLIER), delta, accountant)
     if reached > target:
-        raise ScenarioError(f"{field}.target_epsilon: {target_epsilon!r} is unreachable for {steps} steps at "
-                            f"sampling rate {q:g} (delta {delta:g}, {accountant}): even noise multiplier "
-                            f"{MAX_NOISE_MULTIPLIER:g} gives epsilon {reached:.4g}")
+        raise ScenarioError(f"{field}.target_epsilon: {target_epsilon!r} is unreachable for {what} (delta "
+                            f"{delta:g}, {accountant}): even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives epsilon "
+                            f"{reached:.4g}")
     start, factor = 1.0, 2.0
-    if accountant != "rdp" and _single_epsilon(MAX_NOISE_MULTIPLIER, q, steps, delta, "rdp") <= target:
+    if accountant != "rdp" and _epsilon(releases(MAX_NOISE_MULTIPLIER), delta, "rdp") <= target:
         # PLD costs seconds per evaluation at large epsilon: start from RDP's sigma, a little above PLD's.
-        start, factor = _calibrate("rdp", target, delta, q, steps, 1.0, 2.0), 1.1
-    return _calibrate(accountant, target, delta, q, steps, start, factor)
+        start, factor = _calibrate("rdp", target, delta, releases, 1.0, 2.0), 1.1
+    return _calibrate(accountant, target, delta, releases, start, factor)

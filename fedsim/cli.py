@@ -136,8 +136,10 @@ def _privacy(args: argparse.Namespace) -> int:
         cells = [f"{variant:>16}", f"{mechanism:>16}", *(f"{plan[c]:>16.6g}" for c in columns),
                  *(f"{plan[e]:>16.4f}" if e in plan else f"{'-':>16}" for e in epsilons)]
         print(" ".join(cells))
-    print("releases: the local steps of the busiest client (a full job every round; sample-level mechanisms) or the "
-          "rounds (user-level ones); epsilon: what they cost at delta, by each accountant", file=sys.stderr)
+    print("releases: the local steps of the busiest client (a full job every round; sample-level mechanisms), the "
+          "rounds (user-level ones) or the server steps (mechanisms released on the server's schedule, "
+          "private_spiderboost: noise_multiplier is its checkpoints', sampling_rate its largest); epsilon: what they "
+          "cost at delta, by each accountant", file=sys.stderr)
     return 0
 
 

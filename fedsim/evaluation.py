@@ -3,7 +3,8 @@ metrics (accuracy for classification) = sums over the evaluated clients' test sa
 (sample-weighted); training loss = sample-weighted mean of their full-data losses (the task's loss, plus its penalty
 for the objective a regression with ridge minimises); dissimilarity = (1/N) sum_k ||grad f - grad F_k||^2 with
 grad f = sum_k n_k grad F_k / sum_k n_k, from full-batch local gradients (the paper's "variance of local
-gradients").
+gradients"); gradient norm = ||grad f|| from the same local gradients (how close the model is to a stationary point
+of the training objective, what private SpiderBoost's guarantee is about).
 
 Every metric is computed from sums over clients, so shards of clients (MPI ranks) evaluate their own clients
 and a `reduce` adds the sums up; `clients` restricts evaluation to a fixed set (a sample of a huge population).
@@ -35,8 +36,10 @@ class Evaluator:
     """Computes the task's test metrics, losses and (optionally) gradient dissimilarity of a global model."""
 
     def __init__(self, objective: Objective, data: ClientDataSource, dissimilarity: bool,
-                 clients: Sequence[int] | None = None, reduce: Callable[[Sums], Sums] = no_reduce) -> None:
+                 clients: Sequence[int] | None = None, reduce: Callable[[Sums], Sums] = no_reduce,
+                 gradient_norm: bool = False) -> None:
         self.objective, self.data, self.dissimilarity, self.reduce = objective, data, dissimilarity, reduce
+        self.gradient_norm = gradient_norm
         self.clients = list(range(data.num_clients)) if clients is None else list(clients)
         self.whole = clients is None and isinstance(data, FederatedData)
         self.oracle = AutogradOracle(objective)
@@ -51,6 +54,8 @@ class Evaluator:
         metrics["test_loss"] = float(sums["test_loss"] / sums["test_count"].clamp_min(1)) + penalty
         if self.dissimilarity:
             metrics["dissimilarity"] = dissimilarity_from_sums(sums)
+        if self.gradient_norm:
+            metrics["grad_norm"] = float(torch.linalg.vector_norm(sums["grad_nsum"] / sums["grad_n"]))
         if self.optimum is not None:
             flat = torch.cat([v.reshape(-1).double() for v in params.values()])
             metrics["distance_to_optimum"] = float(torch.linalg.vector_norm(flat - self.optimum))
@@ -70,7 +75,7 @@ class Evaluator:
                     test = _add(test, split_sums(self.objective, params, *self.data.client_test(k)))
         sums = {"train_loss": train["loss"], "train_count": train["count"], "test_loss": test["loss"],
                 "test_count": test["count"], **{f"test_{m}": test[m] for m in self.metrics}}
-        if self.dissimilarity:
+        if self.dissimilarity or self.gradient_norm:
             sums.update(self._gradient_sums(params))
         return sums
 

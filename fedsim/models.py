@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -93,17 +94,19 @@ def linear(params: LinearParams, input_shape: tuple[int, ...], num_classes: int)
 
 class MLPParams(Params):
     hidden: list[int] = Field(default_factory=lambda: [200], min_length=1)
+    activation: Literal["relu", "tanh"] = Field("relu", description="relu; or tanh, which makes the loss smooth "
+                                                                    "(what stationarity guarantees assume)")
 
 
 @MODELS.register("mlp", params=MLPParams)
 def mlp(params: MLPParams, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Multi-layer perceptron with ReLU activations."""
+    """Multi-layer perceptron with ReLU (or tanh) activations."""
     if any(h <= 0 for h in params.hidden):
         raise ScenarioError(f"model.hidden: layer sizes must be positive (got {params.hidden})")
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in params.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), nn.ReLU() if params.activation == "relu" else nn.Tanh()]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)

@@ -9,13 +9,15 @@ row carries epsilon per accountant.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from fedsim.accounting import PrivacyLedger, SubsampledGaussian, calibrate_noise_multiplier
+from fedsim.accounting import PrivacyLedger, SubsampledGaussian, calibrate_noise_multiplier, calibrate_releases
 from fedsim.errors import ScenarioError
 from fedsim.registry import Params, Registry
 
@@ -23,8 +25,13 @@ PRIVACY: Registry = Registry("privacy mechanism")
 """Entries: `fn(params, rule, server, population) -> (rule, server)`, wrapping the client rule, the server rule or
 both (meta `wraps`: "client", "server", "both"); meta `unit` says what one release protects and when it happens:
 "sample" (a record of a client's data, released at each of the client's local steps, DP-SGD) or "user" (a client's
-whole data, released at each server step, DP-FedAvg); meta `check` (`fn(params, spec, components)`) refuses
-settings of its own. Their params extend `AccountingParams` and have `noise_multiplier`."""
+whole data, released at each server step, DP-FedAvg) or "server" (a record of any client's data, released by the
+server on a schedule it fixes in advance, private SpiderBoost: meta `schedule`, `fn(params, server_params,
+population) -> Schedule`); meta `check` (`fn(params, spec, components)`) refuses settings of its own. Their params
+extend `AccountingParams` and have `noise_multiplier`."""
+
+Schedule = Callable[[float, int], tuple[SubsampledGaussian, ...]]
+"""The releases of a mechanism's server steps 0 .. steps - 1 at noise multiplier sigma: `schedule(sigma, steps)`."""
 
 Accountant = Literal["rdp", "pld"]
 
@@ -79,7 +86,7 @@ def check_privacy(components: dict[str, Any], spec: Any) -> None:
     check = privacy.entry.meta.get("check")
     if check is not None:
         check(params, spec, components)
-    if unit == "user" and spec.compression.uplink is not None:
+    if unit in ("user", "server") and spec.compression.uplink is not None:
         raise ScenarioError(f"compression.uplink: privacy {privacy.name} clips each client's message before the "
                             f"uplink codec, which can enlarge it again (random-k's d/k scaling, error feedback); "
                             f"remove the uplink codec")
@@ -125,9 +132,9 @@ class SampleLevelSpend:
     def server_step(self) -> None:
         """Server steps release nothing of a client's samples."""
 
-    def event(self, extra: int = 0) -> SubsampledGaussian | None:
+    def events(self, extra: int = 0) -> tuple[SubsampledGaussian, ...]:
         most = int(self.steps.max(initial=0)) + extra
-        return SubsampledGaussian(self.noise_multiplier, self.sampling_rate, most) if most else None
+        return (SubsampledGaussian(self.noise_multiplier, self.sampling_rate, most),) if most else ()
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
@@ -137,12 +144,16 @@ class SampleLevelSpend:
 
 
 @dataclass
-class UserLevelSpend:
-    """What a user-level mechanism (DP-FedAvg) released: one Poisson-subsampled Gaussian with (z, q) per server
-    step, q the rate at which each client is sampled, for every user alike. Units: server steps."""
+class ServerStepSpend:
+    """What a mechanism released at server steps: `schedule(sigma, steps)` for the steps taken, each release a
+    Poisson sample (of clients for DP-FedAvg, one (z, q) release a round for every user alike; of every client's
+    records for private SpiderBoost, whose schedule mixes checkpoints and differences). Releases are composed in any
+    order (composition does not depend on it), so equal (sigma, q) pairs are merged into one record.
+    `sampling_rate` is the largest rate of the planned schedule (for reports). Units: server steps."""
 
     noise_multiplier: float
     sampling_rate: float
+    schedule: Schedule
     rounds: int = 0
 
     def commit(self, client: int, steps: int) -> None:
@@ -151,9 +162,8 @@ class UserLevelSpend:
     def server_step(self) -> None:
         self.rounds += 1
 
-    def event(self, extra: int = 0) -> SubsampledGaussian | None:
-        count = self.rounds + extra
-        return SubsampledGaussian(self.noise_multiplier, self.sampling_rate, count) if count else None
+    def events(self, extra: int = 0) -> tuple[SubsampledGaussian, ...]:
+        return merged_releases(self.schedule(self.noise_multiplier, self.rounds + extra))
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}
@@ -162,11 +172,27 @@ class UserLevelSpend:
         self.rounds = int(state["rounds"])
 
 
+def every_round(rate: float) -> Schedule:
+    """One release at (sigma, `rate`) per server step: a user-level mechanism's schedule."""
+    return lambda sigma, steps: (SubsampledGaussian(sigma, rate, steps),) if steps else ()
+
+
+def merged_releases(releases: tuple[SubsampledGaussian, ...]) -> tuple[SubsampledGaussian, ...]:
+    """The releases with equal (sigma, q) merged into one record each, in order of first appearance."""
+    counts: Counter[tuple[float, float]] = Counter()
+    for release in releases:
+        counts[(release.noise_multiplier, release.sampling_rate)] += release.count
+    return tuple(SubsampledGaussian(sigma, q, count) for (sigma, q), count in counts.items() if count)
+
+
+Spend = SampleLevelSpend | ServerStepSpend
+
+
 class PrivacySpend:
     """A run's privacy spend under one mechanism: counted as results are committed and server steps taken, reported
     per metrics row, checked against the budget before each server step."""
 
-    def __init__(self, params: AccountingParams, spend: SampleLevelSpend | UserLevelSpend, step_bound: int,
+    def __init__(self, params: AccountingParams, spend: Spend, step_bound: int,
                  planned: int = 0) -> None:
         self.params, self.spend = params, spend
         self.step_bound = step_bound
@@ -184,7 +210,7 @@ class PrivacySpend:
 
     def epsilon(self, accountant: str, extra: int = 0) -> float:
         """Epsilon spent so far (and `extra` more units) by `accountant`."""
-        return _epsilon_of(self.spend.event(extra), self.params.delta, accountant)
+        return _epsilon_of(self.spend.events(extra), self.params.delta, accountant)
 
     def metrics(self) -> dict[str, float]:
         """`epsilon_<accountant>` for each accountant, and the delta they are at."""
@@ -209,26 +235,35 @@ class PrivacySpend:
         self.spend.load_state_dict(state)
 
 
-def _epsilon_of(event: SubsampledGaussian | None, delta: float, accountant: str) -> float:
-    """The library's epsilon for one record (0 for none)."""
+def _epsilon_of(events: tuple[SubsampledGaussian, ...], delta: float, accountant: str) -> float:
+    """The library's epsilon for the records (0 for none)."""
     ledger = PrivacyLedger()
-    if event is not None:
+    for event in events:
         ledger.record(event.noise_multiplier, event.sampling_rate, event.count)
     return ledger.epsilon(delta, accountant)
 
 
-def build_spend(params: Params, unit: str, rate: float, step_bound: int, planned: int,
-                num_clients: int) -> tuple[PrivacySpend, float, str | None]:
-    """A run's spend for a mechanism releasing per local step of a client (`unit` "sample", units local steps) or
-    per server step (`unit` "user", units rounds) at sampling rate `rate`, its noise multiplier (calibrated to
-    `target_epsilon` over `planned` units when asked) and a notice saying what was calibrated."""
+def build_spend(params: Params, unit: str, rate: float, step_bound: int, planned: int, num_clients: int,
+                schedule: Schedule | None = None) -> tuple[PrivacySpend, float, str | None]:
+    """A run's spend for a mechanism releasing per local step of a client (`unit` "sample", units local steps), per
+    server step (`unit` "user", units rounds) at sampling rate `rate`, or on the server's `schedule` (`unit`
+    "server", units server steps); its noise multiplier (calibrated to `target_epsilon` over `planned` units when
+    asked) and a notice saying what was calibrated."""
     sigma, notice = params.noise_multiplier, None
-    what = "local steps of a client" if unit == "sample" else "rounds"
+    what = {"sample": "local steps of a client", "user": "rounds", "server": "server steps"}[unit]
     if params.target_epsilon is not None:
-        sigma = calibrate_noise_multiplier(params.target_epsilon, params.delta, rate, max(1, planned),
-                                           params.accountants[0], field="privacy")
+        accountant = params.accountants[0]
+        if unit != "server":
+            sigma = calibrate_noise_multiplier(params.target_epsilon, params.delta, rate, max(1, planned), accountant,
+                                               field="privacy")
+        else:
+            sigma = calibrate_releases(params.target_epsilon, params.delta,
+                                       lambda s: merged_releases(schedule(s, max(1, planned))), accountant,
+                                       "privacy", f"{planned} {what}")
         notice = (f"privacy: noise_multiplier {sigma:.4g} spends epsilon {params.target_epsilon:g} at delta "
-                  f"{params.delta:g} ({params.accountants[0]}) over {planned} {what} at sampling rate {rate:.4g}")
-    spend = SampleLevelSpend(sigma, rate, np.zeros(num_clients, dtype=np.int64)) if unit == "sample" \
-        else UserLevelSpend(sigma, rate)
+                  f"{params.delta:g} ({accountant}) over {planned} {what} at sampling rate {rate:.4g}")
+    if unit == "sample":
+        spend: Spend = SampleLevelSpend(sigma, rate, np.zeros(num_clients, dtype=np.int64))
+    else:
+        spend = ServerStepSpend(sigma, rate, every_round(rate) if unit == "user" else schedule)
     return PrivacySpend(params, spend, step_bound, planned), sigma, notice

@@ -63,6 +63,8 @@ class EvaluationSpec(Params):
 
     every: int = Field(1, ge=1, description="evaluate before every n-th round, and after the last")
     dissimilarity: bool = False
+    gradient_norm: bool = Field(False, description="report grad_norm: the norm of the training objective's gradient "
+                                                   "over the evaluated clients (sample-weighted)")
     clients: int | None = Field(None, ge=1, description="evaluate on a fixed sample of this many clients")
     target: float | None = Field(None, gt=0, le=1, description="test accuracy to reach (tasks with accuracy)")
     target_loss: float | None = Field(None, ge=0, description="test loss to reach (instead of target)")

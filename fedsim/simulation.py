@@ -100,22 +100,27 @@ def check_poisson_sampling(hp: BatchingParams, train_sizes: np.ndarray) -> None:
                         f"batch_size {hp.batch_size}; lower batch_size or give every client more data")
 
 
-def private_spend(component: Component, hp: BatchingParams, population: Population,
+def private_spend(component: Component, server: Component, hp: BatchingParams, population: Population,
                   rounds: int | None) -> tuple[PrivacySpend, Params, str | None]:
     """A private run's spend, the mechanism's parameters with the noise multiplier it runs with (calibrated to
     `target_epsilon` when asked), and a notice of the calibration. A sample-level mechanism releases at every local
     step, each a Poisson sample of rate batch_size / n of a client's data (the smallest client's rate bounds every
     client's), and calibration plans for a client that takes a full job every round (an upper bound: with fewer
     clients per round, epsilon comes out lower); a user-level one releases once per round, at the rate the protocol
-    samples clients with (`check_privacy` has made sure it has one)."""
-    sizes = population.train_sizes
-    if component.entry.meta["unit"] == "sample":
+    samples clients with (`check_privacy` has made sure it has one); a server-scheduled one releases what its
+    schedule says at each server step."""
+    sizes, unit, schedule = population.train_sizes, component.entry.meta["unit"], None
+    if unit == "sample":
         rate = hp.batch_size / int(np.min(sizes))
         step_bound = int(full_steps(sizes, hp.local_epochs, hp.batch_size, hp.local_steps).max(initial=0))
-    else:
+    elif unit == "user":
         rate, step_bound = population.client_rate, 1
-    spend, sigma, notice = build_spend(component.params, component.entry.meta["unit"], rate, step_bound,
-                                       (rounds or 0) * step_bound, len(sizes))
+    else:
+        schedule = component.entry.meta["schedule"](component.params, server.params, population)
+        rate = max(r.sampling_rate for r in schedule(component.params.noise_multiplier, max(1, rounds or 0)))
+        step_bound = 1
+    spend, sigma, notice = build_spend(component.params, unit, rate, step_bound, (rounds or 0) * step_bound,
+                                       len(sizes), schedule)
     return spend, component.params.model_copy(update={"noise_multiplier": sigma}), notice
 
 
@@ -146,7 +151,7 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
     if "privacy" in c:
         rate = client_rate(c["protocol"], spec.clients_per_round, spec.num_clients)
         population = Population(np.asarray(data.train_sizes), rate)
-        privacy, params, notice = private_spend(c["privacy"], rule.hp, population, spec.rounds)
+        privacy, params, notice = private_spend(c["privacy"], c["server"], rule.hp, population, spec.rounds)
         notices += [notice] if notice else []
         rule, server = c["privacy"].entry.obj(params, rule, server, population)
     runtime_entry, runtime_params = c["runtime"].entry, c["runtime"].params
@@ -176,7 +181,7 @@ def build_simulation(scenario: ResolvedScenario, data: ClientDataSource | None =
         held = set(owned)
         mine = [k for k in everyone if k in held]
         notices.append(f"running on {comm.Get_size()} MPI ranks")
-    evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, reduce)
+    evaluator = Evaluator(objective, data, spec.evaluation.dissimilarity, mine, reduce, spec.evaluation.gradient_norm)
     personal = PersonalEvaluator(rule, objective, data, states, everyone, everyone if mine is None else mine,
                                  reduce) if has_personal_model(rule) else None
     systems = c["systems"].entry.obj(c["systems"].params, spec.num_clients, numpy_rng(spec.seed, Stream.SYSTEMS))

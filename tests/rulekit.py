@@ -117,6 +117,21 @@ def client_server_algorithms() -> list[str]:
             if not PROTOCOLS.get(e.meta.get("protocol", "synchronous")).meta.get("peer_to_peer")]
 
 
+def rule_params(algorithm: str, hp: dict[str, Any]) -> dict[str, Any]:
+    """Those of the hyperparameters `hp` that `algorithm`'s rule takes with these values (spiderboost takes no lr,
+    its server's, and passes over its data once a job)."""
+    params = ALGORITHMS.get(algorithm).params
+
+    def takes(key: str, value: Any) -> bool:
+        try:
+            params(**{key: value})
+        except ValueError:
+            return False
+        return True
+
+    return {key: value for key, value in hp.items() if takes(key, value)}
+
+
 def protocol_of(mapping: dict[str, Any]) -> Any:
     """The protocol object of a one-variant scenario, built as `fedsim.run` builds it (not started)."""
     [resolved], _ = load_scenarios(mapping)

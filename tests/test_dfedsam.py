@@ -93,7 +93,7 @@ def test_sgdm_takes_heavy_ball_steps_from_zero_momentum():
     rule, oracle = HeavyBallSGD(SGDMParams(lr=lr, momentum=theta)), Quadratic(a, c)
     batch = batch_of(torch.zeros(1), torch.zeros(1))
     start = torch.tensor([0.5, 0.5, -1.0], dtype=torch.float64)
-    state = rule.init({"params": {"w": start}}, None, job_info(10, steps))
+    state = rule.init({"params": {"w": start}}, None, job_info(10, steps, 0))
     for _ in range(steps):
         state = rule.step(state, batch, oracle)
     message, client_state = rule.final(state)

@@ -41,10 +41,10 @@ def test_with_lambda_zero_the_personal_model_trains_exactly_as_local_sgd_from_it
     v = {k: p + 0.3 for k, p in w.items()}  # a personal model left by an earlier job
     hp = {"lr": 0.1, "batch_size": 6}
     message, personal, _ = run_client(Ditto(DittoParams(lam=0.0, **hp)), oracle, {"params": w}, v,
-                                      job_info(24, 4), batches)
+                                      job_info(24, 4, 0), batches)
     sgd = LocalSGD(LocalTrainingParams(**hp))
-    from_v, _ = local_steps(sgd, sgd.init({"params": v}, None, job_info(24, 4)), batches, oracle)
-    from_w, _ = local_steps(sgd, sgd.init({"params": w}, None, job_info(24, 4)), batches, oracle)
+    from_v, _ = local_steps(sgd, sgd.init({"params": v}, None, job_info(24, 4, 0)), batches, oracle)
+    from_w, _ = local_steps(sgd, sgd.init({"params": w}, None, job_info(24, 4, 0)), batches, oracle)
     for k in w:
         assert torch.equal(personal[k], from_v["params"][k])
         assert torch.equal(message["delta"][k], from_w["params"][k] - w[k])  # the global part is FedAvg's
@@ -54,7 +54,7 @@ def test_with_lambda_zero_the_personal_model_trains_exactly_as_local_sgd_from_it
 def test_personal_steps_pull_towards_the_received_global_model_at_their_own_step_size():
     rule = Ditto(DittoParams(lr=0.1, lam=2.0, personal_lr=0.05, personal_steps=2))
     v = {"w": torch.tensor([0.0, 1.0])}
-    state = rule.step(rule.init({"params": W}, v, job_info(10, 1)), batch_of(torch.zeros(1), torch.zeros(1)),
+    state = rule.step(rule.init({"params": W}, v, job_info(10, 1, 0)), batch_of(torch.zeros(1), torch.zeros(1)),
                       FixedGradient(G))
     message, personal = rule.final(state)
     expected = v["w"]
@@ -71,9 +71,9 @@ def test_the_personal_model_starts_as_the_received_global_model_and_persists_bet
     first = {"params": oracle.objective.model.init_params}
     start = rule.initial_state(first)
     assert start is first["params"]
-    _, after_first, _ = run_client(rule, oracle, first, start, job_info(12, 2), batches)
+    _, after_first, _ = run_client(rule, oracle, first, start, job_info(12, 2, 0), batches)
     second = {"params": {k: p - 0.2 for k, p in first["params"].items()}}
-    _, after_second, _ = run_client(rule, oracle, second, after_first, job_info(12, 2), batches)
+    _, after_second, _ = run_client(rule, oracle, second, after_first, job_info(12, 2, 0), batches)
     # The second job continues from v_k, pulled towards the new global model.
     v = after_first
     for batch in batches:

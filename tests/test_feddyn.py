@@ -28,7 +28,7 @@ from fedsim.servers.feddyn import FedDynServer, FedDynServerParams
 def test_local_steps_follow_the_regularized_gradient_and_the_dual_moves_by_minus_alpha_delta():
     rule = FedDyn(FedDynParams(lr=0.1, alpha=0.5))
     x, dual, g = torch.tensor([1.0, -1.0]), torch.tensor([0.2, 0.4]), torch.tensor([1.0, -2.0])
-    state = rule.init({"params": {"w": x}}, {"w": dual}, job_info(10, 2))
+    state = rule.init({"params": {"w": x}}, {"w": dual}, job_info(10, 2, 0))
     for _ in range(2):
         state = rule.step(state, batch_of(torch.zeros(1), torch.zeros(1)), FixedGradient({"w": g}))
     message, new_dual = rule.final(state)
@@ -42,7 +42,7 @@ def test_local_steps_follow_the_regularized_gradient_and_the_dual_moves_by_minus
 def test_adaptive_alpha_divides_alpha_by_the_clients_share_of_the_mean_sample_count():
     rule = FedDyn(FedDynParams(lr=0.1, alpha=0.5, alpha_samples=30.0))
     x = torch.tensor([1.0, -1.0])
-    state = rule.init({"params": {"w": x}}, None, job_info(60, 1))
+    state = rule.init({"params": {"w": x}}, None, job_info(60, 1, 0))
     state = rule.step(state, batch_of(torch.zeros(1), torch.zeros(1)), FixedGradient({"w": torch.tensor([1.0, 2.0])}))
     message, new_dual = rule.final(state)
     # alpha_k = 0.5 * 30 / 60 = 0.25; delta = -0.1 g; dual = -0.25 delta.

@@ -49,7 +49,7 @@ def test_sam_step_descends_along_the_gradient_at_the_ascent_point_of_the_same_mi
     w = torch.tensor([2.0, 1.0])
     oracle = Quadratic(a)
     batch = batch_of(torch.zeros(1), torch.zeros(1))
-    state = rule.step(rule.init({"params": {"w": w}}, None, job_info(10, 1)), batch, oracle)
+    state = rule.step(rule.init({"params": {"w": w}}, None, job_info(10, 1, 0)), batch, oracle)
     g = a["w"] * w
     perturbed = w + 0.2 * g / g.norm()
     torch.testing.assert_close(state["params"]["w"], w - 0.1 * a["w"] * perturbed)

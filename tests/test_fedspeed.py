@@ -37,7 +37,7 @@ class Quadratic:
 
 
 def run_job(rule, anchor, h, steps, oracle):
-    state = rule.init({"params": {"w": anchor}}, None if h is None else {"w": h}, job_info(10, steps))
+    state = rule.init({"params": {"w": anchor}}, None if h is None else {"w": h}, job_info(10, steps, 0))
     for _ in range(steps):
         state = rule.step(state, batch_of(torch.zeros(1), torch.zeros(1)), oracle)
     return rule.final(state)

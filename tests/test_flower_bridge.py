@@ -31,7 +31,7 @@ from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.serverapp.server_app import LoadServerAppError  # noqa: E402
 from flwr.supercore.object_ref import load_app  # noqa: E402
 from flwr.superlink.grid import InMemoryGrid  # noqa: E402
-from rulekit import client_server_algorithms  # noqa: E402
+from rulekit import client_server_algorithms, rule_params  # noqa: E402
 
 import fedsim  # noqa: E402
 from fedsim.cli import main  # noqa: E402
@@ -48,9 +48,10 @@ from fedsim.params import tree_nbytes  # noqa: E402
 def small(algorithm: str, **extra: Any) -> dict[str, Any]:
     """4 digits clients, 3 a round with one straggler, 2 rounds of logistic regression."""
     params = {"fedprox": {"mu": 0.1}}.get(algorithm, {})
+    hp = rule_params(algorithm, {"lr": 0.05, "batch_size": 20, "local_epochs": 1})
     return {"name": "bridge", "seed": 1, "rounds": 2, "num_clients": 4, "clients_per_round": 3,
             "data": {"name": "digits"}, "partition": {"name": "iid"}, "model": {"name": "logreg"},
-            "algorithm": {"name": algorithm, "lr": 0.05, "batch_size": 20, "local_epochs": 1, **params},
+            "algorithm": {"name": algorithm, **hp, **params},
             "stragglers": {"fraction": 0.34}, "runtime": {"name": "sequential"}, **extra}
 
 

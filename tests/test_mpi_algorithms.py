@@ -66,13 +66,19 @@ def test_every_registered_rule_on_two_ranks_gives_the_single_process_metrics(tin
 
 
 def test_private_runs_on_two_ranks_give_the_single_process_noise_and_epsilon(tiny, tmp_path):
-    """DP-SGD's noise (keyed by job) and DP-FedAvg's (keyed by the server step) are the same on two ranks, and so is
-    what every rank's accountant counts: one mpiexec runs both as variants."""
+    """DP-SGD's noise (keyed by job), DP-FedAvg's and private SpiderBoost's (keyed by the server step; the tree's
+    leaf draws by phase, client and record) are the same on two ranks, and so is what every rank's accountant
+    counts: one mpiexec runs them all as variants."""
+    spider = {"clients_per_round": 10, "algorithm": {"name": "spiderboost", "batch_size": 16},
+              "server": {"name": "spiderboost", "lr": 0.5, "phase_length": 3, "difference_rate": 0.4}}
     scenario = {**tiny, "partition": {"name": "quantity"},
                 "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 5, "sampling": "poisson"},
                 "variants": {"dpsgd": {"privacy": {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.1}},
                              "dpfedavg": {"protocol": {"name": "synchronous", "client_sampling": "poisson"},
-                                          "privacy": {"name": "dpfedavg", "clip": 0.5, "noise_multiplier": 0.8}}}}
+                                          "privacy": {"name": "dpfedavg", "clip": 0.5, "noise_multiplier": 0.8}},
+                             "spider_naive": {**spider, "privacy": {"name": "private_spiderboost"}},
+                             "spider_tree": {**spider, "privacy": {"name": "private_spiderboost",
+                                                                   "aggregation": "tree"}}}}
     ranked = two_rank_rows(scenario, tmp_path)
     single = fedsim.run(scenario, write=False).metrics.rows
     assert len(ranked) == len(single) and all(r["epsilon_rdp"] >= 0 for r in ranked)

@@ -55,7 +55,7 @@ W0 = torch.tensor([0.5, -1.0, 2.0])
 
 def step(hp: PerFedAvgParams, batch: Batch, oracle) -> torch.Tensor:
     rule = PerFedAvg(hp)
-    state = rule.step(rule.init({"params": {KEY: W0.reshape(1, D)}}, None, job_info(len(batch.y), 1)), batch, oracle)
+    state = rule.step(rule.init({"params": {KEY: W0.reshape(1, D)}}, None, job_info(len(batch.y), 1, 0)), batch, oracle)
     return state["params"][KEY].reshape(D)
 
 
@@ -116,7 +116,7 @@ def test_a_padded_vmapped_step_takes_the_unpadded_steps_samples_and_a_step_witho
     alone = [step(hp, batch_of(x[:n], y[:n]), AutogradOracle(objective)) for n in (5, 1)]
     torch.testing.assert_close(alone[1], W0)
     rule = PerFedAvg(hp)
-    start = rule.init({"params": {KEY: W0.reshape(1, D)}}, None, job_info(8, 1))
+    start = rule.init({"params": {KEY: W0.reshape(1, D)}}, None, job_info(8, 1, 0))
     w = torch.stack([(torch.arange(8) < n).float() for n in (5, 1)])
     batch = Batch(torch.stack([x, x]), torch.stack([y, y]), w, torch.zeros(2, 2, dtype=torch.int64),
                   torch.zeros((), dtype=torch.int64))

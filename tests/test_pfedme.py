@@ -37,7 +37,7 @@ def round_of(rule, server, state, clients: list[Batch], oracle) -> tuple[dict, l
     results = []
     for k, batch in enumerate(clients):
         out, personal, processed = run_client(rule, oracle, message, rule.initial_state(message),
-                                              job_info(len(batch.y), 1), [batch])
+                                              job_info(len(batch.y), 1, 0), [batch])
         results.append(JobResult(Job(0, k, 1), out, len(batch.y), processed, tree_nbytes(out), personal))
     template = message_template(rule, message)
     weighting = server.weighting(template)
@@ -82,7 +82,7 @@ def test_with_beta_one_and_many_inner_steps_the_round_lands_on_the_closed_form_p
 
 def test_two_local_rounds_match_hand_computation_with_theta_warm_started():
     rule = PFedMe(PFedMeParams(lr=0.05, lam=3.0, K=2, personal_lr=0.1))
-    state = rule.init({"params": W}, rule.initial_state({"params": W}), job_info(10, 2))
+    state = rule.init({"params": W}, rule.initial_state({"params": W}), job_info(10, 2, 0))
     batch, oracle = batch_of(torch.zeros(1), torch.zeros(1)), FixedGradient(G)
     state = rule.step(state, batch, oracle)
     # theta1 = w - 0.1 g; theta2 = theta1 - 0.1 (g + 3 (theta1 - w)) = w - 0.17 g; w_loc = w - 0.15 (w - theta2).
@@ -103,7 +103,7 @@ def test_the_authors_hidden_l2_term_is_off_unless_asked():
     theta = {}
     for l2 in (0.0, 0.001):
         rule = PFedMe(PFedMeParams(lam=3.0, K=1, personal_lr=0.1, personal_l2=l2))
-        theta[l2] = rule.step(rule.init({"params": W}, None, job_info(10, 1)), batch, oracle)["theta"]["w"]
+        theta[l2] = rule.step(rule.init({"params": W}, None, job_info(10, 1, 0)), batch, oracle)["theta"]["w"]
         torch.testing.assert_close(theta[l2], W["w"] - 0.1 * (G["w"] + l2 * W["w"]))
     assert torch.equal(theta[0.0], W["w"] - 0.1 * G["w"])
     assert not torch.allclose(theta[0.0], theta[0.001], rtol=0, atol=1e-5)
@@ -149,7 +149,7 @@ def test_personal_model_is_theta_by_default_and_the_local_copy_when_asked():
     personal = {}
     for choice in ("theta", "local_copy"):
         rule = PFedMe(PFedMeParams(lr=0.05, lam=3.0, K=2, personal_lr=0.1, personal_model=choice))
-        out, state, _ = run_client(rule, oracle, message, rule.initial_state(message), job_info(10, 1), [batch])
+        out, state, _ = run_client(rule, oracle, message, rule.initial_state(message), job_info(10, 1, 0), [batch])
         personal[choice] = rule.personalize({"params": {"w": torch.zeros(2)}}, state, batch, oracle)
         torch.testing.assert_close(out["delta"]["w"], -0.0255 * G["w"])  # the message does not depend on it
     torch.testing.assert_close(personal["theta"]["w"], W["w"] - 0.17 * G["w"])

@@ -61,7 +61,7 @@ def test_data_too_large_to_build_names_its_parameters(tiny, data, field):
 
 def test_model_too_large_names_the_model_without_allocating_it(tiny):
     message = refusal({**tiny, "model": {"name": "mlp", "hidden": [10**12]}})
-    assert message.startswith("model: too large: mlp (hidden=[1000000000000]) on inputs (1, 8, 8)")
+    assert message.startswith("model: too large: mlp (hidden=[1000000000000], activation='relu') on inputs (1, 8, 8)")
     message = refusal({**tiny, "model": {"name": "mlp", "hidden": [10**12, 10**12]}})
     assert message.startswith("model: too large: mlp") and "more parameters than can be counted" in message
 

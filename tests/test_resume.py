@@ -257,14 +257,19 @@ def test_a_run_that_is_interrupted_raises_with_the_resume_command(tiny, tmp_path
 @pytest.mark.parametrize("privacy", [
     {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 1.1},
     {"name": "dpfedavg", "clip": 0.5, "noise_multiplier": 0.8},
-], ids=["dpsgd", "dpfedavg"])
+    {"name": "private_spiderboost", "aggregation": "tree", "noise_multiplier": 1.0},
+], ids=["dpsgd", "dpfedavg", "private_spiderboost"])
 def test_a_private_runs_spend_resumes_bit_for_bit(tiny, tmp_path, privacy):
-    """The privacy spend (clients' local steps, rounds released) comes back from the checkpoint: the resumed run
-    reports the uninterrupted run's epsilon and noise."""
+    """The privacy spend (clients' local steps, rounds released) comes back from the checkpoint, and so does private
+    SpiderBoost's server state (the phase's tree of noisy nodes, its key): the resumed run reports the
+    uninterrupted run's epsilon and noise."""
     scenario = {**scenario_for("synchronous", tiny), "privacy": {**privacy, "accountants": ["rdp", "pld"]},
                 "algorithm": {"name": "fedavg", "lr": 0.05, "batch_size": 20, "sampling": "poisson"}}
     if privacy["name"] == "dpfedavg":
         scenario["protocol"] = {"name": "synchronous", "client_sampling": "poisson"}
+    if privacy["name"] == "private_spiderboost":
+        scenario.update(clients_per_round=10, algorithm={"name": "spiderboost", "batch_size": 16},
+                        server={"name": "spiderboost", "lr": 0.5, "phase_length": 4, "difference_rate": 0.3})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
     uninterrupted = fedsim.run(scenario, out=tmp_path / "whole")

@@ -52,7 +52,7 @@ def drive(rule, server, batches: list[Batch], clients: int, rounds: int, oracle)
         for k in range(clients):
             client_state = stored[k] if k in stored else rule.initial_state(message)
             out, new_state, processed = run_client(rule, oracle, message, client_state,
-                                                   job_info(len(batches[0].y), len(batches)), batches)
+                                                   job_info(len(batches[0].y), len(batches), 0), batches)
             results.append(JobResult(Job(t, k, len(batches)), out, len(batches[0].y), processed, tree_nbytes(out),
                                      new_state))
             stored[k] = new_state
@@ -101,7 +101,7 @@ def test_server_control_stays_the_mean_of_every_clients_control_end_to_end(tiny,
 def test_option_two_control_is_the_mean_gradient_along_the_local_path():
     rule = Scaffold(LocalTrainingParams(lr=0.1))
     x, c, c_i, g = (torch.tensor(v) for v in ([1.0, -1.0], [0.5, 0.0], [0.25, 1.0], [2.0, -4.0]))
-    state = rule.init({"params": {"w": x}, "control": {"w": c}}, {"w": c_i}, job_info(10, 3))
+    state = rule.init({"params": {"w": x}, "control": {"w": c}}, {"w": c_i}, job_info(10, 3, 0))
     for _ in range(3):
         state = rule.step(state, batch_of(torch.zeros(1), torch.zeros(1)), FixedGradient({"w": g}))
     message, new_state = rule.final(state)
@@ -135,8 +135,8 @@ def test_client_that_took_no_step_sends_zero_control_change_even_under_vmap():
     rule = Scaffold(LocalTrainingParams(lr=0.1))
     start = {"params": {"w": torch.tensor([1.0, -1.0])}, "control": {"w": torch.tensor([0.5, 0.3])}}
     c_i = {"w": torch.tensor([0.2, 0.7])}
-    idle = rule.init(start, c_i, job_info(10, 0))
-    busy = rule.step(rule.init(start, c_i, job_info(10, 1)), batch_of(torch.zeros(1), torch.zeros(1)),
+    idle = rule.init(start, c_i, job_info(10, 0, 0))
+    busy = rule.step(rule.init(start, c_i, job_info(10, 1, 0)), batch_of(torch.zeros(1), torch.zeros(1)),
                      FixedGradient({"w": torch.tensor([1.0, 1.0])}))
     messages, states = vmap(rule.final)(tree_map(lambda *v: torch.stack(v), idle, busy))
     assert all(bool(torch.isfinite(v).all()) for v in (messages["control"]["w"], states["w"]))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from rulekit import client_server_algorithms
+from rulekit import client_server_algorithms, rule_params
 
 import fedsim
 from fedsim.clients import ALGORITHMS, LocalTrainingParams
@@ -27,7 +27,7 @@ HETEROGENEOUS = {
 
 
 def scenario(tiny, algorithm: str, runtime: dict) -> dict:
-    hp = {"lr": 0.05, "batch_size": 7, "local_epochs": 2}
+    hp = rule_params(algorithm, {"lr": 0.05, "batch_size": 7, "local_epochs": 2})
     return {**tiny, **HETEROGENEOUS, "algorithm": {"name": algorithm, **hp}, "runtime": runtime}
 
 

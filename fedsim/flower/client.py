@@ -103,7 +103,7 @@ def run_job(sim: Simulation, job: Job, start: Pytree, client_state: Pytree | Non
     batches = job_batches(x, y, rule.hp, job.steps, job_seeds(seed, Stream.LOCAL, [job])[0], key)
     state = rule.initial_state(start) if client_state is None else client_state
     message, new_state, processed = run_client(rule, local_oracle(sim.objective, rule.hp), start, state,
-                                               job_info(len(y), job.steps), batches)
+                                               job_info(len(y), job.steps, job.client), batches)
     first = codec_state is None
     payload, new_codec = uplink.encode(message, uplink.init(message) if first else codec_state, codec_key,
                                        first=first)

@@ -91,12 +91,14 @@ class RuntimeContext:
         return self.objective.model
 
 
-def local_batches(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def local_batches(num_samples: int, batch_size: int, steps: int,
+                  generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Index tensors of `steps` minibatches: consecutive slices of a fresh permutation each epoch (last may be
-    short), as FedProx's `batch_data` does, drawn from the client's own generator."""
+    short), as FedProx's `batch_data` does, drawn from the client's own generator; with no generator (`sampling:
+    ordered`), of the data in its stored order."""
     taken = 0
     while taken < steps:
-        perm = torch.randperm(num_samples, generator=generator)
+        perm = torch.randperm(num_samples, generator=generator) if generator is not None else torch.arange(num_samples)
         for start in range(0, num_samples, batch_size):
             if taken == steps:
                 return
@@ -111,15 +113,20 @@ def job_seeds(seed: int, stream: Stream, jobs: Sequence[Job]) -> list[int]:
     return derive_seeds(seed, stream, columns.ids, last=columns.clients)
 
 
-def padded_schedule(num_samples: int, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def padded_schedule(num_samples: int, batch_size: int, steps: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
     """The same minibatches as `local_batches`, as one (steps, batch_size) index tensor padded with -1, for
-    runtimes that run many clients' steps at once; draws the same permutations from the generator."""
+    runtimes that run many clients' steps at once; draws the same permutations from the generator (none: the
+    stored order)."""
     if steps == 0:
         return torch.empty((0, batch_size), dtype=torch.long)
     per_epoch = -(-num_samples // batch_size)
     out = torch.full((-(-steps // per_epoch), per_epoch * batch_size), -1, dtype=torch.long)
     for epoch in out:
-        torch.randperm(num_samples, generator=generator, out=epoch[:num_samples])
+        if generator is None:
+            torch.arange(num_samples, out=epoch[:num_samples])
+        else:
+            torch.randperm(num_samples, generator=generator, out=epoch[:num_samples])
     return out.view(-1, batch_size)[:steps]
 
 
@@ -130,16 +137,22 @@ BATCHED_MIN_JOBS = 256
 """Fewer such jobs than this draw per job (the batched draw has a fixed cost of about 250 per-job draws)."""
 
 
-def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch_size: int) -> torch.Tensor:
-    """Every job's `padded_schedule` from its own generator (seeded by `job_seeds(seed, LOCAL, jobs)`), as one
-    (steps, jobs, batch_size) tensor, -1 also after a job's last step. Jobs that need only the first few positions
-    of one permutation have them computed for all at once (`leading_positions`, the same numbers); the others draw
-    their own."""
+def padded_schedules(seed: int, jobs: Sequence[Job], sizes: Sequence[int], batch_size: int,
+                     ordered: bool = False) -> torch.Tensor:
+    """Every job's `padded_schedule` from its own generator (seeded by `job_seeds(seed, LOCAL, jobs)`; with
+    `ordered`, of the stored order), as one (steps, jobs, batch_size) tensor, -1 also after a job's last step. Jobs
+    that need only the first few positions of one permutation have them computed for all at once
+    (`leading_positions`, the same numbers); the others draw their own."""
     n = len(jobs)
     steps = Jobs.of(jobs).steps
     size = np.asarray(sizes, dtype=np.int64).reshape(n)
     most = int(steps.max(initial=0))
     out = np.full((n, most * batch_size), -1, dtype=np.int64)
+    if ordered:
+        for j in np.flatnonzero(steps > 0).tolist():
+            drawn = padded_schedule(int(size[j]), batch_size, int(steps[j]), None)
+            out[j, : drawn.numel()] = drawn.reshape(-1).numpy()
+        return torch.from_numpy(out).view(n, most, batch_size).transpose(0, 1)
     seeds = np.asarray(job_seeds(seed, Stream.LOCAL, jobs), dtype=np.int64).reshape(n)
     count = np.minimum(steps * batch_size, size)
     batched = (steps > 0) & (size > 0) & (steps * batch_size <= size + batch_size - 1) & (count <= BATCHED_POSITIONS)

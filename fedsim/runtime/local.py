@@ -21,10 +21,10 @@ from fedsim.runtime.context import MASK32, job_seeds, local_batches, poisson_sch
 from fedsim.seeding import Stream
 
 
-def job_info(num_samples: int | torch.Tensor, steps: int | torch.Tensor) -> JobInfo:
+def job_info(num_samples: int | torch.Tensor, steps: int | torch.Tensor, client: int | torch.Tensor) -> JobInfo:
     """The facts `init` may read about a job, as int64 tensors (one per job under vmap)."""
     return {"num_samples": torch.as_tensor(num_samples, dtype=torch.int64),
-            "steps": torch.as_tensor(steps, dtype=torch.int64)}
+            "steps": torch.as_tensor(steps, dtype=torch.int64), "client": torch.as_tensor(client, dtype=torch.int64)}
 
 
 def job_keys(seed: int, jobs: Sequence[Job], stream: Stream = Stream.ORACLE) -> torch.Tensor:
@@ -46,7 +46,7 @@ def _step_indices(size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.arange(size, device=device).unbind())
 
 
-def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator,
+def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator | None,
                    key: torch.Tensor) -> Iterator[Batch]:
     """A client's `steps` minibatches (`local_batches`' schedule) as Batches of weight 1, on x's device."""
     ones = torch.ones(min(batch_size, len(y)), device=x.device)
@@ -60,10 +60,11 @@ def client_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int
 def job_batches(x: torch.Tensor, y: torch.Tensor, hp: BatchingParams, steps: int, local_seed: int,
                 key: torch.Tensor) -> Iterator[Batch]:
     """A job's `steps` minibatches as its rule's `sampling` draws them from the job's LOCAL-stream seed: shuffled
-    epochs (`client_batches`), or Poisson samples (`poisson_schedule`) padded to the job's largest batch with rows of
-    weight 0, so an empty step is a batch of padding."""
-    if hp.sampling == "shuffle":
-        yield from client_batches(x, y, hp.batch_size, steps, torch.Generator().manual_seed(local_seed), key)
+    epochs (`client_batches`), epochs in the stored order, or Poisson samples (`poisson_schedule`) padded to the
+    job's largest batch with rows of weight 0, so an empty step is a batch of padding."""
+    if hp.sampling in ("shuffle", "ordered"):
+        generator = torch.Generator().manual_seed(local_seed) if hp.sampling == "shuffle" else None
+        yield from client_batches(x, y, hp.batch_size, steps, generator, key)
         return
     schedule = poisson_schedule(local_seed, len(y), hp.batch_size, steps).to(x.device)
     key, index = key.to(x.device), step_indices(steps, x.device)
@@ -96,7 +97,7 @@ def run_client(rule: ClientRule, oracle: Oracle, server_message: Pytree, client_
 def message_template(rule: ClientRule, server_message: Pytree) -> Pytree:
     """The shape of the rule's messages (zeros, from a client that takes no step): what reductions add up into,
     on every process, even one that runs no job this round."""
-    state = rule.init(server_message, rule.initial_state(server_message), job_info(1, 0))
+    state = rule.init(server_message, rule.initial_state(server_message), job_info(1, 0, 0))
     return tree_map(torch.zeros_like, rule.final(state)[0])
 
 

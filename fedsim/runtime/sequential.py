@@ -39,7 +39,7 @@ class SequentialRuntime(PlacedRuntime):
         x, y = client_tensors(self.ctx, job.client, device)
         batches = job_batches(x, y, rule.hp, job.steps, local_seed, key)
         message, new_state, processed = run_client(rule, self.oracles[slot], start, client_state,
-                                                   job_info(len(y), job.steps), batches)
+                                                   job_info(len(y), job.steps, job.client), batches)
         message, nbytes, codec_state = send(self.ctx.uplink, message, self._codec_state(job.client, message),
                                             codec_key.to(device))
         return JobResult(job, tree_to(message, "cpu"), len(y), processed * rule.step_cost, nbytes,

@@ -191,7 +191,8 @@ class VectorizedRuntime(PlacedRuntime):
         x, y, firsts, sizes = self._chunk_data(device, jobs)
         index, weight, active = self._schedule(jobs, firsts, sizes, device)
         keys = job_keys(self.ctx.seed, jobs).to(device)
-        info = job_info(torch.from_numpy(sizes), torch.from_numpy(Jobs.of(jobs).steps))
+        info = job_info(torch.from_numpy(sizes), torch.from_numpy(Jobs.of(jobs).steps),
+                        torch.from_numpy(Jobs.of(jobs).clients))
         if stacked is None:
             state = vmap(lambda m, i: rule.init(m, None, i))(stacked_starts, info)
         else:
@@ -379,7 +380,8 @@ class VectorizedRuntime(PlacedRuntime):
         if self.ctx.rule.hp.sampling == "poisson":
             local = padded_poisson_schedules(self.ctx.seed, jobs, sizes, self.ctx.rule.hp.batch_size)
         else:
-            local = padded_schedules(self.ctx.seed, jobs, sizes, self.batch_size)
+            local = padded_schedules(self.ctx.seed, jobs, sizes, self.batch_size,
+                                     ordered=self.ctx.rule.hp.sampling == "ordered")
         valid = local >= 0
         first = torch.from_numpy(starts)[None, :, None]
         index = torch.where(valid, local + first, first)
