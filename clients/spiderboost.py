@@ -33,10 +33,10 @@ from fedsim.params import Pytree, tree_map, tree_zeros_like
 
 
 class SpiderBoostParams(BatchingParams):
-    """A job is one pass over the client's data in minibatches of `batch_size` rows (memory only: which records are
-    sampled is drawn per record)."""
+    """A job is one pass over the client's data in minibatches of `batch_size` rows. Each record's draw is keyed by
+    its batch and its position in it, so another batch_size draws another sample, with the same distribution."""
 
-    batch_size: int = Field(64, ge=1, description="rows whose per-record gradients are held at once (memory only)")
+    batch_size: int = Field(64, ge=1, description="rows whose per-record gradients are held at once")
     local_epochs: int = Field(1, ge=1, le=1, description="one pass over the data per job (fixed)")
     local_steps: None = Field(None, description="not used: a job is one pass over the data")
     sampling: Literal["ordered"] = Field("ordered", description="the pass goes in the stored order (fixed), so a "
@@ -96,8 +96,8 @@ class SpiderBoostClient:
         mask = torch.where(kept & joins, 1.0, 0.0).to(batch.w.dtype)
         current = oracle.per_sample_grads(state["params"], batch)
         earlier = oracle.per_sample_grads(state["previous"], batch)
-        keep_earlier = 1 - state["checkpoint"]
-        terms = tree_map(lambda g, h: g - keep_earlier * h, current, earlier)
+        checkpoint = state["checkpoint"] != 0
+        terms = tree_map(lambda g, h: torch.where(checkpoint, g, g - h), current, earlier)
         # At the user level the bound clips the client's mean, not each record: per-record factors are 1 there.
         record_clip = torch.where(state["user"] > 0, torch.inf, state["clip"])
         factors = clip_factors(terms, record_clip, "flat")

@@ -260,8 +260,9 @@ def build_spend(params: Params, unit: str, rate: float, step_bound: int, planned
             sigma = calibrate_releases(params.target_epsilon, params.delta,
                                        lambda s: merged_releases(schedule(s, max(1, planned))), accountant,
                                        "privacy", f"{planned} {what}")
+        rates = "sampling rates up to" if unit == "server" else "sampling rate"
         notice = (f"privacy: noise_multiplier {sigma:.4g} spends epsilon {params.target_epsilon:g} at delta "
-                  f"{params.delta:g} ({accountant}) over {planned} {what} at sampling rate {rate:.4g}")
+                  f"{params.delta:g} ({accountant}) over {planned} {what} at {rates} {rate:.4g}")
     if unit == "sample":
         spend: Spend = SampleLevelSpend(sigma, rate, np.zeros(num_clients, dtype=np.int64))
     else:

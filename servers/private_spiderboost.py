@@ -213,12 +213,21 @@ def check_private_spiderboost(params: PrivateSpiderBoostParams, spec: Any, compo
         raise ScenarioError("protocol.client_sampling: private_spiderboost at the user level protects whole clients, "
                             "and its accountant assumes each is sampled independently each round: use protocol: "
                             "{name: synchronous, client_sampling: poisson}")
+    if params.level == "user":
+        for field in ("checkpoint_rate", "difference_rate"):
+            if getattr(server.params, field) != 1.0:
+                raise ScenarioError(f"server.{field}: at the user level every record of a sampled client takes part "
+                                    f"(the clients are the sample, at the protocol's rate); leave {field} at 1")
+    if params.level == "sample" and rate is not None:
+        raise ScenarioError("protocol.client_sampling: private_spiderboost at the sample level samples records from "
+                            "every client, so every client takes part each round; use fixed client sampling (or "
+                            "level: user for Poisson client sampling)")
     if params.aggregation == "tree":
         check_tree(params, server.params)
-    if params.level == "sample" and (rate is not None or spec.clients_per_round not in (None, spec.num_clients)):
+    if params.level == "sample" and spec.clients_per_round not in (None, spec.num_clients):
         raise ScenarioError(f"clients_per_round: private_spiderboost at the sample level samples records from every "
                             f"client, so every client takes part each round; set clients_per_round: "
-                            f"{spec.num_clients} with fixed client sampling (or level: user for client sampling)")
+                            f"{spec.num_clients} (or level: user for client sampling)")
 
 
 def check_tree(params: PrivateSpiderBoostParams, server: SpiderBoostServerParams) -> None:

@@ -4,6 +4,10 @@ estimates of the gradient's change, nabla_t = nabla_{t-1} + Delta_t (line 14); t
 nabla_t (line 16), or of length eta along nabla_t (`step: normalized`, Algorithm 1's step rule, which makes every
 step's length, and so every difference's sensitivity, the same).
 
+Algorithm 2 outputs an iterate drawn uniformly from w_1, ..., w_T, so its expected gradient norm is the mean of
+`grad_norm` (`evaluation.gradient_norm`) over the iterates; metrics rows score each iterate as it comes, and the run
+ends at w_T.
+
 The clients (`clients/spiderboost.py`) send sums over Poisson samples of their records; the server divides the sum
 over clients by the expected sample size, rate x n (n the records of every client, known to the server as the
 clients' sample counts): the unbiased estimate, as DP-SGD divides by its expected lot size. `private_spiderboost`

@@ -219,13 +219,18 @@ def test_a_target_epsilon_calibrates_both_multipliers_and_is_spent(spider):
     assert any("noise_multiplier" in n and "6 server steps" in n for n in result.notices)
 
 
-def test_runtimes_give_the_same_private_run(spider):
-    spec = {**spider, "server": {**spider["server"], "difference_rate": 0.3},
-            "privacy": {"name": "private_spiderboost", "noise_multiplier": 1.0, "clip": 0.5}}
-    rows = {rt: fedsim.run({**spec, "runtime": {"name": rt}}, write=False).metrics.rows
-            for rt in ("sequential", "vectorized")}
-    for a, b in zip(rows["sequential"], rows["vectorized"], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["epsilon_rdp"] == b["epsilon_rdp"]
+@pytest.mark.parametrize("aggregation", ["naive", "tree"])
+def test_runtimes_give_the_same_private_run(spider, aggregation):
+    """Clients of different sizes (short last batches, padding), vectorized in chunks of 3, vmapped throughout or the
+    chunk's last clients one by one without padding rows: the sequential run's losses."""
+    spec = {**spider, "partition": {"name": "quantity"}, "server": {**spider["server"], "difference_rate": 0.3},
+            "privacy": {"name": "private_spiderboost", "noise_multiplier": 1.0, "clip": 0.5,
+                        "aggregation": aggregation}}
+    sequential = [r["loss"] for r in fedsim.run(spec, write=False).metrics.rows]
+    for min_batch in (1, 100):
+        runtime = {"name": "vectorized", "chunk_size": 3, "min_batch": min_batch}
+        rows = fedsim.run({**spec, "runtime": runtime}, write=False).metrics.rows
+        assert [r["loss"] for r in rows] == pytest.approx(sequential, rel=1e-6)
 
 
 def test_at_the_user_level_each_client_sends_its_clipped_mean(objective):
@@ -270,14 +275,12 @@ def test_the_gradient_norm_metric_is_the_pooled_training_gradients_norm(spider):
 
 
 def test_theorem_b3_settings_follow_the_papers_formulas():
-    """L0 = 1, L1 = 2, F0 = 1, d = 10, n = 10^4, epsilon 1, delta 1e-5: alpha = sqrt(10 log 1e5) / 1e4."""
-    alpha = math.sqrt(10 * math.log(1e5)) / 1e4
-    b2 = max((1 / (math.sqrt(2) * alpha)) ** (2 / 3), 1e4 * alpha ** (2 / 3) / 2 ** (1 / 6))
-    t = max((2 ** 0.25 / alpha) ** (4 / 3), 1 / alpha)
-    settings = theorem_b3_settings(1.0, 2.0, 1.0, 10, 10_000, 1.0, 1e-5)
-    assert settings == {"lr": 0.25, "checkpoint_rate": 1.0, "difference_rate": math.floor(b2) / 1e4,
-                        "phase_length": math.floor(1 / (math.floor(t) * alpha ** 2)), "rounds": math.floor(t)}
-    assert settings["phase_length"] >= 1 and 0 < settings["difference_rate"] <= 1
+    """L0 = 1, L1 = 2, F0 = 1, d = 10, n = 10^4, epsilon 1, delta 1e-5, worked by hand: alpha = sqrt(10 ln 1e5) / 1e4
+    = 1.073e-3; b2 = max((1 / (sqrt(2) alpha))^(2/3) = 75.7, 1e4 alpha^(2/3) / 2^(1/6) = 93.3) -> 93;
+    T = max((2^(1/4) / alpha)^(4/3) = 1.15e4, 1 / alpha = 932) -> 11469; q = 1 / (T alpha^2) = 75.7 -> 75;
+    eta = 1 / (2 L1) = 0.25."""
+    assert theorem_b3_settings(1.0, 2.0, 1.0, 10, 10_000, 1.0, 1e-5) == {
+        "lr": 0.25, "checkpoint_rate": 1.0, "difference_rate": 0.0093, "phase_length": 75, "rounds": 11469}
 
 
 def test_ordered_batches_take_the_records_in_their_stored_order_in_every_runtime():
@@ -352,6 +355,10 @@ def test_a_tree_phase_is_accounted_once_at_the_trees_multiplier_and_the_phases_r
     ({"algorithm": {"name": "fedavg"}, "server": {"name": "fedavg"}}, "privacy.name"),
     ({"clients_per_round": 5}, "clients_per_round"),
     ({"privacy": {"name": "private_spiderboost", "level": "user"}}, "protocol.client_sampling"),
+    ({"protocol": {"name": "synchronous", "client_sampling": "poisson"}}, "protocol.client_sampling"),
+    ({"privacy": {"name": "private_spiderboost", "level": "user"}, "clients_per_round": 5,
+      "protocol": {"name": "synchronous", "client_sampling": "poisson"},
+      "server": {"name": "spiderboost", "difference_rate": 0.1}}, "server.difference_rate"),
     ({"privacy": {"name": "private_spiderboost", "clip": 0}}, "privacy.clip"),
     ({"privacy": {"name": "private_spiderboost", "difference_noise_ratio": -1}}, "privacy.difference_noise_ratio"),
     ({"algorithm": {"name": "spiderboost", "local_epochs": 2}}, "algorithm.local_epochs"),
