@@ -92,8 +92,7 @@ class SpiderBoostClient:
         tree = (state["tree"] > 0) & (state["checkpoint"] == 0)
         draw = torch.where(tree, phase_draw, job_draw)
         lower = torch.where(tree, (state["leaf"] - 1) * state["rate"], 0.0)
-        joins = (lower <= draw) & (draw < lower + state["rate"])
-        mask = torch.where(kept & joins, 1.0, 0.0).to(batch.w.dtype)
+        sampled = kept & (lower <= draw) & (draw < lower + state["rate"])
         current = oracle.per_sample_grads(state["params"], batch)
         earlier = oracle.per_sample_grads(state["previous"], batch)
         checkpoint = state["checkpoint"] != 0
@@ -103,10 +102,11 @@ class SpiderBoostClient:
         factors = clip_factors(terms, record_clip, "flat")
 
         def add(total: torch.Tensor, term: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+            # Selected, not multiplied by a 0/1 mask: a record left out (or a padding row) adds nothing, whatever it is.
             axes = (-1, *[1] * (term.dim() - 1))
-            scaled = (mask * factor.to(term.dtype)).reshape(axes) * term
+            scaled = factor.to(term.dtype).reshape(axes) * term
             zero = torch.zeros((), dtype=term.dtype, device=term.device)
-            return total + torch.where(kept.reshape(axes), scaled, zero).sum(0)
+            return total + torch.where(sampled.reshape(axes), scaled, zero).sum(0)
 
         return {**state, "sum": tree_map(add, state["sum"], terms, factors)}
 
