@@ -92,14 +92,10 @@ def spider_schedule(params: PrivateSpiderBoostParams, server: SpiderBoostServerP
     """The releases of server steps 0 .. T - 1 at sigma1 = sigma: a checkpoint every `phase_length` steps at
     (sigma1, b1 / n), a difference otherwise at (sigma2, b2 / n); at the user level every rate is p, the clients'."""
     phase, ratio = server.phase_length, params.difference_noise_ratio
-
-    def rates() -> tuple[float, float]:
-        if params.level == "user":
-            return population.client_rate, population.client_rate
-        return server.checkpoint_rate, server.difference_rate
+    checkpoint_rate, difference_rate = (population.client_rate,) * 2 if params.level == "user" else \
+        (server.checkpoint_rate, server.difference_rate)
 
     def schedule(sigma: float, steps: int) -> tuple[SubsampledGaussian, ...]:
-        checkpoint_rate, difference_rate = rates()
         checkpoints = -(-steps // phase)
         if params.aggregation == "naive":
             differences = SubsampledGaussian(sigma * ratio, difference_rate, steps - checkpoints)
@@ -144,11 +140,8 @@ class PrivateSpiderBoostServer:
         """C0 at a checkpoint, else min(C1 ||w_t - w_{t-1}||, cap): the sensitivity of one record's term."""
         if self.server.is_checkpoint(state):
             return torch.tensor(self.params.clip, dtype=torch.float64, device=state["step"].device)
-        return torch.clamp(self.step_length(state) * self.params.difference_clip, max=self.params.cap)
-
-    @staticmethod
-    def step_length(state: ServerState) -> torch.Tensor:
-        return step_length(state["params"], state["previous"])
+        length = step_length(state["params"], state["previous"])
+        return torch.clamp(length * self.params.difference_clip, max=self.params.cap)
 
     def broadcast(self, state: ServerState) -> Pytree:
         message = {**self.server.broadcast(state), "clip": self.bound(state)}
@@ -176,7 +169,8 @@ class PrivateSpiderBoostServer:
             std = checkpoint_noise_std(self.params.noise_multiplier, self.params.clip, expected)
         else:
             sigma2 = self.params.noise_multiplier * self.params.difference_noise_ratio
-            std = difference_noise_std(sigma2, self.params.difference_clip, self.step_length(state), expected,
+            std = difference_noise_std(sigma2, self.params.difference_clip,
+                                       step_length(state["params"], state["previous"]), expected,
                                        self.params.cap)
         if self.tree is not None and not checkpoint:
             return self._tree_step(state, aggregate, tree_map(lambda s: s / expected, total), std)
